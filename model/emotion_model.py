@@ -1,0 +1,191 @@
+"""EmotionModel: speech CNN + text encoder/Bi-GRU + attention fusion -> FC -> softmax, and the
+serving API for live dialogues (per-utterance caches, batched prediction across sessions)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import features
+from model.audio_encoder import SpeechCNN
+from model.config import ModelConfig
+from model.fusion import AttentionFusion
+from model.text_encoder import DialogueGRU, TextEncoder
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device(device)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, C)
+    weights: torch.Tensor  # (B, 2) modality weights [speech, text], rows sum to 1
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), dim=-1)
+
+
+@dataclass
+class EncodedUtterance:
+    """What serving caches per utterance: computed once, reused by every later prediction."""
+
+    text_vec: torch.Tensor | None  # (D,) sentence vector; None when the transcript is empty
+    speech_vec: torch.Tensor | None  # (S,) speech-CNN embedding; None when there is no audio
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: dict[str, float]
+    modality_weights: dict[str, float]
+
+
+@dataclass
+class Dialogue:
+    """One live dialogue's rolling cache of encoded utterances. Plain data, no I/O, not shared."""
+
+    max_len: int
+    utterances: deque[EncodedUtterance] = field(default_factory=deque)
+    first_index: int = 0  # absolute index of utterances[0]
+
+    def append(self, utt: EncodedUtterance) -> int:
+        """Add the newest utterance; returns its absolute index in the dialogue."""
+        self.utterances.append(utt)
+        while len(self.utterances) > self.max_len:
+            self.utterances.popleft()
+            self.first_index += 1
+        return self.first_index + len(self.utterances) - 1
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + len(self.utterances) - 1
+
+    def __getitem__(self, index: int) -> EncodedUtterance:
+        return self.utterances[index - self.first_index]
+
+
+class EmotionModel(nn.Module):
+    """The paper's model. `text_encoder` may be passed in (tests, sharing one across models)."""
+
+    def __init__(self, config: ModelConfig, text_encoder: TextEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = text_encoder or TextEncoder(config.encoder, config.max_text_tokens, config.freeze_encoder)
+        if self.text_encoder.hidden_size != config.encoder_dim:
+            raise ValueError(
+                f"encoder {config.encoder!r} has hidden size {self.text_encoder.hidden_size}, "
+                f"config.encoder_dim is {config.encoder_dim}"
+            )
+        self.speech = SpeechCNN(config.n_mels, config.speech_dim, config.speech_freq_bins, config.dropout)
+        self.dialogue = DialogueGRU(config.encoder_dim, config.text_fc, config.gru_hidden, config.text_dim, config.dropout)
+        self.fusion = AttentionFusion(config.speech_dim, config.text_dim, config.fusion_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.fusion_dim, config.num_labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.weight.device
+
+    # ---- training / full forward -------------------------------------------------------------
+    def forward_features(
+        self,
+        speech_vec: torch.Tensor,  # (B, S) from self.speech
+        text_ctx: torch.Tensor,  # (B, W, D) cached sentence vectors, zero-padded
+        ctx_lengths: torch.Tensor,  # (B,) valid window length
+        target: torch.Tensor,  # (B,) index of the predicted utterance in its window
+        present: torch.Tensor,  # (B, 2) bool [speech, text]
+    ) -> ModelOutput:
+        text_vec = self.dialogue(text_ctx, ctx_lengths, target)  # (B, text_dim)
+        fused, weights = self.fusion(speech_vec, text_vec, present)  # (B, n), (B, 2)
+        logits = self.classifier(self.dropout(fused))  # (B, C)
+        return ModelOutput(logits=logits, weights=weights)
+
+    def forward(self, mel, mel_lengths, text_ctx, ctx_lengths, target, present) -> ModelOutput:
+        """mel (B, 1, n_mels, T) + lengths; text windows as in forward_features."""
+        return self.forward_features(self.speech(mel, mel_lengths), text_ctx, ctx_lengths, target, present)
+
+    # ---- serving ------------------------------------------------------------------------------
+    def new_dialogue(self) -> Dialogue:
+        return Dialogue(max_len=self.config.context_window + self.config.lookahead)
+
+    @torch.inference_mode()
+    def encode_utterances(self, texts: list[str | None], audios: list[np.ndarray | None]) -> list[EncodedUtterance]:
+        """Encode a batch of utterances (any sessions) once: sentence vectors and speech embeddings.
+        `audios` are float32 mono at features.SAMPLE_RATE; None or empty means no audio."""
+        if len(texts) != len(audios):
+            raise ValueError("texts and audios must have the same length")
+        self.eval()
+        dev = self.device
+        has_text = [bool(t and t.strip()) for t in texts]
+        text_vecs = self.text_encoder([t if h else "" for t, h in zip(texts, has_text)])
+        speech_idx = [i for i, a in enumerate(audios) if a is not None and len(a) > 0]
+        speech_vecs: dict[int, torch.Tensor] = {}
+        if speech_idx:
+            mels, lengths = features.pad_batch([features.log_mel(audios[i]) for i in speech_idx])
+            with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
+                emb = self.speech(torch.from_numpy(mels).to(dev), torch.from_numpy(lengths).to(dev)).float()
+            speech_vecs = {i: emb[k] for k, i in enumerate(speech_idx)}
+        return [
+            EncodedUtterance(text_vec=text_vecs[i] if has_text[i] else None, speech_vec=speech_vecs.get(i))
+            for i in range(len(texts))
+        ]
+
+    @torch.inference_mode()
+    def predict(self, requests: list[tuple[Dialogue, int]]) -> list[Prediction]:
+        """Predict utterance `index` of each dialogue in one batched forward pass. The window is the
+        target, up to context_window-1 utterances before it and up to `lookahead` after it that
+        already exist (live: none; a revision: the next one)."""
+        if not requests:
+            return []
+        self.eval()
+        cfg, dev = self.config, self.device
+        windows, targets, present, speech = [], [], [], []
+        for dlg, index in requests:
+            if not dlg.first_index <= index <= dlg.last_index:
+                raise IndexError(f"utterance {index} is not cached (have {dlg.first_index}..{dlg.last_index})")
+            lo = max(dlg.first_index, index - cfg.context_window + 1)
+            hi = min(dlg.last_index, index + cfg.lookahead)
+            windows.append([dlg[i].text_vec for i in range(lo, hi + 1)])
+            targets.append(index - lo)
+            utt = dlg[index]
+            present.append([utt.speech_vec is not None, utt.text_vec is not None])
+            speech.append(utt.speech_vec)
+        W = max(len(w) for w in windows)
+        ctx = torch.zeros(len(requests), W, cfg.encoder_dim, device=dev)
+        for b, w in enumerate(windows):
+            for j, v in enumerate(w):
+                if v is not None:
+                    ctx[b, j] = v
+        speech_t = torch.zeros(len(requests), cfg.speech_dim, device=dev)
+        for b, v in enumerate(speech):
+            if v is not None:
+                speech_t[b] = v
+        out = self.forward_features(
+            speech_t, ctx,
+            torch.tensor([len(w) for w in windows]),
+            torch.tensor(targets, device=dev),
+            torch.tensor(present, dtype=torch.bool, device=dev),
+        )
+        probs, weights = out.probs.cpu().numpy(), out.weights.float().cpu().numpy()
+        results = []
+        for b in range(len(requests)):
+            scores = {lab: float(p) for lab, p in zip(cfg.labels, probs[b])}
+            results.append(Prediction(
+                label=cfg.labels[int(probs[b].argmax())],
+                scores=scores,
+                modality_weights={"speech": float(weights[b, 0]), "text": float(weights[b, 1])},
+            ))
+        return results
