@@ -49,13 +49,22 @@ class SpeechCNN(nn.Module):
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if mel.dim() != 4 or mel.shape[1] != 1 or mel.shape[2] != self.n_mels:
             raise ValueError(f"expected (B, 1, {self.n_mels}, T), got {tuple(mel.shape)}")
-        x = torch.cat([self.conv_time(self.pad_time(mel)), self.conv_freq(self.pad_freq(mel))], dim=1)  # (B, 16, M, T)
-        x = torch.relu(self.bn_in(x))
-        x = self.blocks(x)  # (B, 80, M/4, T/4)
+        lengths = lengths.to(mel.device)
+        x = torch.cat([self.conv_time(self.pad_time(mel)), self.conv_freq(self.pad_freq(mel))], dim=1)
+        x = _mask_time(torch.relu(self.bn_in(x)), lengths)  # (B, 16, M, T)
+        for block in self.blocks:  # (B, 32, M/2, T/2) -> (B, 48, M/4, T/4) -> 64 -> 80
+            x = block(x)
+            lengths = lengths // 2 if isinstance(block.pool, nn.MaxPool2d) else lengths
+            x = _mask_time(x, lengths)  # padded frames back to 0: batching never changes a result
         x = self.freq_pool(x)  # (B, 80, F, T/4)
         b, c, f, t = x.shape
         x = x.reshape(b, c * f, t)  # (B, 80F, T')
-        valid = torch.clamp(lengths.to(x.device) // 4, min=1, max=t)  # frames surviving two pools
-        mask = torch.arange(t, device=x.device)[None, :] < valid[:, None]  # (B, T')
-        x = (x * mask[:, None, :]).sum(-1) / valid[:, None].to(x.dtype)  # (B, 80F)
+        valid = torch.clamp(lengths, min=1, max=t)
+        x = x.sum(-1) / valid[:, None].to(x.dtype)  # masked mean over valid frames, (B, 80F)
         return self.dropout(torch.relu(self.fc(x)))  # (B, out_dim)
+
+
+def _mask_time(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero every time frame at or past each item's valid length. x (B, C, F, T), lengths (B,)."""
+    mask = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
+    return x * mask[:, None, None, :].to(x.dtype)
