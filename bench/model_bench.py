@@ -1,0 +1,140 @@
+"""Per-utterance latency of each model stage at batch 1, 8 and 32, for 2 s, 3 s and 10 s of real
+speech with a one-sentence transcript. Writes bench/results/model_bench.{json,png}.
+
+Stages: log-mel (librosa, per utterance), speech CNN, text encoder (packaged MiniLM), Bi-GRU +
+fusion + classifier (the per-prediction part of serving). Median of `--repeats` runs each.
+Target (issue 3): the whole model <= 50 ms per utterance at batch 1 for a 3 s utterance.
+
+    .venv/bin/python bench/model_bench.py [--device auto|cpu|cuda] [--repeats 7] [--checkpoint PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model import DEFAULT_CHECKPOINT, EmotionModel, ModelConfig, features, load_checkpoint, resolve_device  # noqa: E402
+
+SENTENCE = "And so my fellow Americans, ask not what your country can do for you."
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_bench"))
+    args = ap.parse_args()
+
+    dev = resolve_device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if Path(args.checkpoint).is_file():
+        model, source = load_checkpoint(args.checkpoint, device=dev), args.checkpoint
+    else:  # latency does not depend on the weights' values
+        model, source = EmotionModel(ModelConfig()).to(dev).eval(), "untrained (no checkpoint found)"
+    speech = features.load_audio(str(ROOT / "tests" / "fixtures" / "speech" / "jfk.flac"))
+
+    rows = []
+    for seconds in (2.0, 3.0, 10.0):
+        clip = speech[: int(seconds * features.SAMPLE_RATE)]
+        for batch in (1, 8, 32):
+            clips, texts = [clip] * batch, [SENTENCE] * batch
+            mels_np = [features.log_mel(c) for c in clips]
+            mel, lengths = (torch.from_numpy(x).to(dev) for x in features.pad_batch(mels_np))
+            with torch.inference_mode():
+                speech_vec = model.speech(mel, lengths)
+                text_vec = model.text_encoder(texts)
+            ctx = text_vec[:, None, :].repeat(1, model.config.context_window, 1)  # full 8-utterance window
+            clen = torch.full((batch,), model.config.context_window)
+            tgt = torch.full((batch,), model.config.context_window - 1, device=dev)
+            present = torch.ones(batch, 2, dtype=torch.bool, device=dev)
+
+            def stage_head():
+                with torch.inference_mode():
+                    model.forward_features(speech_vec, ctx, clen, tgt, present)
+
+            def stage_cnn():
+                with torch.inference_mode():
+                    model.speech(mel, lengths)
+
+            def stage_text():
+                with torch.inference_mode():
+                    model.text_encoder(texts)
+
+            t = {
+                "log_mel": timed(lambda: [features.log_mel(c) for c in clips], args.repeats, sync),
+                "speech_cnn": timed(stage_cnn, args.repeats, sync),
+                "text_encoder": timed(stage_text, args.repeats, sync),
+                "gru_fusion": timed(stage_head, args.repeats, sync),
+            }
+            per_utt = {k: 1000 * v / batch for k, v in t.items()}
+            per_utt["total"] = sum(per_utt.values())
+            rows.append({"seconds": seconds, "batch": batch, "ms_per_utterance": per_utt,
+                         "utterances_per_second": 1000 / per_utt["total"]})
+            print(f"{seconds:4.1f} s  batch {batch:2d}: " + "  ".join(f"{k} {v:7.2f}" for k, v in per_utt.items()) + "  ms/utt")
+
+    target = next(r for r in rows if r["seconds"] == 3.0 and r["batch"] == 1)["ms_per_utterance"]["total"]
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(dev)},
+        "model": source, "repeats": args.repeats, "rows": rows,
+        "target": {"what": "3 s utterance, batch 1, whole model", "limit_ms": 50.0, "measured_ms": target, "met": target <= 50.0},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(rows, out.with_suffix(".png"), str(dev))
+    print(f"3 s utterance at batch 1: {target:.1f} ms (target <= 50 ms) -> {out.with_suffix('.json')}")
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ["log_mel", "speech_cnn", "text_encoder", "gru_fusion"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, seconds in zip(axes, (2.0, 3.0, 10.0)):
+        sub = [r for r in rows if r["seconds"] == seconds]
+        bottom = np.zeros(len(sub))
+        for st in stages:
+            vals = np.array([r["ms_per_utterance"][st] for r in sub])
+            ax.bar([str(r["batch"]) for r in sub], vals, bottom=bottom, label=st)
+            bottom += vals
+        ax.set_title(f"{seconds:g} s utterance")
+        ax.set_xlabel("batch size")
+    axes[0].set_ylabel(f"ms per utterance ({device})")
+    axes[0].axhline(50, color="red", ls="--", lw=1)
+    axes[-1].legend()
+    fig.suptitle("emostream model: per-utterance latency by stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
