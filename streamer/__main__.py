@@ -1,0 +1,184 @@
+"""`python -m streamer`: the live emotion service, and the demo that feeds it a bundled recording.
+
+    python -m streamer --demo                 # serve on a free port, stream the bundled recording
+                                              # through /v1/stream in real time, print each event
+    python -m streamer                        # serve on 127.0.0.1:8765 until Ctrl-C
+    python -m streamer --mic [DEVICE]         # serve + the desktop microphone as session "mic"
+    python -m streamer --file talk.mp3 --fast # serve + stream a file as fast as possible
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from streamer import protocol as P
+from streamer.config import AppConfig, AsrConfig, InferenceConfig, SegmenterConfig, ServerConfig, default_checkpoint
+
+DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m streamer", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None,
+                   help="default 8765; 0 picks a free port (the default with --demo/--file)")
+    p.add_argument("--checkpoint", type=Path, default=None, help=f"emotion model (default {default_checkpoint()})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for both models")
+    p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
+    p.add_argument("--asr-beam", type=int, default=1)
+    p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")
+    p.add_argument("--trailing-silence", type=float, default=None, metavar="S", help="silence that ends an utterance (0.5)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
+                     help="capture the microphone (default device, or a name/index from --list-devices)")
+    src.add_argument("--file", type=Path, default=None, help="stream a wav/flac/mp3/ogg file through /v1/stream")
+    src.add_argument("--demo", action="store_true", help="stream the bundled recording and print what it hears")
+    src.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="pace files in real time (default)")
+    pace.add_argument("--fast", dest="realtime", action="store_false", help="send files as fast as possible")
+    p.add_argument("--json", action="store_true", help="print raw JSON events instead of readable lines")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> AppConfig:
+    client_mode = a.demo or a.file is not None
+    port = a.port if a.port is not None else (0 if client_mode else 8765)
+    seg = SegmenterConfig(vad=a.vad)
+    if a.trailing_silence is not None:
+        seg = replace(seg, trailing_silence_s=a.trailing_silence,
+                      early_decode_s=min(seg.early_decode_s, a.trailing_silence),
+                      tail_pad_s=min(seg.tail_pad_s, a.trailing_silence))
+    asr = AsrConfig(device=a.device, beam_size=a.asr_beam)
+    if a.asr_model:
+        asr = replace(asr, model=a.asr_model)
+    inf = InferenceConfig(device=a.device)
+    if a.checkpoint is not None:
+        inf = replace(inf, checkpoint=a.checkpoint)
+    return AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf)
+
+
+def _printer(as_json: bool):  # type: ignore[no-untyped-def]
+    from streamer.client import format_event
+
+    def show(ev: dict[str, Any]) -> None:
+        line = json.dumps(ev) if as_json else format_event(ev)
+        if line:
+            print(line, flush=True)
+
+    return show
+
+
+async def _subscribe_and_print(url: str, session: str, as_json: bool) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    show = _printer(as_json)
+    try:
+        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session={session}") as ws:
+            async for msg in ws:
+                show(json.loads(msg))
+    except ConnectionClosed:
+        return
+
+
+async def run(a: argparse.Namespace) -> int:
+    from model import CheckpointError
+    from streamer.server import create_app
+    from streamer.sources import Microphone, SourceError, load_file
+    from streamer.transcriber import AsrModelError
+
+    config = config_from_args(a)
+    audio = None
+    if a.demo or a.file is not None:
+        path = DEMO_RECORDING if a.demo else a.file
+        try:
+            audio = load_file(path)
+        except SourceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    ckpt = config.inference.checkpoint
+    if not Path(ckpt).is_file():
+        print(f"error: emotion model checkpoint not found: {ckpt}\n"
+              f"       train one (see README) or pass --checkpoint PATH", file=sys.stderr)
+        return 2
+    print(f"loading models (checkpoint {ckpt}, ASR {Path(config.asr.model).name}) ...", file=sys.stderr, flush=True)
+    try:
+        app = create_app(config)
+    except (CheckpointError, AsrModelError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    await app.start()
+    print(f"emostream listening on {app.url} (stream: {app.url}{P.STREAM_PATH}, "
+          f"events: {app.url}{P.SUBSCRIBE_PATH}?session=*, health: http://{config.server.host}:{app.port}{P.HEALTH_PATH})",
+          flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, app.shutdown)
+
+    rc = 0
+    if audio is not None:
+        from streamer.client import stream_audio
+        from websockets.exceptions import ConnectionClosed
+
+        name = "the bundled recording" if a.demo else str(a.file)
+        print(f"streaming {name} ({len(audio) / 16000:.1f} s, {'real time' if a.realtime else 'fast'}) "
+              f"through {app.url}{P.STREAM_PATH}", flush=True)
+        try:
+            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_printer(a.json),
+                                        timeout_s=max(120.0, 3 * len(audio) / 16000))
+            lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
+            if lat and not a.json:
+                lat.sort()
+                print(f"{len(lat)} utterances; end of speech -> emotion: median {lat[len(lat) // 2]:.0f} ms, "
+                      f"max {lat[-1]:.0f} ms", flush=True)
+        except (ConnectionClosed, OSError, asyncio.TimeoutError) as e:
+            if not app.shutting_down:  # else: interrupted by SIGINT/SIGTERM, a clean stop
+                print(f"error: streaming failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rc = 1
+        app.shutdown()
+    elif a.mic is not None:
+        try:
+            mic = Microphone(a.mic or None)
+            app.add_source("mic", mic.chunks(), "microphone")
+        except SourceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            await app.shutdown()
+            return 2
+        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json))
+        print("listening to the microphone (session 'mic'); Ctrl-C to stop", flush=True)
+        await app.wait_closed()
+        printer.cancel()
+    await app.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.list_devices:
+        from streamer.sources import SourceError, list_devices
+
+        try:
+            print(list_devices())
+        except SourceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    return asyncio.run(run(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

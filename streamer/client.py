@@ -1,0 +1,112 @@
+"""A small protocol-v1 client: stream audio to /v1/stream and collect the events. Used by
+`python -m streamer --demo/--file`, the tests and bench/stream_bench.py; needs only websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import connect
+
+from streamer import protocol as P
+from streamer.config import SAMPLE_RATE
+
+
+@dataclass
+class StreamResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)  # clock() when each event arrived
+    sent: list[tuple[float, float]] = field(default_factory=list)  # (stream end s, clock() when sent)
+    close_code: int | None = None
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == type_]
+
+    def sent_time(self, stream_s: float) -> float:
+        """When the audio up to stream position `stream_s` had been sent."""
+        for end, t in self.sent:
+            if end >= stream_s - 1e-6:
+                return t
+        return self.sent[-1][1]
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+async def stream_audio(
+    url: str,
+    audio: np.ndarray,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    realtime: bool = True,
+    chunk_s: float = 0.1,
+    session_id: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    timeout_s: float = 120.0,
+) -> StreamResult:
+    """Send `audio` (float32 mono at `sample_rate`) as pcm_s16le to url + /v1/stream, then stop;
+    return every event up to session.ended and the close code."""
+    result = StreamResult()
+    start = P.StartMessage(sample_rate=sample_rate, session_id=session_id)
+    async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX) as ws:
+
+        async def receive() -> None:
+            async for msg in ws:
+                ev = json.loads(msg)
+                result.events.append(ev)
+                result.received_at.append(clock())
+                if on_event is not None:
+                    on_event(ev)
+
+        recv = asyncio.create_task(receive())
+        await ws.send(start.to_json())
+        n = max(1, int(round(chunk_s * sample_rate)))
+        t0 = clock()
+        for k, i in enumerate(range(0, len(audio), n)):
+            if realtime:
+                delay = t0 + k * chunk_s - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing to the audio's own clock
+            await ws.send(to_pcm16(audio[i : i + n]))
+            result.sent.append((min(len(audio), i + n) / sample_rate, clock()))
+        await ws.send(P.STOP_MESSAGE)
+        try:
+            await asyncio.wait_for(recv, timeout_s)
+        finally:
+            recv.cancel()
+        result.close_code = ws.close_code
+    return result
+
+
+P_MAX = 1 << 22  # the client accepts events up to 4 MiB
+
+
+def format_event(ev: dict[str, Any]) -> str | None:
+    """One human-readable line for the events a person watching wants; None for the rest."""
+    t, uid = ev["type"], ev.get("utterance_id")
+    if t == P.SESSION_STARTED:
+        return f"session {ev['session_id']} started"
+    if t == P.UTTERANCE_ENDED:
+        return f"[{ev['start_s']:7.2f} - {ev['end_s']:7.2f} s] utterance {uid} ended ({ev.get('reason', '')})"
+    if t == P.TRANSCRIPT:
+        return f"    #{uid} transcript: {ev['text']!r}" if ev["text"] else f"    #{uid} transcript: (nothing recognised; text masked)"
+    if t == P.EMOTION:
+        top = sorted(ev["scores"].items(), key=lambda kv: -kv[1])[:3]
+        w = ev["modality_weights"]
+        return (f"    #{uid} emotion: {ev['label'].upper():8s} "
+                + "  ".join(f"{k} {v:.2f}" for k, v in top)
+                + f"  | speech {w['speech']:.2f} / text {w['text']:.2f} | {ev['latency_ms']:.0f} ms after end of speech")
+    if t == P.EMOTION_REVISED:
+        return f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
+    if t == P.ERROR:
+        return f"error {ev['code']}: {ev['message']}"
+    if t == P.SESSION_ENDED:
+        return f"session {ev['session_id']} ended: {ev.get('utterances', 0)} utterances"
+    return None

