@@ -1,0 +1,41 @@
+"""What the command-line clients share: output options and event printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import IO
+
+from clients.client import DEFAULT_URL, Event
+from clients.render import Renderer, jsonl
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--url", default=DEFAULT_URL, help=f"service address (default {DEFAULT_URL})")
+    ap.add_argument("--jsonl", action="store_true", help="print raw events as JSON lines")
+    ap.add_argument("--save", metavar="FILE", help="also append every event to FILE as JSON lines")
+    ap.add_argument("--no-colour", "--no-color", dest="colour", action="store_false", help="plain text")
+    ap.add_argument("--no-revisions", dest="revisions", action="store_false", help="hide emotion.revised")
+
+
+class Printer:
+    """Prints events human-readably (or as JSONL) and optionally saves them."""
+
+    def __init__(self, args: argparse.Namespace, out: IO[str] = sys.stdout) -> None:
+        self.as_jsonl = args.jsonl
+        self.renderer = Renderer(colour=args.colour and out.isatty(), show_revisions=args.revisions)
+        self.out = out
+        self.save = open(args.save, "a", encoding="utf-8") if args.save else None
+
+    def __call__(self, ev: Event) -> None:
+        lines = [jsonl(ev)] if self.as_jsonl else self.renderer.render(ev)
+        for line in lines:
+            print(line, file=self.out, flush=True)
+        if self.save is not None:
+            self.save.write(json.dumps(ev.data, ensure_ascii=False) + "\n")
+            self.save.flush()
+
+    def close(self) -> None:
+        if self.save is not None:
+            self.save.close()

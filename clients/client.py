@@ -1,0 +1,217 @@
+"""Async Python client for protocol v1: stream audio as a source, or subscribe to sessions.
+
+Only `streamer.protocol` (standard library only) and `websockets` are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from streamer import protocol as P
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server event. Every field the server sent is in `data`; the common ones are attributes."""
+
+    type: str
+    session_id: str
+    seq: int
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def utterance_id(self) -> Any:
+        return self.data.get("utterance_id")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Event":
+        d = json.loads(text)
+        if not isinstance(d, dict) or "type" not in d:
+            raise ValueError(f"not a protocol event: {str(text)[:200]}")
+        return cls(type=d["type"], session_id=str(d.get("session_id", "")), seq=int(d.get("seq", -1)), data=d)
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """float audio in [-1, 1] (or int16) -> little-endian PCM s16 bytes."""
+    if audio.dtype == np.int16:
+        return audio.astype("<i2").tobytes()
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def _base(url: str) -> str:
+    return url.rstrip("/")
+
+
+class StreamClient:
+    """A source session: `start`, binary PCM frames, `stop`; its own events come back on the socket.
+
+        async with StreamClient(url, sample_rate=16000) as c:
+            await c.send_audio(pcm_bytes)
+            await c.stop()
+            async for ev in c.events():   # ends after session.ended
+                ...
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, sample_rate: int = 16_000, channels: int = 1,
+                 session_id: str | None = None, language: str | None = None,
+                 metadata: dict[str, Any] | None = None, open_timeout: float = 10.0) -> None:
+        self.url = _base(url) + P.STREAM_PATH
+        self.start_message = P.StartMessage(sample_rate=sample_rate, channels=channels, session_id=session_id,
+                                            language=language, metadata=metadata or {})
+        self.open_timeout = open_timeout
+        self.session_id: str | None = None
+        self._ws: ClientConnection | None = None
+        self._pending: list[Event] = []  # events read while waiting for session.started
+
+    async def __aenter__(self) -> "StreamClient":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> str:
+        """Connect and start the session; returns the session id the server gave."""
+        self._ws = await connect(self.url, open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES)
+        await self._ws.send(self.start_message.to_json())
+        while True:
+            ev = Event.from_json(await asyncio.wait_for(self._ws.recv(), self.open_timeout))
+            if ev.type == P.SESSION_STARTED:
+                self.session_id = ev.session_id
+                self._pending.append(ev)  # events() yields it first
+                return ev.session_id
+            if ev.type == P.ERROR:
+                await self._ws.close()
+                raise RuntimeError(f"server refused the session: {ev.get('code')}: {ev.get('message')}")
+            self._pending.append(ev)
+
+    async def send_audio(self, pcm: bytes | np.ndarray) -> None:
+        if self._ws is None:
+            raise RuntimeError("not connected: call open() first")
+        await self._ws.send(pcm if isinstance(pcm, bytes) else pcm16(pcm))
+
+    async def stop(self) -> None:
+        """No more audio: the server finishes the open utterance, then sends session.ended."""
+        if self._ws is not None:
+            await self._ws.send(P.STOP_MESSAGE)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """This session's events, ending after `session.ended` (or when the server closes)."""
+        if self._ws is None:
+            raise RuntimeError("not connected: call open() first")
+        while self._pending:
+            yield self._pending.pop(0)
+        try:
+            async for msg in self._ws:
+                ev = Event.from_json(msg)
+                yield ev
+                if ev.type == P.SESSION_ENDED:
+                    return
+        except ConnectionClosed:
+            return
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+
+
+P_MAX_EVENT_BYTES = 1 << 20
+
+
+class Subscriber:
+    """Watch one session (or `*`, all of them). Reconnects with back-off when the connection drops
+    and never yields the same (session_id, seq) twice.
+
+        async for ev in Subscriber(url, session="*"):
+            ...
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, session: str = P.ALL_SESSIONS, *, reconnect: bool = True,
+                 max_retries: int = 10, backoff_s: float = 0.5, max_backoff_s: float = 10.0,
+                 open_timeout: float = 10.0) -> None:
+        self.url = f"{_base(url)}{P.SUBSCRIBE_PATH}?session={quote(session, safe='*')}"
+        self.reconnect, self.max_retries = reconnect, max_retries
+        self.backoff_s, self.max_backoff_s, self.open_timeout = backoff_s, max_backoff_s, open_timeout
+        self.last_seq: dict[str, int] = {}
+        self.connected = asyncio.Event()  # set while a connection is open (tests wait on it)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Event]:
+        failures, delay = 0, self.backoff_s
+        while True:
+            try:
+                async with connect(self.url, open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES) as ws:
+                    self.connected.set()
+                    failures, delay = 0, self.backoff_s
+                    async for msg in ws:
+                        ev = Event.from_json(msg)
+                        if ev.seq <= self.last_seq.get(ev.session_id, -1) and ev.type != P.SESSION_STARTED:
+                            continue  # already delivered before a reconnect
+                        self.last_seq[ev.session_id] = ev.seq
+                        yield ev
+                    if ws.close_code in (P.CLOSE_NORMAL, P.CLOSE_GOING_AWAY) and not self.reconnect:
+                        return
+            except InvalidStatus:
+                raise  # the server refused us (wrong path, auth): retrying will not help
+            except (OSError, ConnectionClosed, asyncio.TimeoutError, websockets.InvalidHandshake):
+                pass
+            finally:
+                self.connected.clear()
+            if not self.reconnect:
+                return
+            failures += 1
+            if failures > self.max_retries:
+                raise ConnectionError(f"gave up after {self.max_retries} reconnect attempts to {self.url}")
+            await asyncio.sleep(delay)  # back-off between reconnects, not a wait for a result
+            delay = min(delay * 2, self.max_backoff_s)
+
+
+async def run_source(client: StreamClient, chunks: AsyncIterator[bytes | np.ndarray],
+                     on_event=None, stop_when: asyncio.Event | None = None) -> list[Event]:
+    """Send `chunks` on an open StreamClient while reading its events; `stop` after the last chunk
+    (or as soon as `stop_when` is set), then wait for session.ended. Returns every event."""
+    events: list[Event] = []
+
+    async def send() -> None:
+        stopper = asyncio.ensure_future(stop_when.wait()) if stop_when else None
+        try:
+            async for chunk in chunks:
+                await client.send_audio(chunk)
+                if stopper is not None and stopper.done():
+                    break
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+        await client.stop()
+
+    sender = asyncio.create_task(send())
+    try:
+        async for ev in client.events():
+            events.append(ev)
+            if on_event is not None:
+                on_event(ev)
+        await sender
+    finally:
+        sender.cancel()
+    return events

@@ -1,0 +1,114 @@
+"""Desktop microphone session: talk, and watch each utterance's transcript and emotion appear.
+
+    python -m clients.mic [--url ws://127.0.0.1:8765] [--device N|NAME] [--list-devices] [--save session.jsonl]
+
+Ctrl-C stops capturing, waits for the last utterance's result, prints the emotion timeline and
+exits; a second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from clients.audio import CHUNK_S
+from clients.cli import Printer, add_output_args
+from clients.client import StreamClient, run_source
+
+
+def list_devices() -> str:
+    import sounddevice as sd
+
+    return str(sd.query_devices())
+
+
+async def capture(device: str | int | None, sample_rate: int, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
+    """Microphone chunks (int16 mono, CHUNK_S each) until `stop` is set. The PortAudio callback
+    runs on its own thread and only hands blocks to the event loop."""
+    import sounddevice as sd
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=100)
+
+    def on_block(indata, frames, time_info, status) -> None:  # PortAudio thread
+        loop.call_soon_threadsafe(_put, indata[:, 0].copy())
+
+    def _put(block: np.ndarray) -> None:
+        if queue.full():
+            queue.get_nowait()  # never block capture: drop the oldest block
+        queue.put_nowait(block)
+
+    with sd.InputStream(device=device, channels=1, samplerate=sample_rate, dtype="int16",
+                        blocksize=int(sample_rate * CHUNK_S), callback=on_block):
+        while not stop.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+
+
+def pick_rate(device: str | int | None) -> int:
+    """16 kHz when the device takes it, else its default rate (the server resamples 8-48 kHz)."""
+    import sounddevice as sd
+
+    try:
+        sd.check_input_settings(device=device, channels=1, samplerate=16_000, dtype="int16")
+        return 16_000
+    except Exception:  # PortAudio raises several types for an unsupported rate
+        return int(sd.query_devices(device, "input")["default_samplerate"])
+
+
+async def session(args: argparse.Namespace, printer: Printer) -> int:
+    device = int(args.device) if args.device and args.device.isdigit() else args.device
+    rate = pick_rate(device)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            raise SystemExit(130)  # second Ctrl-C: leave now
+        print("\n… finishing the last utterance (Ctrl-C again to quit now)", file=sys.stderr)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id,
+                            metadata={"source": "clients.mic"}) as client:
+        print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
+              f"→ {args.url} (Ctrl-C to stop)", file=sys.stderr)
+        await run_source(client, capture(device, rate, stop), printer, stop_when=stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m clients.mic", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", help="input device index or name (see --list-devices)")
+    ap.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    ap.add_argument("--session-id", help="ask for this session id")
+    add_output_args(ap)
+    args = ap.parse_args(argv)
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    printer = Printer(args)
+    try:
+        return asyncio.run(session(args, printer))
+    except (OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        printer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
