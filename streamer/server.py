@@ -29,6 +29,7 @@ from streamer.config import AppConfig
 from streamer.inference import Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from streamer.static_files import set_header, static_response
 from streamer.session import PcmDecoder, SeqCounter, Session
 
 log = logging.getLogger("streamer")
@@ -320,12 +321,15 @@ class App:
         path = urlsplit(request.path).path
         if path == P.HEALTH_PATH:
             resp = connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
-            resp.headers["Content-Type"] = "application/json"
+            set_header(resp, "Content-Type", "application/json")
             return resp
         if path == P.METRICS_PATH:
             resp = connection.respond(HTTPStatus.OK, self.metrics.render())
-            resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            set_header(resp, "Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             return resp
+        static = static_response(connection, path)
+        if static is not None:  # the browser dashboard
+            return static
         if path not in (P.STREAM_PATH, P.SUBSCRIBE_PATH):
             return connection.respond(HTTPStatus.NOT_FOUND, f"no route {path}; see docs/protocol.md\n")
         if self._shutdown is not None:

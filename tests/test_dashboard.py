@@ -1,0 +1,83 @@
+"""The browser dashboard in a real headless Chromium (Debian's; no browser download): its
+microphone is fed from a real speech wav, and utterances with transcripts and emotions must appear.
+A screenshot is saved to artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import SPEECH
+from tests.service import running_service
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LABELS = {"neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"}
+pytestmark = pytest.mark.slow
+
+
+def test_static_files_are_served(tiny_checkpoint):
+    with running_service(tiny_checkpoint) as app:
+        base = f"http://127.0.0.1:{app.port}"
+        with urllib.request.urlopen(base + "/", timeout=10) as r:
+            html = r.read()
+            assert r.headers["Content-Type"].startswith("text/html") and b"emostream" in html
+            assert b'src="http' not in html and b'href="http' not in html, "no CDN: works offline"
+        with urllib.request.urlopen(base + "/static/app.js", timeout=10) as r:
+            body = r.read()
+            assert r.headers["Content-Type"].startswith("application/javascript")
+            assert b"/v1/subscribe" in body and b"audioWorklet" in body and b"import " not in body
+        for bad in ("/static/../server.py", "/static/nope.js"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + bad, timeout=10)
+            assert e.value.code == 404
+
+
+def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcripts, tmp_path):
+    assert CHROMIUM, "Chromium is installed by scripts/setup.sh (Debian package 'chromium')"
+    from playwright.sync_api import sync_playwright
+
+    # Chromium's fake microphone loops a 16-bit wav: two real sentences with a pause between them.
+    a, _ = sf.read(SPEECH / "LJ001-0004.wav", dtype="float32")
+    b, _ = sf.read(SPEECH / "LJ001-0008.wav", dtype="float32")
+    pause = np.zeros(int(22050 * 1.2), dtype=np.float32)
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([pause, a, pause, b, pause * 3]), 22050, subtype="PCM_16")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_service(tiny_checkpoint) as app, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+        ])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{app.port}/?mic=1")
+            page.wait_for_function("document.querySelector('#mic').classList.contains('on')", timeout=30_000)
+            # the first sentence's emotion (bars drawn) and transcript must appear
+            page.wait_for_function(
+                "[...document.querySelectorAll('li.utt')].some(li => li.querySelector('.bars').children.length > 0"
+                " && !li.querySelector('.text').classList.contains('pending'))", timeout=90_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            items = page.eval_on_selector_all("li.utt", "els => els.map(e => ({label: e.querySelector('.label').textContent,"
+                                              " text: e.querySelector('.text').textContent, bars: e.querySelectorAll('.bar').length,"
+                                              " weights: e.querySelector('.weights').textContent}))")
+            session = page.eval_on_selector("#session", "s => s.value")
+        finally:
+            browser.close()
+    assert not errors, errors
+    done = [i for i in items if i["bars"]]
+    assert done and all(i["label"] in LABELS and i["bars"] == 7 and "speech" in i["weights"] for i in done), items
+    heard = " ".join(i["text"] for i in done).lower()
+    assert "printed" in heard or "surpassed" in heard or "block" in heard, heard
+    assert session not in ("*", ""), "the page switched to watching its own microphone session"
