@@ -72,10 +72,11 @@ class StreamClient:
 
     def __init__(self, url: str = DEFAULT_URL, *, sample_rate: int = 16_000, channels: int = 1,
                  session_id: str | None = None, language: str | None = None,
-                 metadata: dict[str, Any] | None = None, open_timeout: float = 10.0) -> None:
+                 metadata: dict[str, Any] | None = None, speakers: list[str] | None = None,
+                 open_timeout: float = 10.0) -> None:
         self.url = _base(url) + P.STREAM_PATH
         self.start_message = P.StartMessage(sample_rate=sample_rate, channels=channels, session_id=session_id,
-                                            language=language, metadata=metadata or {})
+                                            language=language, metadata=metadata or {}, speakers=speakers)
         self.open_timeout = open_timeout
         self.session_id: str | None = None
         self._ws: ClientConnection | None = None

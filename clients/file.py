@@ -15,10 +15,18 @@ from clients.client import StreamClient, run_source
 
 
 async def stream_file(args: argparse.Namespace, printer: Printer) -> int:
-    audio = decode(args.path, SAMPLE_RATE)
-    async with StreamClient(args.url, sample_rate=SAMPLE_RATE, session_id=args.session_id,
-                            metadata={"source": "clients.file", "file": args.path}) as client:
-        events = await run_source(client, paced_chunks(audio, SAMPLE_RATE, realtime=not args.fast), printer)
+    speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
+    audio = decode(args.path, SAMPLE_RATE, mono=speakers is None)
+    if speakers is not None:
+        if audio.ndim != 2 or audio.shape[0] != len(speakers):
+            raise RuntimeError(f"--speakers names {len(speakers)} channels; {args.path} has "
+                               f"{1 if audio.ndim == 1 else audio.shape[0]}")
+        audio = audio.T.reshape(-1)  # interleave: pcm_s16le frames carry one sample per channel
+    channels = len(speakers) if speakers else 1
+    async with StreamClient(args.url, sample_rate=SAMPLE_RATE, channels=channels, speakers=speakers,
+                            session_id=args.session_id, metadata={"source": "clients.file", "file": args.path}) as client:
+        chunks = paced_chunks(audio, SAMPLE_RATE * channels, realtime=not args.fast)
+        events = await run_source(client, chunks, printer)
     return 0 if any(e.type == "session.ended" for e in events) else 1
 
 
@@ -28,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", help="audio file")
     ap.add_argument("--fast", action="store_true", help="send as fast as possible instead of real time")
     ap.add_argument("--session-id", help="ask for this session id")
+    ap.add_argument("--speakers", metavar="A,B", help="multi-channel file: one speaker per channel, e.g. agent,customer "
+                    "(a call recording with the agent left and the customer right); default: downmix to mono")
     add_output_args(ap)
     args = ap.parse_args(argv)
     printer = Printer(args)

@@ -103,9 +103,22 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class CallsConfig:
+    """Live call monitoring: speaker names per telephony track, alert rules, webhook, summaries."""
+
+    inbound_speaker: str = "customer"  # Twilio's inbound track: the caller
+    outbound_speaker: str = "agent"  # Twilio's outbound track: what the platform sends to the caller
+    alert_rules: Path | None = None  # JSON file, see streamer/alerts.py
+    webhook_url: str | None = None  # alerts and call summaries are POSTed here (retried, non-blocking)
+    webhook_retries: int = 4
+    summaries_dir: Path | None = None  # one <session_id>.json call summary per ended session
+
+
+@dataclass(frozen=True)
 class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     asr: AsrConfig = field(default_factory=AsrConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    calls: CallsConfig = field(default_factory=CallsConfig)

@@ -55,6 +55,7 @@ class Metrics:
             ("emostream_subscribers_dropped_total", "subscribers dropped for being too slow"),
             ("emostream_speculative_decodes_total", "decodes started before the silence wait ended"),
             ("emostream_speculative_wasted_total", "speculative decodes thrown away (speech resumed)"),
+            ("emostream_alerts_total", "alert rules fired (calls)"),
         ]:
             self.counters[name] = (help_, 0)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 VERSION = 1
 STREAM_PATH = "/v1/stream"
+TWILIO_PATH = "/v1/twilio"  # Twilio Media Streams (mu-law 8 kHz, inbound/outbound tracks)
 SUBSCRIBE_PATH = "/v1/subscribe"
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
@@ -34,8 +35,11 @@ EMOTION = "emotion"
 EMOTION_REVISED = "emotion.revised"
 ERROR = "error"
 SESSION_ENDED = "session.ended"
+ALERT = "alert"  # an alert rule fired (calls): rule, severity, speaker, message
+CALL_SUMMARY = "call.summary"  # just before session.ended: per-speaker distribution, timeline, peaks, alerts
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
+    ALERT, CALL_SUMMARY,
 )
 
 # error codes (the `code` of an `error` event)
@@ -68,6 +72,7 @@ class StartMessage:
     session_id: str | None = None
     language: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    speakers: list[str] | None = None  # one name per channel: channels are kept apart, not downmixed
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"type": START, **asdict(self)}
@@ -76,7 +81,7 @@ class StartMessage:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StartMessage":
         """Validate the shape of a start message; raises ValueError with a readable reason."""
-        unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata"}
+        unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata", "speakers"}
         if unknown:
             raise ValueError(f"unknown start fields: {sorted(unknown)}")
         rate, enc, ch = d.get("sample_rate"), d.get("encoding", "pcm_s16le"), d.get("channels", 1)
@@ -95,7 +100,14 @@ class StartMessage:
         meta = d.get("metadata", {})
         if not isinstance(meta, dict):
             raise ValueError("metadata must be an object")
-        return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta)
+        speakers = d.get("speakers")
+        if speakers is not None and (
+            not isinstance(speakers, list) or len(speakers) != ch
+            or not all(isinstance(x, str) and 1 <= len(x) <= 64 for x in speakers) or len(set(speakers)) != len(speakers)
+        ):
+            raise ValueError("speakers must list one distinct name (1-64 characters) per channel")
+        return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta,
+                   speakers=speakers)
 
 
 STOP_MESSAGE = json.dumps({"type": STOP})
