@@ -12,13 +12,14 @@ from pathlib import Path
 
 
 @contextmanager
-def running_service(checkpoint: Path, **server_overrides) -> Iterator[object]:
-    from streamer.config import AppConfig, InferenceConfig, ServerConfig
+def running_service(checkpoint: Path, calls=None, **server_overrides) -> Iterator[object]:
+    from streamer.config import AppConfig, CallsConfig, InferenceConfig, ServerConfig
     from streamer.server import create_app
 
     cfg = AppConfig(
         server=replace(ServerConfig(port=0), **server_overrides),
         inference=InferenceConfig(checkpoint=checkpoint, device="cpu"),
+        calls=calls or CallsConfig(),
     )
     app = create_app(cfg)
     loop = asyncio.new_event_loop()

@@ -81,3 +81,55 @@ def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcrip
     heard = " ".join(i["text"] for i in done).lower()
     assert "printed" in heard or "surpassed" in heard or "block" in heard, heard
     assert session not in ("*", ""), "the page switched to watching its own microphone session"
+
+
+def test_dashboard_calls_view_shows_each_side_and_alerts(tiny_checkpoint, tmp_path):
+    """A stereo call (agent left, customer right) streamed while the page watches: the calls
+    table shows both sides' current emotion and highlights the alert."""
+    import asyncio
+    import json
+
+    from clients import StreamClient, run_source
+    from clients.audio import paced_chunks
+    from playwright.sync_api import sync_playwright
+    from streamer.config import CallsConfig
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"name": "customer-spoke", "speaker": "customer", "aggregate": "sum",
+                                            "labels": sorted(LABELS), "threshold": 0.99, "count": 1, "window": 1}]}))
+    a, _ = sf.read(SPEECH / "LJ001-0002.wav", dtype="float32")
+    b, _ = sf.read(SPEECH / "LJ001-0008.wav", dtype="float32")
+    from model.features import resample
+
+    a, b = resample(a, 22050), resample(b, 22050)
+    gap = np.zeros(12800, np.float32)
+    left = np.concatenate([gap, a, gap, np.zeros_like(b), gap])
+    right = np.concatenate([gap, np.zeros_like(a), gap, b, gap])
+    stereo = np.stack([left, right], axis=1).reshape(-1)
+
+    with running_service(tiny_checkpoint, calls=CallsConfig(alert_rules=rules)) as app, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                     "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{app.port}/")
+            page.wait_for_function("window.emostream.sub && window.emostream.sub.readyState === 1", timeout=30_000)
+
+            async def call() -> None:
+                async with StreamClient(app.url, channels=2, speakers=["agent", "customer"], session_id="call-42") as c:
+                    await run_source(c, paced_chunks(stereo, 32000, realtime=False))
+
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # playwright owns this thread's loop
+                pool.submit(asyncio.run, call()).result(timeout=120)
+            page.wait_for_function("document.querySelector('#calls tr.alerting.ended') !== null", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard_calls.png"), full_page=True)
+            row = page.eval_on_selector("#calls tbody tr", "tr => ({cells: [...tr.querySelectorAll('.side')].map(td => "
+                                        "[td.dataset.speaker, td.textContent]), alerts: tr.querySelector('.alerts').textContent})")
+        finally:
+            browser.close()
+    sides = dict(row["cells"])
+    assert set(sides) == {"customer", "agent"}
+    assert all(any(lab in text for lab in LABELS) for text in sides.values()), sides
+    assert row["alerts"].startswith("1") and "customer" in row["alerts"]

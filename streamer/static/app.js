@@ -10,7 +10,7 @@ const token = new URLSearchParams(location.search).get("token");
 const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
 
 const $ = (id) => document.getElementById(id);
-const state = { utterances: new Map(), order: [], sessions: new Set(["*"]), sub: null, mic: null, events: 0 };
+const state = { utterances: new Map(), order: [], sessions: new Set(["*"]), sub: null, mic: null, events: 0, calls: new Map() };
 window.emostream = state; // for tests and the curious
 
 function colour(label) { return COLOURS[label] || "#d0d0d0"; }
@@ -72,9 +72,43 @@ function showScores(u, ev) {
   drawTimeline();
 }
 
+// ---- live calls: each side's current emotion, alerts highlighted -----------------------------
+function callRow(id) {
+  let c = state.calls.get(id);
+  if (!c) {
+    const tr = document.createElement("tr");
+    tr.innerHTML = `<td>${id}</td><td class="side" data-speaker="customer">—</td><td class="side" data-speaker="agent">—</td><td class="alerts">0</td>`;
+    document.querySelector("#calls tbody").prepend(tr);
+    $("calls-panel").hidden = false;
+    c = { tr, alerts: [] };
+    state.calls.set(id, c);
+  }
+  return c;
+}
+
+function callEvent(ev) {
+  if (ev.type === "alert") {
+    const c = callRow(ev.session_id);
+    c.alerts.push(ev);
+    c.tr.classList.add("alerting");
+    c.tr.querySelector(".alerts").innerHTML = `${c.alerts.length} <div class="alert-msg">${ev.message || ev.rule}</div>`;
+  } else if ((ev.type === "emotion" || ev.type === "emotion.revised") && ev.speaker) {
+    const c = callRow(ev.session_id);
+    let cell = c.tr.querySelector(`[data-speaker="${ev.speaker}"]`);
+    if (!cell) {
+      cell = document.createElement("td"); cell.className = "side"; cell.dataset.speaker = ev.speaker;
+      c.tr.insertBefore(cell, c.tr.querySelector(".alerts"));
+    }
+    cell.innerHTML = `<span class="chip" style="--c:${colour(ev.label)}">${ev.label}</span> ${ev.scores[ev.label].toFixed(2)}`;
+  } else if (ev.type === "session.ended" && state.calls.has(ev.session_id)) {
+    state.calls.get(ev.session_id).tr.classList.add("ended");
+  }
+}
+
 function handle(ev) {
   state.events++;
   addSession(ev.session_id);
+  callEvent(ev);
   switch (ev.type) {
     case "utterance.started": { utteranceEl(ev); break; }
     case "utterance.ended": {
@@ -178,7 +212,7 @@ function stopMic() {
   m.ctx.close();
   if (m.ws.readyState === WebSocket.OPEN) m.ws.send(JSON.stringify({ type: "stop" })); // server finishes the last utterance
   state.mic = null;
-  $("mic").textContent = "🎙 Start microphone"; $("mic").classList.remove("on");
+  $("mic").textContent = "● Start microphone"; $("mic").classList.remove("on");
 }
 
 $("mic").onclick = () => (state.mic ? stopMic() : startMic().catch((e) => setStatus("microphone: " + e.message, "bad")));
