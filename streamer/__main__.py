@@ -159,6 +159,8 @@ async def run(a: argparse.Namespace) -> int:
         print("listening to the microphone (session 'mic'); Ctrl-C to stop", flush=True)
         await app.wait_closed()
         printer.cancel()
+    else:
+        await app.wait_closed()  # until SIGINT/SIGTERM
     await app.shutdown()
     print("stopped", file=sys.stderr, flush=True)
     return rc

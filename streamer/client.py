@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
 from streamer.config import SAMPLE_RATE
@@ -74,9 +75,16 @@ async def stream_audio(
                 delay = t0 + k * chunk_s - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing to the audio's own clock
-            await ws.send(to_pcm16(audio[i : i + n]))
+            try:
+                await ws.send(to_pcm16(audio[i : i + n]))
+            except ConnectionClosed:
+                break  # the server closed (e.g. shutting down): collect what it sent
             result.sent.append((min(len(audio), i + n) / sample_rate, clock()))
-        await ws.send(P.STOP_MESSAGE)
+        else:
+            try:
+                await ws.send(P.STOP_MESSAGE)
+            except ConnectionClosed:
+                pass
         try:
             await asyncio.wait_for(recv, timeout_s)
         finally:

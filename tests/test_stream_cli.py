@@ -1,0 +1,212 @@
+"""`python -m streamer` as a user runs it, in subprocesses: the demo, errors, graceful shutdown,
+and the microphone path through a private PulseAudio null-sink virtual microphone."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from streamer import protocol as P
+from streamer.client import stream_audio
+
+from tests.stream_util import SPEECH, WAIT_S, load, recv_until, wer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    e.update(extra)
+    return e
+
+
+def streamer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer", *args]
+
+
+async def start_server(*args: str, **extra_env: str):  # type: ignore[no-untyped-def]
+    """Start `python -m streamer ARGS`; return (process, ws url) once it prints its address."""
+    proc = await asyncio.create_subprocess_exec(
+        *streamer_cmd(*args), cwd=ROOT, env=env(**extra_env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        assert line, "server exited before listening"
+        m = re.search(r"listening on (ws://[\d.]+:\d+)", line)
+        if m:
+            return proc, m.group(1)
+
+
+@pytest.mark.slow
+def test_demo_prints_transcripts_and_emotions(tiny_checkpoint, transcripts) -> None:
+    """The README's first command (with the tiny test model in place of the bundled one)."""
+    r = subprocess.run(streamer_cmd("--demo", "--checkpoint", str(tiny_checkpoint)), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    texts = [ast.literal_eval(m) for m in re.findall(r"transcript: ('.*'|\".*\")$", out, flags=re.M)]
+    emotions = re.findall(r"#(\d+) emotion: (\w+) .* (\d+) ms after end of speech$", out, flags=re.M)
+    assert len(texts) == len(emotions) >= 3, out
+    assert wer(transcripts["jfk.flac"], " ".join(texts)) <= 0.3, texts
+    assert "session" in out and "ended" in out
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run(streamer_cmd("--demo", "--checkpoint", str(tmp_path / "nope.pt")), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "checkpoint not found" in r.stderr and "nope.pt" in r.stderr
+
+
+def test_list_devices_runs() -> None:
+    r = subprocess.run(streamer_cmd("--list-devices"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_sigint_finishes_utterances_in_flight_and_exits_0(tiny_checkpoint) -> None:
+    """SIGINT while a client streams: no new connections, the utterance in flight and the open one
+    are finished and published, the socket closes with 1001, the process exits 0."""
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        proc, url = await start_server("--port", "0", "--checkpoint", str(tiny_checkpoint))
+        try:
+            events: list[dict] = []
+            first_end = asyncio.Event()
+
+            def on_event(ev: dict) -> None:
+                events.append(ev)
+                if ev["type"] == P.UTTERANCE_STARTED and ev["utterance_id"] == 1:
+                    first_end.set()  # utterance 0 is ended (in flight or done), utterance 1 is open
+
+            client = asyncio.create_task(stream_audio(url, load("jfk.flac"), realtime=True, on_event=on_event))
+            await asyncio.wait_for(first_end.wait(), WAIT_S)
+            proc.send_signal(signal.SIGINT)
+            res = await asyncio.wait_for(client, WAIT_S)
+            rc = await asyncio.wait_for(proc.wait(), WAIT_S)
+            return res, rc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    res, rc = asyncio.run(scenario())
+    assert rc == 0
+    assert res.close_code == P.CLOSE_GOING_AWAY
+    types = [e["type"] for e in res.events]
+    assert types[-1] == P.SESSION_ENDED
+    ended = [e["utterance_id"] for e in res.events if e["type"] == P.UTTERANCE_ENDED]
+    scored = [e["utterance_id"] for e in res.events if e["type"] == P.EMOTION]
+    assert ended == scored and len(ended) >= 2  # the in-flight one, and the open one flushed at shutdown
+    assert [e["reason"] for e in res.events if e["type"] == P.UTTERANCE_ENDED][-1] == "end_of_stream"
+
+
+@pytest.mark.slow
+def test_sigterm_on_an_idle_server_exits_0(tiny_checkpoint) -> None:
+    async def scenario() -> int:
+        proc, url = await start_server("--port", "0", "--checkpoint", str(tiny_checkpoint))
+        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session=*") as sub:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(sub.wait_closed(), WAIT_S)
+            assert sub.close_code == P.CLOSE_GOING_AWAY
+        return await asyncio.wait_for(proc.wait(), WAIT_S)
+
+    assert asyncio.run(scenario()) == 0
+
+
+# ---- the microphone, through a PulseAudio null sink --------------------------------------------
+class VirtualMic:
+    """A private PulseAudio daemon (own runtime dir and socket) with a null sink `vmic`; its
+    monitor is the default source, so whatever is played into `vmic` is what the 'microphone'
+    hears. Runs as root: --system=false with an explicit unix socket and anonymous auth."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "native"
+        self.server = f"unix:{self.socket}"
+        self.env = {"PULSE_SERVER": self.server, "XDG_RUNTIME_DIR": str(root), "PULSE_RUNTIME_PATH": str(root / "pulse"),
+                    "HOME": str(root)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "VirtualMic":
+        pulseaudio = shutil.which("pulseaudio")
+        assert pulseaudio, "pulseaudio is not installed (scripts/setup.sh installs it)"
+        self.proc = subprocess.Popen(
+            [pulseaudio, "--system=false", "--daemonize=no", "--exit-idle-time=-1", "-n", "--use-pid-file=false",
+             "--disallow-exit", "--log-target=stderr",
+             f"--load=module-native-protocol-unix socket={self.socket} auth-anonymous=1",
+             "--load=module-null-sink sink_name=vmic rate=16000 channels=1",
+             "--load=module-always-sink"],
+            env=env(**self.env), stdout=subprocess.DEVNULL, stderr=open(self.root / "pulse.log", "wb"),
+        )
+        # wait for the daemon to answer (pactl blocks until connected or fails fast)
+        for _ in range(100):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pulseaudio exited: {(self.root / 'pulse.log').read_text()}")
+            r = subprocess.run(["pactl", "set-default-source", "vmic.monitor"], env=env(**self.env),
+                               capture_output=True, timeout=10)
+            if r.returncode == 0:
+                return self
+            try:
+                self.proc.wait(timeout=0.1)  # a bounded wait for the socket, not a fixed sleep
+            except subprocess.TimeoutExpired:
+                pass
+        raise RuntimeError("pulseaudio did not come up")
+
+    def play(self, path: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["paplay", "-d", "vmic", str(path)], env=env(**self.env))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.mark.slow
+def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, tmp_path: Path) -> None:
+    """`python -m streamer --mic pulse`: speech played into the null sink comes out as session
+    'mic' events to a `*` subscriber, and --json lines on stdout."""
+    with VirtualMic(tmp_path) as mic:
+
+        async def scenario():  # type: ignore[no-untyped-def]
+            proc, url = await start_server("--port", "0", "--checkpoint", str(tiny_checkpoint), "--mic", "pulse",
+                                           "--json", **mic.env)
+            try:
+                async with connect(f"{url}{P.SUBSCRIBE_PATH}?session=*") as sub:
+                    player = mic.play(SPEECH / "LJ001-0004.wav")
+                    got = await recv_until(sub, P.EMOTION, timeout=WAIT_S)
+                    await asyncio.to_thread(player.wait, WAIT_S)
+                    proc.send_signal(signal.SIGINT)
+                    got += await recv_until(sub, P.SESSION_ENDED, timeout=WAIT_S)
+                rc = await asyncio.wait_for(proc.wait(), WAIT_S)
+                assert proc.stdout is not None
+                printed = (await proc.stdout.read()).decode()
+                return got, rc, printed
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+        got, rc, printed = asyncio.run(scenario())
+    assert rc == 0
+    assert {e["session_id"] for e in got} == {"mic"}
+    text = " ".join(e["text"] for e in got if e["type"] == P.TRANSCRIPT)
+    assert wer(transcripts["LJ001-0004.wav"], text) <= 0.3, text
+    assert any(json.loads(line)["type"] == P.EMOTION for line in printed.splitlines() if line.startswith("{"))
