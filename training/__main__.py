@@ -80,7 +80,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     split, part = parse_split(a.split)
     corpus = load_spec(a.data, audio_cache=Path(a.cache_dir) / "audio")
     targets = list(range(len(corpus))) if part == "all" else split_corpus(corpus, split, a.seed)[part]
-    table = build_table([corpus], model, a.cache_dir, finetune=not model.config.freeze_encoder)
+    table = build_table([corpus], model, a.cache_dir, finetune=not model.config.freeze_encoder, needed=targets)
     if a.cache_speech:
         cache_speech_vectors(model, table)
     t0 = time.perf_counter()

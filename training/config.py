@@ -28,6 +28,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     class_weight: str = "none"  # none | sqrt | balanced (inverse-frequency loss weights)
     label_smoothing: float = 0.0
+    vector_dropout: float = 0.0  # training-only dropout on cached sentence vectors (frozen encoder)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # float16 autocast + GradScaler on CUDA (ignored on CPU)

@@ -66,7 +66,10 @@ def label_map(corpus: Corpus, model_labels: Sequence[str]) -> dict[str, int]:
     raise ValueError(f"model labels {list(model_labels)} cannot score {corpus.kind} labels {list(corpus.labels)}")
 
 
-def build_table(corpora: list[Corpus], model: EmotionModel, cache_dir: str, finetune: bool) -> Table:
+def build_table(corpora: list[Corpus], model: EmotionModel, cache_dir: str, finetune: bool,
+                needed: Sequence[int] | None = None) -> Table:
+    """`needed`: global indices of the targets a run uses; only their dialogues' texts are encoded
+    (the rest keep zero vectors, never read). None = encode everything."""
     offsets, labels, texts, has_audio, dialogue, position, mels = [], [], [], [], [], [], []
     n = 0
     for c in corpora:
@@ -89,7 +92,13 @@ def build_table(corpora: list[Corpus], model: EmotionModel, cache_dir: str, fine
         n += len(c)
     text_vecs = None
     if not finetune:
-        vecs = cache.text_vectors(model.text_encoder, texts, cache_dir)
+        enc_texts = texts
+        if needed is not None:
+            keep = np.zeros(len(texts), bool)
+            for i in needed:
+                keep[dialogue[i]] = True
+            enc_texts = [t if k else "" for t, k in zip(texts, keep)]
+        vecs = cache.text_vectors(model.text_encoder, enc_texts, cache_dir)
         text_vecs = torch.cat([vecs, torch.zeros(1, vecs.shape[1])])
     return Table(
         corpora=corpora, offsets=offsets, labels=np.asarray(labels, np.int64), texts=texts,
@@ -216,6 +225,8 @@ def forward_examples(model: EmotionModel, table: Table, ex: Examples, train: boo
         idx[b, : len(w)] = w
     if table.text_vecs is not None:
         ctx = table.text_vecs[torch.from_numpy(idx)].to(dev)  # (B, W, D); -1 -> the zero row
+        if train and cfg is not None and cfg.vector_dropout > 0:
+            ctx = F.dropout(ctx, cfg.vector_dropout, training=True)
     else:  # fine-tuning: encode this batch's distinct texts with gradients
         uniq = sorted({i for i in idx.reshape(-1).tolist() if i >= 0})
         vecs = model.text_encoder([table.texts[i] for i in uniq])  # (U, D)
@@ -317,13 +328,18 @@ class Trainer:
         self.splits = split_corpus(self.corpus, cfg.split, cfg.seed)
         self.acted = [load_spec(s) for s in cfg.acted]
         self.model = build_model(cfg, self.corpus)
-        self.table = build_table([self.corpus, *self.acted], self.model, cfg.cache_dir, cfg.finetune)
         rng = np.random.default_rng(cfg.seed)
         self.train_targets = np.asarray(self.splits["train"], np.int64)
         if cfg.max_train:
             self.train_targets = np.sort(rng.permutation(self.train_targets)[: cfg.max_train])
         self.val_targets = np.asarray(self.splits["val"][: cfg.max_eval or None], np.int64)
         self.test_targets = np.asarray(self.splits["test"][: cfg.max_eval or None], np.int64)
+        needed = None
+        if cfg.max_train or cfg.max_eval:  # subsets (smoke tests): encode only what they read
+            n_acted = sum(len(c) for c in self.acted)
+            needed = [*self.train_targets, *self.val_targets, *self.test_targets,
+                      *range(len(self.corpus), len(self.corpus) + n_acted)]
+        self.table = build_table([self.corpus, *self.acted], self.model, cfg.cache_dir, cfg.finetune, needed)
         pool, self.acted_val = [], []
         for c, off in zip(self.acted, self.table.offsets[1:]):
             sp = split_corpus(c, cfg.acted_split, cfg.seed)
@@ -436,7 +452,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
             count += len(b)
             bar.set_postfix(loss=f"{total / count:.3f}")
         return total / max(count, 1)
@@ -486,6 +502,7 @@ class Trainer:
                 else:
                     self.bad_epochs += 1
                 self.save_state()
+                (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
                 extra = f" acted WA {val['acted_wa']:.1f}" if "acted_wa" in val else ""  # logged even with --no-progress
                 tqdm.write(f"epoch {self.epoch:3d} loss {loss:.4f} val loss {val['loss']:.4f} WF1 {val['wf1']:.2f} "
                            f"WA {val['wa']:.2f}{extra}{' *' if improved else ''} ({self.train_seconds:.0f}s)")
