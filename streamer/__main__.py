@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from streamer import protocol as P
-from streamer.config import AppConfig, AsrConfig, InferenceConfig, SegmenterConfig, ServerConfig, default_checkpoint
+from streamer.config import (AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig, ServerConfig,
+                             default_checkpoint)
 
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="pace files in real time (default)")
     pace.add_argument("--fast", dest="realtime", action="store_false", help="send files as fast as possible")
     p.add_argument("--json", action="store_true", help="print raw JSON events instead of readable lines")
+    calls = p.add_argument_group("call monitoring (docs/calls.md)")
+    calls.add_argument("--speakers", metavar="A,B", default=None,
+                       help="with --file: one speaker per channel of a multi-channel recording, e.g. agent,customer")
+    calls.add_argument("--alert-rules", type=Path, default=None, metavar="JSON", help="alert rules file")
+    calls.add_argument("--webhook", default=None, metavar="URL", help="POST alerts and call summaries here")
+    calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -65,7 +72,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     inf = InferenceConfig(device=a.device)
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
-    return AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf)
+    calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)
+    return AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls)
 
 
 def _printer(as_json: bool):  # type: ignore[no-untyped-def]
@@ -99,11 +107,12 @@ async def run(a: argparse.Namespace) -> int:
     from streamer.transcriber import AsrModelError
 
     config = config_from_args(a)
-    audio = None
+    audio, speakers = None, None
     if a.demo or a.file is not None:
         path = DEMO_RECORDING if a.demo else a.file
         try:
-            audio = load_file(path)
+            speakers = a.speakers.split(",") if a.speakers and a.file is not None else None
+            audio = load_file(path, channels=len(speakers) if speakers else None)
         except SourceError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -132,11 +141,11 @@ async def run(a: argparse.Namespace) -> int:
         from websockets.exceptions import ConnectionClosed
 
         name = "the bundled recording" if a.demo else str(a.file)
-        print(f"streaming {name} ({len(audio) / 16000:.1f} s, {'real time' if a.realtime else 'fast'}) "
+        print(f"streaming {name} ({audio.shape[-1] / 16000:.1f} s, {'real time' if a.realtime else 'fast'}) "
               f"through {app.url}{P.STREAM_PATH}", flush=True)
         try:
-            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_printer(a.json),
-                                        timeout_s=max(120.0, 3 * len(audio) / 16000))
+            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_printer(a.json), speakers=speakers,
+                                        timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
             lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
             if lat and not a.json:
                 lat.sort()

@@ -51,11 +51,17 @@ async def stream_audio(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     timeout_s: float = 120.0,
+    speakers: list[str] | None = None,
 ) -> StreamResult:
-    """Send `audio` (float32 mono at `sample_rate`) as pcm_s16le to url + /v1/stream, then stop;
-    return every event up to session.ended and the close code."""
+    """Send `audio` (float32 mono at `sample_rate`; or (channels, n) with one name per channel in
+    `speakers`) as pcm_s16le to url + /v1/stream, then stop; return every event up to
+    session.ended and the close code."""
     result = StreamResult()
-    start = P.StartMessage(sample_rate=sample_rate, session_id=session_id)
+    channels = len(speakers) if speakers else 1
+    if audio.ndim != (2 if speakers else 1) or (speakers and audio.shape[0] != channels):
+        raise ValueError(f"audio of shape {audio.shape} does not match speakers {speakers}")
+    start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers)
+    total = audio.shape[-1]
     async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX) as ws:
 
         async def receive() -> None:
@@ -70,16 +76,17 @@ async def stream_audio(
         await ws.send(start.to_json())
         n = max(1, int(round(chunk_s * sample_rate)))
         t0 = clock()
-        for k, i in enumerate(range(0, len(audio), n)):
+        for k, i in enumerate(range(0, total, n)):
             if realtime:
                 delay = t0 + k * chunk_s - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing to the audio's own clock
             try:
-                await ws.send(to_pcm16(audio[i : i + n]))
+                chunk = audio[..., i : i + n]
+                await ws.send(to_pcm16(chunk.T.reshape(-1) if speakers else chunk))  # frames interleaved
             except ConnectionClosed:
                 break  # the server closed (e.g. shutting down): collect what it sent
-            result.sent.append((min(len(audio), i + n) / sample_rate, clock()))
+            result.sent.append((min(total, i + n) / sample_rate, clock()))
         else:
             try:
                 await ws.send(P.STOP_MESSAGE)
@@ -99,6 +106,8 @@ P_MAX = 1 << 22  # the client accepts events up to 4 MiB
 def format_event(ev: dict[str, Any]) -> str | None:
     """One human-readable line for the events a person watching wants; None for the rest."""
     t, uid = ev["type"], ev.get("utterance_id")
+    if ev.get("speaker") and t != P.ALERT:
+        uid = f"{uid} {ev['speaker']}"
     if t == P.SESSION_STARTED:
         return f"session {ev['session_id']} started"
     if t == P.UTTERANCE_ENDED:
@@ -115,6 +124,12 @@ def format_event(ev: dict[str, Any]) -> str | None:
         return f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
     if t == P.ERROR:
         return f"error {ev['code']}: {ev['message']}"
+    if t == P.ALERT:
+        return f"!! ALERT {ev['rule']} ({ev.get('severity', '')}): {ev.get('message', '')}"
+    if t == P.CALL_SUMMARY:
+        sides = "; ".join(f"{who}: {s['dominant']} over {s['utterances']} utterances"
+                          for who, s in ev.get("speakers", {}).items())
+        return f"summary: {sides or 'no utterances'}; {len(ev.get('alerts', []))} alert(s)"
     if t == P.SESSION_ENDED:
         return f"session {ev['session_id']} ended: {ev.get('utterances', 0)} utterances"
     return None

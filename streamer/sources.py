@@ -19,17 +19,22 @@ class SourceError(RuntimeError):
     """An audio source cannot be opened (missing file, unknown device, no audio backend)."""
 
 
-def load_file(path: str | Path) -> np.ndarray:
-    """Any file librosa/soundfile can decode (wav, flac, mp3, ogg) -> float32 16 kHz mono."""
+def load_file(path: str | Path, channels: int | None = None) -> np.ndarray:
+    """Any file librosa/soundfile can decode (wav, flac, mp3, ogg) -> float32 16 kHz mono, or with
+    `channels`, (channels, n) kept apart (a call recording with one speaker per channel)."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"audio file not found: {path}")
-    from model.features import load_audio
+    import librosa
 
     try:
-        return load_audio(str(path), sr=SAMPLE_RATE)
+        audio, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=channels is None)
     except Exception as e:  # soundfile/audioread raise many types for undecodable files
         raise SourceError(f"cannot decode {path}: {type(e).__name__}: {e}") from e
+    if channels is not None and (audio.ndim != 2 or audio.shape[0] != channels):
+        got = 1 if audio.ndim == 1 else audio.shape[0]
+        raise SourceError(f"{path} has {got} channel(s); {channels} speakers were named")
+    return audio.astype(np.float32, copy=False)
 
 
 async def paced(

@@ -212,3 +212,30 @@ def test_bad_twilio_messages_do_not_take_the_call_down(emotion_model, whisper, t
     errors = [e for e in events if e["type"] == P.ERROR]
     assert len(errors) == 3, errors
     assert any(e["type"] == P.EMOTION and e["speaker"] == "customer" for e in events), "the call went on"
+
+
+def test_streamer_cli_stereo_file_with_alerts_and_summaries(tiny_checkpoint, transcripts, tmp_path):
+    agent, customer = load("LJ001-0002.wav"), load("LJ001-0008.wav")
+    gap = np.zeros(int(0.8 * 16000), np.float32)
+    left = np.concatenate([gap, agent, gap, np.zeros(len(customer), np.float32), gap])
+    right = np.concatenate([gap, np.zeros(len(agent), np.float32), gap, customer, gap])
+    wav = tmp_path / "call.wav"
+    sf.write(wav, np.stack([left, right], axis=1), 16000, subtype="PCM_16")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "streamer", "--file", str(wav), "--speakers", "agent,customer", "--fast",
+                          "--json", "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                          "--alert-rules", str(rules_file(tmp_path)), "--summaries", str(tmp_path / "sums")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    check_call(events, {"agent", "customer"})
+    assert wer(transcripts["LJ001-0008.wav"], said(events, "customer")) <= 0.3
+    assert [e["rule"] for e in events if e["type"] == P.ALERT] == ["customer-spoke"]
+    (summary,) = [json.loads(p.read_text()) for p in (tmp_path / "sums").glob("*.json")]
+    assert set(summary["speakers"]) == {"agent", "customer"} and summary["session_id"] == events[0]["session_id"]
+    bad = subprocess.run([sys.executable, "-m", "streamer", "--file", str(SPEECH_MONO), "--speakers", "agent,customer",
+                          "--checkpoint", str(tiny_checkpoint)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "1 channel(s); 2 speakers" in bad.stderr
+
+
+SPEECH_MONO = Path(__file__).resolve().parent / "fixtures" / "speech" / "LJ001-0002.wav"
