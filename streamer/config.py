@@ -60,7 +60,8 @@ class AsrConfig:
     beam_size: int = 1  # live use: greedy
     language: str = "en"
     cpu_threads: int = 2
-    max_batch: int = 8  # utterances decoded together (across sessions)
+    max_batch: int = 8  # utterances decoded together (across sessions) on a GPU
+    cpu_batch: int = 2  # ... on a CPU, where a batch costs about the sum of its parts: small batches publish sooner
     max_new_tokens: int = 128
     min_window_s: float = 15.0  # encoder window: utterance + margin, rounded up; 30 = Whisper's default
     window_margin_s: float = 2.0

@@ -201,6 +201,11 @@ class InferenceEngine:
             j.resolve(j.context.scored(preds[s : s + n]))
 
     def _analyze(self, jobs: list[_AnalyzeJob]) -> None:
+        step = max(1, int(getattr(self.asr, "batch_size", len(jobs))))
+        if len(jobs) > step:  # decode in slices and publish each slice as soon as it is done
+            for s in range(0, len(jobs), step):
+                self._analyze(jobs[s : s + step])
+            return
         try:
             t0 = time.perf_counter()
             audios = [j.audio for j in jobs]

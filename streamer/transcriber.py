@@ -62,6 +62,11 @@ class Transcriber:
         self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.compute_type = compute
 
+    @property
+    def batch_size(self) -> int:
+        """Utterances per decode call (the inference thread publishes after each call)."""
+        return self.config.max_batch if self.device == "cuda" else max(1, min(self.config.max_batch, self.config.cpu_batch))
+
     def window_frames(self, n_samples: int) -> int:
         """Encoder window for an utterance: its length plus a margin, in steps, within [min, 30 s].
         A 10 s window decodes ~4x faster than Whisper's fixed 30 s with the same words."""
