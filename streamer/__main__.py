@@ -22,6 +22,7 @@ from typing import Any
 from streamer import protocol as P
 from streamer.config import (AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig, ServerConfig,
                              default_checkpoint)
+from streamer.config import StoreConfig
 
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--alert-rules", type=Path, default=None, metavar="JSON", help="alert rules file")
     calls.add_argument("--webhook", default=None, metavar="URL", help="POST alerts and call summaries here")
     calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
+    p.add_argument("--store", type=Path, default=None, metavar="PATH",
+                   help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.export")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -73,7 +76,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
     calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)
-    return AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls)
+    config = AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls)
+    return replace(config, store=StoreConfig(path=a.store))
 
 
 def _printer(as_json: bool):  # type: ignore[no-untyped-def]

@@ -116,6 +116,13 @@ class CallsConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Durable event log: every published event in SQLite (WAL), queried over HTTP, exported."""
+
+    path: Path | None = None  # --store events.db; None: events live in memory only
+
+
+@dataclass(frozen=True)
 class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -123,3 +130,4 @@ class AppConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)

@@ -56,6 +56,7 @@ class Metrics:
             ("emostream_speculative_decodes_total", "decodes started before the silence wait ended"),
             ("emostream_speculative_wasted_total", "speculative decodes thrown away (speech resumed)"),
             ("emostream_alerts_total", "alert rules fired (calls)"),
+            ("emostream_store_errors_total", "events that could not be written to the event store (--store)"),
         ]:
             self.counters[name] = (help_, 0)
 

@@ -1,0 +1,83 @@
+"""HTTP endpoints beside the WebSocket routes: GET /v1/sessions and /v1/sessions/{id}/events,
+served from the durable event log (`--store`). Queries are short indexed reads on the event loop,
+bounded by MAX_LIMIT rows."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from streamer.static_files import set_header
+
+SESSIONS_PATH = "/v1/sessions"
+EVENTS_SUFFIX = "/events"
+DEFAULT_SESSIONS = 100
+DEFAULT_EVENTS = 1000
+MAX_LIMIT = 10_000  # rows per response; page with offset / after_seq
+
+
+class _BadQuery(ValueError):
+    pass
+
+
+def api_response(app: Any, connection: ServerConnection, request: Request) -> Response | None:
+    """A response for the /v1/sessions endpoints, or None for any other path."""
+    url = urlsplit(request.path)
+    path = url.path
+    if path != SESSIONS_PATH and not path.startswith(SESSIONS_PATH + "/"):
+        return None
+    store = getattr(app, "store", None)
+    if store is None:
+        return _json(connection, HTTPStatus.NOT_FOUND, {
+            "error": "no_store", "message": "no event store: start the service with --store PATH to keep events"})
+    query = parse_qs(url.query)
+    try:
+        if path in (SESSIONS_PATH, SESSIONS_PATH + "/"):
+            limit = _int(query, "limit", DEFAULT_SESSIONS, 1, MAX_LIMIT)
+            offset = _int(query, "offset", 0, 0, None)
+            return _json(connection, HTTPStatus.OK, store.sessions(limit=limit, offset=offset))
+        raw = path[len(SESSIONS_PATH) + 1:]
+        if not raw.endswith(EVENTS_SUFFIX) or "/" in raw[: -len(EVENTS_SUFFIX)] or raw == EVENTS_SUFFIX:
+            return _json(connection, HTTPStatus.NOT_FOUND, {
+                "error": "no_route", "message": f"no route {path}; use {SESSIONS_PATH} or {SESSIONS_PATH}/ID/events"})
+        session_id = unquote(raw[: -len(EVENTS_SUFFIX)])  # ids may hold any character, %-encoded
+        after_seq = _int(query, "after_seq", -1, -1, None)
+        limit = _int(query, "limit", DEFAULT_EVENTS, 1, MAX_LIMIT)
+        run = _int(query, "run", None, 1, None)
+    except _BadQuery as e:
+        return _json(connection, HTTPStatus.BAD_REQUEST, {"error": "bad_query", "message": str(e)})
+    session = store.session(session_id, run)
+    if session is None:
+        which = f"session {session_id!r}" + (f" run {run}" if run is not None else "")
+        return _json(connection, HTTPStatus.NOT_FOUND, {"error": "unknown_session", "message": f"{which} is not in the event store"})
+    texts = store.event_texts(session_id, after_seq=after_seq, limit=limit, run=session["run"])
+    return _respond(connection, HTTPStatus.OK, "[" + ",".join(texts) + "]\n")  # events exactly as sent
+
+
+def _int(query: dict[str, list[str]], name: str, default: int | None, low: int, high: int | None) -> Any:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        v = int(values[-1])
+    except ValueError:
+        raise _BadQuery(f"{name} must be an integer, got {values[-1]!r}") from None
+    if v < low or (high is not None and v > high):
+        raise _BadQuery(f"{name} must be {f'in {low}..{high}' if high is not None else f'>= {low}'}, got {v}")
+    return v
+
+
+def _json(connection: ServerConnection, status: HTTPStatus, obj: Any) -> Response:
+    return _respond(connection, status, json.dumps(obj) + "\n")
+
+
+def _respond(connection: ServerConnection, status: HTTPStatus, body: str) -> Response:
+    resp = connection.respond(status, body)
+    set_header(resp, "Content-Type", "application/json")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
