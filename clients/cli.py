@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import sys
 from typing import IO
 
@@ -13,6 +15,9 @@ from clients.render import Renderer, jsonl
 
 def add_output_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", default=DEFAULT_URL, help=f"service address (default {DEFAULT_URL})")
+    ap.add_argument("--token", default=os.environ.get("EMOSTREAM_TOKEN"),
+                    help="API token (default: $EMOSTREAM_TOKEN)")
+    ap.add_argument("--insecure", action="store_true", help="wss:// without certificate verification (self-signed)")
     ap.add_argument("--jsonl", action="store_true", help="print raw events as JSON lines")
     ap.add_argument("--save", metavar="FILE", help="also append every event to FILE as JSON lines")
     ap.add_argument("--no-colour", "--no-color", dest="colour", action="store_false", help="plain text")
@@ -39,3 +44,13 @@ class Printer:
     def close(self) -> None:
         if self.save is not None:
             self.save.close()
+
+
+def connection_args(args: argparse.Namespace) -> dict:
+    """token/ssl keyword arguments for StreamClient and Subscriber from the CLI options."""
+    ctx = None
+    if args.insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return {"token": args.token, "ssl": ctx}

@@ -60,8 +60,19 @@ def _base(url: str) -> str:
     return url.rstrip("/")
 
 
+def _auth_headers(token: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+def _tls(url: str, ssl: Any) -> dict[str, Any]:
+    """websockets' ssl argument: only for wss:// (None means its default, verified context)."""
+    return {"ssl": ssl} if url.startswith("wss://") and ssl is not None else {}
+
+
 class StreamClient:
     """A source session: `start`, binary PCM frames, `stop`; its own events come back on the socket.
+    After a dropped connection, a new StreamClient with the same `session_id` and `after_seq` (the
+    last seq received) resumes the session within the server's grace period, missing nothing.
 
         async with StreamClient(url, sample_rate=16000) as c:
             await c.send_audio(pcm_bytes)
@@ -73,11 +84,15 @@ class StreamClient:
     def __init__(self, url: str = DEFAULT_URL, *, sample_rate: int = 16_000, channels: int = 1,
                  session_id: str | None = None, language: str | None = None,
                  metadata: dict[str, Any] | None = None, speakers: list[str] | None = None,
+                 token: str | None = None, ssl: Any = None, after_seq: int | None = None,
                  open_timeout: float = 10.0) -> None:
         self.url = _base(url) + P.STREAM_PATH
         self.start_message = P.StartMessage(sample_rate=sample_rate, channels=channels, session_id=session_id,
-                                            language=language, metadata=metadata or {}, speakers=speakers)
+                                            language=language, metadata=metadata or {}, speakers=speakers,
+                                            after_seq=after_seq)
         self.open_timeout = open_timeout
+        self.headers = _auth_headers(token)
+        self.ssl = ssl
         self.session_id: str | None = None
         self._ws: ClientConnection | None = None
         self._pending: list[Event] = []  # events read while waiting for session.started
@@ -91,11 +106,12 @@ class StreamClient:
 
     async def open(self) -> str:
         """Connect and start the session; returns the session id the server gave."""
-        self._ws = await connect(self.url, open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES)
+        self._ws = await connect(self.url, open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES,
+                                 additional_headers=self.headers, **_tls(self.url, self.ssl))
         await self._ws.send(self.start_message.to_json())
         while True:
             ev = Event.from_json(await asyncio.wait_for(self._ws.recv(), self.open_timeout))
-            if ev.type == P.SESSION_STARTED:
+            if ev.type in (P.SESSION_STARTED, P.SESSION_RESUMED):
                 self.session_id = ev.session_id
                 self._pending.append(ev)  # events() yields it first
                 return ev.session_id
@@ -148,21 +164,30 @@ class Subscriber:
 
     def __init__(self, url: str = DEFAULT_URL, session: str = P.ALL_SESSIONS, *, reconnect: bool = True,
                  max_retries: int = 10, backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 open_timeout: float = 10.0) -> None:
+                 token: str | None = None, ssl: Any = None, open_timeout: float = 10.0) -> None:
+        self.session = session
         self.url = f"{_base(url)}{P.SUBSCRIBE_PATH}?session={quote(session, safe='*')}"
         self.reconnect, self.max_retries = reconnect, max_retries
         self.backoff_s, self.max_backoff_s, self.open_timeout = backoff_s, max_backoff_s, open_timeout
+        self.headers, self.ssl = _auth_headers(token), ssl
         self.last_seq: dict[str, int] = {}
         self.connected = asyncio.Event()  # set while a connection is open (tests wait on it)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._run()
 
+    def _resume_url(self) -> str:
+        """After a reconnect to one session, ask for the events after the last one seen."""
+        if self.session != P.ALL_SESSIONS and self.session in self.last_seq:
+            return f"{self.url}&after_seq={self.last_seq[self.session]}"
+        return self.url
+
     async def _run(self) -> AsyncIterator[Event]:
         failures, delay = 0, self.backoff_s
         while True:
             try:
-                async with connect(self.url, open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES) as ws:
+                async with connect(self._resume_url(), open_timeout=self.open_timeout, max_size=P_MAX_EVENT_BYTES,
+                                   additional_headers=self.headers, **_tls(self.url, self.ssl)) as ws:
                     self.connected.set()
                     failures, delay = 0, self.backoff_s
                     async for msg in ws:

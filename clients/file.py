@@ -10,7 +10,7 @@ import asyncio
 import sys
 
 from clients.audio import SAMPLE_RATE, decode, paced_chunks
-from clients.cli import Printer, add_output_args
+from clients.cli import Printer, add_output_args, connection_args
 from clients.client import StreamClient, run_source
 
 
@@ -24,7 +24,8 @@ async def stream_file(args: argparse.Namespace, printer: Printer) -> int:
         audio = audio.T.reshape(-1)  # interleave: pcm_s16le frames carry one sample per channel
     channels = len(speakers) if speakers else 1
     async with StreamClient(args.url, sample_rate=SAMPLE_RATE, channels=channels, speakers=speakers,
-                            session_id=args.session_id, metadata={"source": "clients.file", "file": args.path}) as client:
+                            session_id=args.session_id, metadata={"source": "clients.file", "file": args.path},
+                            **connection_args(args)) as client:
         chunks = paced_chunks(audio, SAMPLE_RATE * channels, realtime=not args.fast)
         events = await run_source(client, chunks, printer)
     return 0 if any(e.type == "session.ended" for e in events) else 1

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from clients.audio import CHUNK_S
-from clients.cli import Printer, add_output_args
+from clients.cli import Printer, add_output_args, connection_args
 from clients.client import StreamClient, run_source
 
 
@@ -82,7 +82,7 @@ async def session(args: argparse.Namespace, printer: Printer) -> int:
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id,
-                            metadata={"source": "clients.mic"}) as client:
+                            metadata={"source": "clients.mic"}, **connection_args(args)) as client:
         print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
               f"→ {args.url} (Ctrl-C to stop)", file=sys.stderr)
         await run_source(client, capture(device, rate, stop), printer, stop_when=stop)

@@ -9,14 +9,14 @@ import argparse
 import asyncio
 import sys
 
-from clients.cli import Printer, add_output_args
+from clients.cli import Printer, add_output_args, connection_args
 from clients.client import Subscriber
 from streamer import protocol as P
 
 
 async def watch(args: argparse.Namespace, printer: Printer) -> int:
     seen = 0
-    async for ev in Subscriber(args.url, session=args.session, reconnect=not args.once):
+    async for ev in Subscriber(args.url, session=args.session, reconnect=not args.once, **connection_args(args)):
         printer(ev)
         if ev.type == P.SESSION_ENDED and args.session != P.ALL_SESSIONS and args.exit_on_end:
             return 0

@@ -13,12 +13,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from streamer import auth
 from streamer import protocol as P
 from streamer.config import (AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig, ServerConfig,
                              default_checkpoint)
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="pace files in real time (default)")
     pace.add_argument("--fast", dest="realtime", action="store_false", help="send files as fast as possible")
     p.add_argument("--json", action="store_true", help="print raw JSON events instead of readable lines")
+    sec = p.add_argument_group("security (docs/protocol.md#authentication)")
+    sec.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                     help="API token with the admin role (repeatable; also $EMOSTREAM_TOKEN)")
+    sec.add_argument("--token-file", type=Path, default=None, metavar="FILE", help="lines of 'TOKEN ROLE[,ROLE]'")
+    sec.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                     help="browser Origin allowed to connect, e.g. https://ops.example.com (repeatable)")
+    sec.add_argument("--certfile", type=Path, default=None, help="TLS certificate (PEM) for wss:// and https://")
+    sec.add_argument("--keyfile", type=Path, default=None, help="TLS private key (PEM)")
     calls = p.add_argument_group("call monitoring (docs/calls.md)")
     calls.add_argument("--speakers", metavar="A,B", default=None,
                        help="with --file: one speaker per channel of a multi-channel recording, e.g. agent,customer")
@@ -76,7 +86,13 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
     calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)
-    config = AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls)
+    tokens = [(t, (auth.ADMIN,)) for t in [*a.token, os.environ.get("EMOSTREAM_TOKEN", "")] if t]
+    if a.token_file is not None:
+        tokens += auth.load_token_file(a.token_file)
+    security = auth.AuthConfig(tokens=tuple(tokens), allowed_origins=tuple(a.allowed_origin),
+                               certfile=a.certfile, keyfile=a.keyfile)
+    config = AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls,
+                       auth=security)
     return replace(config, store=StoreConfig(path=a.store))
 
 
@@ -91,13 +107,17 @@ def _printer(as_json: bool):  # type: ignore[no-untyped-def]
     return show
 
 
-async def _subscribe_and_print(url: str, session: str, as_json: bool) -> None:
+async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str | None = None) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
+    from streamer.client import tls_for
+
     show = _printer(as_json)
     try:
-        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session={session}") as ws:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session={session}", additional_headers=headers,
+                           ssl=tls_for(url)) as ws:
             async for msg in ws:
                 show(json.loads(msg))
     except ConnectionClosed:
@@ -132,6 +152,7 @@ async def run(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     await app.start()
+    own_token = next((t for t, roles in config.auth.tokens if auth.ADMIN in roles), None)  # for the built-in clients
     print(f"emostream listening on {app.url} (stream: {app.url}{P.STREAM_PATH}, "
           f"events: {app.url}{P.SUBSCRIBE_PATH}?session=*, health: http://{config.server.host}:{app.port}{P.HEALTH_PATH})",
           flush=True)
@@ -149,6 +170,7 @@ async def run(a: argparse.Namespace) -> int:
               f"through {app.url}{P.STREAM_PATH}", flush=True)
         try:
             result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_printer(a.json), speakers=speakers,
+                                        token=own_token,
                                         timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
             lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
             if lat and not a.json:
@@ -168,7 +190,7 @@ async def run(a: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             await app.shutdown()
             return 2
-        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json))
+        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json, own_token))
         print("listening to the microphone (session 'mic'); Ctrl-C to stop", flush=True)
         await app.wait_closed()
         printer.cancel()

@@ -52,6 +52,7 @@ async def stream_audio(
     clock: Callable[[], float] = time.monotonic,
     timeout_s: float = 120.0,
     speakers: list[str] | None = None,
+    token: str | None = None,
 ) -> StreamResult:
     """Send `audio` (float32 mono at `sample_rate`; or (channels, n) with one name per channel in
     `speakers`) as pcm_s16le to url + /v1/stream, then stop; return every event up to
@@ -62,7 +63,9 @@ async def stream_audio(
         raise ValueError(f"audio of shape {audio.shape} does not match speakers {speakers}")
     start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers)
     total = audio.shape[-1]
-    async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX) as ws:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX, additional_headers=headers,
+                       ssl=tls_for(url)) as ws:
 
         async def receive() -> None:
             async for msg in ws:
@@ -101,6 +104,22 @@ async def stream_audio(
 
 
 P_MAX = 1 << 22  # the client accepts events up to 4 MiB
+
+
+def tls_for(url: str):  # type: ignore[no-untyped-def]
+    """TLS for a URL: None for ws://; for wss:// to this machine (the demo/--file client talking to
+    its own server, often with a self-signed certificate) no verification; else the default."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    if not url.startswith("wss://"):
+        return None
+    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return ssl.create_default_context()
 
 
 def format_event(ev: dict[str, Any]) -> str | None:

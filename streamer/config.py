@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamer.auth import AuthConfig
+
 SAMPLE_RATE = 16_000  # Hz: everything inside the service is 16 kHz mono float32
 
 
@@ -100,6 +102,14 @@ class ServerConfig:
     max_incoming_queue: int = 32  # websockets' max_queue: frames buffered per connection
     session_audio_queue: int = 256  # audio chunks waiting for a session's segmenter
     shutdown_timeout_s: float = 30.0  # finishing utterances in flight at SIGINT/SIGTERM
+    max_subscribers: int = 256  # /v1/subscribe connections; more are refused (HTTP 503)
+    replay_events: int = 4096  # events kept per session for resume (after_seq)
+    replay_sessions: int = 256  # ended sessions whose events stay replayable
+    resume_grace_s: float = 10.0  # a source that drops without `stop` keeps its session this long
+    idle_timeout_s: float = 120.0  # a source that sends nothing this long has its session ended
+    max_session_s: float = 4 * 3600.0  # audio per session; longer sessions are ended
+    max_realtime_factor: float = 20.0  # audio faster than this many x real time is throttled ...
+    realtime_burst_s: float = 30.0  # ... beyond a burst of this many seconds of audio
     ping_interval_s: float | None = 20.0
 
 
@@ -131,3 +141,4 @@ class AppConfig:
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
     calls: CallsConfig = field(default_factory=CallsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)

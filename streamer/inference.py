@@ -88,7 +88,9 @@ class InferenceEngine:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
         self._thread = threading.Thread(target=self._run, name="emostream-inference", daemon=True)
         self._started = False
+        self._stopping = False
         self.batches = 0
+        self.restarts = 0
 
     @property
     def depth(self) -> int:
@@ -105,6 +107,7 @@ class InferenceEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued jobs, then end the thread."""
+        self._stopping = True
         if self._started and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
@@ -126,7 +129,22 @@ class InferenceEngine:
         self._put(job)
         return await job.future
 
+    def _ensure_worker(self) -> None:
+        """Restart the worker thread if something killed it (it serves every session)."""
+        if self._started and not self._thread.is_alive():
+            self._replace_worker()
+
+    def _replace_worker(self) -> None:
+        if self._stopping:
+            return
+        log.error("inference worker thread died; starting a new one")
+        self.restarts += 1
+        self.metrics.inc("emostream_worker_restarts_total")
+        self._thread = threading.Thread(target=self._run, name="emostream-inference", daemon=True)
+        self._thread.start()
+
     def _put(self, job: _Job) -> None:
+        self._ensure_worker()
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -151,7 +169,15 @@ class InferenceEngine:
                     stop = True
                     break
                 batch.append(job)
-            self._process(batch)
+            try:
+                self._process(batch)
+            except BaseException as e:  # a bug in the worker itself: fail this batch, never hang it
+                for j in batch:
+                    j.resolve(error=RuntimeError(f"inference worker failed: {type(e).__name__}: {e}"))
+                if not isinstance(e, Exception):
+                    self._replace_worker()  # queued jobs go on at once on a fresh thread
+                    raise
+                log.exception("inference batch failed")
             self.batches += 1
             if stop:
                 self._drain()
@@ -181,24 +207,28 @@ class InferenceEngine:
             self._analyze(analyses)
 
     def _predict(self, jobs: list[_PredictJob]) -> None:
+        t0 = time.perf_counter()
+        per_job: list[list[Any]] = []
+        for j in jobs:
+            assert j.context is not None and j.encoded is not None
+            per_job.append(j.context.add(j.utterance_id, j.encoded))
         try:
-            t0 = time.perf_counter()
-            requests, spans = [], []
-            for j in jobs:
-                assert j.context is not None and j.encoded is not None
-                reqs = j.context.add(j.utterance_id, j.encoded)
-                spans.append((len(requests), len(reqs)))
-                requests.extend(reqs)
-            preds = self.model.predict(requests)
-            self.metrics.model_seconds.observe(time.perf_counter() - t0)
-        except Exception as e:  # a failed model call fails these jobs, never the thread
-            log.exception("predict failed")
-            for j in jobs:
-                j.resolve(error=e)
+            preds = self.model.predict([r for reqs in per_job for r in reqs])
+        except Exception:  # one bad request must not fail the other sessions' jobs: retry each alone
+            log.exception("batched predict failed; retrying job by job")
+            for j, reqs in zip(jobs, per_job):
+                try:
+                    assert j.context is not None
+                    j.resolve(j.context.scored(self.model.predict(reqs)))
+                except Exception as e:
+                    j.resolve(error=e)
             return
-        for j, (s, n) in zip(jobs, spans):
+        self.metrics.model_seconds.observe(time.perf_counter() - t0)
+        k = 0
+        for j, reqs in zip(jobs, per_job):
             assert j.context is not None
-            j.resolve(j.context.scored(preds[s : s + n]))
+            j.resolve(j.context.scored(preds[k : k + len(reqs)]))
+            k += len(reqs)
 
     def _analyze(self, jobs: list[_AnalyzeJob]) -> None:
         step = max(1, int(getattr(self.asr, "batch_size", len(jobs))))
@@ -213,10 +243,14 @@ class InferenceEngine:
             t1 = time.perf_counter()
             encoded = self.model.encode_utterances([t.text for t in transcripts], audios)
             t2 = time.perf_counter()
-        except Exception as e:  # see _predict
-            log.exception("analyze failed")
+        except Exception as e:  # see _predict: only the utterance that fails gets an error
+            if len(jobs) == 1:
+                log.exception("analyze failed")
+                jobs[0].resolve(error=e)
+                return
+            log.exception("batched analyze failed; retrying job by job")
             for j in jobs:
-                j.resolve(error=e)
+                self._analyze([j])
             return
         self.metrics.asr_seconds.observe(t1 - t0)
         self.metrics.model_seconds.observe(t2 - t1)

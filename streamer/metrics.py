@@ -57,6 +57,9 @@ class Metrics:
             ("emostream_speculative_wasted_total", "speculative decodes thrown away (speech resumed)"),
             ("emostream_alerts_total", "alert rules fired (calls)"),
             ("emostream_store_errors_total", "events that could not be written to the event store (--store)"),
+            ("emostream_auth_refused_total", "requests refused by token or origin checks"),
+            ("emostream_throttled_total", "audio frames delayed for arriving faster than the real-time limit"),
+            ("emostream_worker_restarts_total", "inference worker threads restarted after dying"),
         ]:
             self.counters[name] = (help_, 0)
 

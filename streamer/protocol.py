@@ -35,11 +35,12 @@ EMOTION = "emotion"
 EMOTION_REVISED = "emotion.revised"
 ERROR = "error"
 SESSION_ENDED = "session.ended"
+SESSION_RESUMED = "session.resumed"  # a dropped source reconnected within the grace period
 ALERT = "alert"  # an alert rule fired (calls): rule, severity, speaker, message
 CALL_SUMMARY = "call.summary"  # just before session.ended: per-speaker distribution, timeline, peaks, alerts
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
-    ALERT, CALL_SUMMARY,
+    SESSION_RESUMED, ALERT, CALL_SUMMARY,
 )
 
 # error codes (the `code` of an `error` event)
@@ -53,6 +54,10 @@ E_ODD_BYTES = "odd_byte_count"  # a binary frame that is not a whole number of s
 E_SESSION_EXISTS = "session_exists"  # the requested session_id is live already
 E_OVERLOADED = "overloaded"  # too many sessions, or the inference queue is full
 E_INTERNAL = "internal"  # a bug or a failed model call; the utterance is skipped
+E_IDLE_TIMEOUT = "idle_timeout"  # a source sent nothing for too long; its session is ended
+E_SESSION_TOO_LONG = "session_too_long"  # a session reached its maximum audio length; it is ended
+E_REPLAY_GAP = "replay_gap"  # events after `after_seq` are no longer buffered; live events follow
+E_BAD_REQUEST = "bad_request"  # an invalid query parameter (e.g. after_seq)
 
 # WebSocket close codes
 CLOSE_NORMAL = 1000
@@ -73,6 +78,7 @@ class StartMessage:
     language: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     speakers: list[str] | None = None  # one name per channel: channels are kept apart, not downmixed
+    after_seq: int | None = None  # resume: reattach to a dropped session_id, replaying events after this seq
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"type": START, **asdict(self)}
@@ -81,7 +87,8 @@ class StartMessage:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StartMessage":
         """Validate the shape of a start message; raises ValueError with a readable reason."""
-        unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata", "speakers"}
+        unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata", "speakers",
+                            "after_seq"}
         if unknown:
             raise ValueError(f"unknown start fields: {sorted(unknown)}")
         rate, enc, ch = d.get("sample_rate"), d.get("encoding", "pcm_s16le"), d.get("channels", 1)
@@ -106,8 +113,11 @@ class StartMessage:
             or not all(isinstance(x, str) and 1 <= len(x) <= 64 for x in speakers) or len(set(speakers)) != len(speakers)
         ):
             raise ValueError("speakers must list one distinct name (1-64 characters) per channel")
+        after = d.get("after_seq")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < -1 or sid is None):
+            raise ValueError("after_seq must be an integer >= -1, sent with the session_id to resume")
         return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta,
-                   speakers=speakers)
+                   speakers=speakers, after_seq=after)
 
 
 STOP_MESSAGE = json.dumps({"type": STOP})

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -24,13 +26,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from model import EmotionModel, load_checkpoint
+from streamer import auth
 from streamer import protocol as P
 from streamer.alerts import AlertEngine, load_rules
 from streamer.config import AppConfig
 from streamer.inference import Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from streamer.http_api import api_response
 from streamer.static_files import set_header, static_response
+from streamer.store import EventStore
 from streamer.summary import CallSummary
 from streamer.telephony import MULAW_RATE, TwilioError, parse_media, parse_start
 from streamer.webhook import WebhookSender
@@ -86,10 +91,39 @@ class Subscriber:
 class Hub:
     """session id (or '*') -> subscribers. Publishing never waits on a socket."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, store: EventStore | None = None, replay_events: int = 4096,
+                 replay_sessions: int = 256) -> None:
         self.subs: dict[str, set[Subscriber]] = {}
         self.end_close: tuple[int, str] = (P.CLOSE_NORMAL, "session ended")  # 1001 once shutting down
         self.metrics = metrics
+        self.store = store
+        self.replay_events = replay_events
+        self.replay_sessions = replay_sessions
+        self.buffers: dict[str, deque[tuple[int, str]]] = {}  # session -> recent (seq, json) for resume
+        self._ended: deque[str] = deque()  # ended sessions whose buffers are still kept, oldest first
+
+    def is_over(self, session_id: str) -> bool:
+        """The session ended (or, per the durable log, ended or was cut off by a crash)."""
+        if session_id in self._ended:
+            return True
+        if self.store is not None and session_id not in self.buffers:
+            found = self.store.session(session_id)
+            return found is not None and (found["ended"] or found["interrupted"])
+        return False
+
+    def replay(self, session_id: str, after_seq: int) -> tuple[list[str], bool]:
+        """Events of `session_id` with seq > after_seq, oldest first, and whether that is all of
+        them (False: some were already dropped from the buffer and the store has none either)."""
+        buf = self.buffers.get(session_id)
+        if buf and buf[0][0] <= after_seq + 1:
+            return [text for seq, text in buf if seq > after_seq], True
+        if self.store is not None:
+            stored = self.store.event_texts(session_id, after_seq=after_seq)
+            if stored:  # the durable log has every event (appended before each publish)
+                return list(stored), True
+        if buf is None:
+            return [], True  # unknown (or not yet started) session: everything is still to come
+        return [text for seq, text in buf if seq > after_seq], False
 
     def add(self, key: str, sub: Subscriber) -> None:
         self.subs.setdefault(key, set()).add(sub)
@@ -103,7 +137,19 @@ class Hub:
 
     def publish(self, ev: dict[str, Any]) -> None:
         text = json.dumps(ev)
+        if self.store is not None:
+            self.store.append(ev, text)  # durable before anyone sees it
         self.metrics.inc("emostream_events_total")
+        sid = ev["session_id"]
+        if sid is not None:
+            buf = self.buffers.get(sid)
+            if buf is None:
+                buf = self.buffers[sid] = deque(maxlen=self.replay_events)
+            buf.append((ev["seq"], text))
+            if ev["type"] == P.SESSION_ENDED:
+                self._ended.append(sid)
+                while len(self._ended) > self.replay_sessions:
+                    self.buffers.pop(self._ended.popleft(), None)
         for key in (ev["session_id"], P.ALL_SESSIONS):
             for sub in list(self.subs.get(key, ())):
                 sub.offer(text)
@@ -151,6 +197,7 @@ class SessionRunner:
         self._finish: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._finisher = asyncio.create_task(self._finish_loop())
         self._close_task: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None  # running while a dropped source may resume
         self.closing = False
 
     def publish(self, type_: str, **fields: Any) -> None:
@@ -222,50 +269,83 @@ class SessionRunner:
                 self._finish.put_nowait(_Pending(ev, job, ch, uid))
 
     async def _finish_loop(self) -> None:
-        """Publish transcript, emotion (and revision) for each ended utterance, in order."""
+        """Publish transcript, emotion (and revision) for each ended utterance, in order. Nothing
+        that goes wrong with one utterance stops the loop (the session would never end)."""
         while True:
             item = await self._finish.get()
             if item is None:
                 return
-            ev, uid, who = item.end, item.utterance_id, self._who(item.channel)
             try:
-                analysis: Analysis = await item.job.future
-                self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **who)
-                scored = await self.app.engine.predict(self.context, uid, analysis.encoded)
+                await self._finish_one(item)
             except asyncio.CancelledError:
-                if not item.job.future.cancelled():
-                    raise  # this task itself is being cancelled
-                self.error(P.E_INTERNAL, f"utterance {uid}: decode was cancelled")
-                continue
-            except Overloaded as e:
-                self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
-                continue
-            except Exception as e:  # a model failure skips this utterance, never the session
-                log.exception("utterance %s of %s failed", uid, self.session.session_id)
-                self.error(P.E_INTERNAL, f"utterance {uid} failed: {type(e).__name__}: {e}")
-                continue
-            latency = item.channel.session.latency_ms(ev.end_s)
-            self.app.metrics.latency_seconds.observe(latency / 1000)
-            pred = scored.prediction
+                raise
+            except Exception as e:
+                log.exception("publishing utterance %s of %s failed", item.utterance_id, self.session.session_id)
+                try:
+                    self.error(P.E_INTERNAL, f"utterance {item.utterance_id}: {type(e).__name__}: {e}")
+                except Exception:
+                    log.exception("could not publish the error event either")
+
+    async def _finish_one(self, item: _Pending) -> None:
+        """Transcript, emotion and revision events for one ended utterance."""
+        ev, uid, who = item.end, item.utterance_id, self._who(item.channel)
+        try:
+            analysis: Analysis = await item.job.future
+            self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **who)
+            scored = await self.app.engine.predict(self.context, uid, analysis.encoded)
+        except asyncio.CancelledError:
+            if not item.job.future.cancelled():
+                raise  # this task itself is being cancelled
+            self.error(P.E_INTERNAL, f"utterance {uid}: decode was cancelled")
+            return
+        except Overloaded as e:
+            self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
+            return
+        except Exception as e:  # a model failure skips this utterance, never the session
+            log.exception("utterance %s of %s failed", uid, self.session.session_id)
+            self.error(P.E_INTERNAL, f"utterance {uid} failed: {type(e).__name__}: {e}")
+            return
+        latency = item.channel.session.latency_ms(ev.end_s)
+        self.app.metrics.latency_seconds.observe(latency / 1000)
+        pred = scored.prediction
+        self.publish(
+            P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores,
+            modality_weights=pred.modality_weights, latency_ms=latency,
+            asr_ms=round(analysis.asr_s * 1000, 1), text_masked=not analysis.transcript.text, **who,
+        )
+        if scored.revised is not None:
+            r = scored.revised
+            rwho = self._who(self.channels[self._channel_of(scored.revised_id)]) if self.multi else {}
             self.publish(
-                P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores,
-                modality_weights=pred.modality_weights, latency_ms=latency,
-                asr_ms=round(analysis.asr_s * 1000, 1), text_masked=not analysis.transcript.text, **who,
+                P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
+                modality_weights=r.modality_weights, revised_with=uid, **rwho,
             )
-            if scored.revised is not None:
-                r = scored.revised
-                rwho = self._who(self.channels[self._channel_of(scored.revised_id)]) if self.multi else {}
-                self.publish(
-                    P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
-                    modality_weights=r.modality_weights, revised_with=uid, **rwho,
-                )
 
     def _channel_of(self, uid: int) -> int:
         return next((ch for (ch, _), u in self._uids.items() if u == uid), 0)
 
+    @property
+    def detached(self) -> bool:
+        return self._grace is not None
+
+    def detach(self, grace_s: float) -> None:
+        """The source dropped without `stop`: keep the session for `grace_s`, then finish it."""
+        async def expire() -> None:
+            await asyncio.sleep(grace_s)  # a timer, cancelled by reattach()
+            self._grace = None
+            await self.close()
+
+        self._grace = asyncio.create_task(expire())
+
+    def reattach(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
     def close(self) -> asyncio.Task[None]:
         """End of input: flush the open utterances, finish every utterance, publish session.ended."""
         if self._close_task is None:
+            self.reattach()  # no longer waiting for a dropped source
             self._close_task = asyncio.create_task(self._close())
         return self._close_task
 
@@ -313,7 +393,8 @@ class App:
         calls = config.calls
         self.alerts = AlertEngine(load_rules(calls.alert_rules)) if calls.alert_rules else None
         self.webhook = WebhookSender(calls.webhook_url, retries=calls.webhook_retries) if calls.webhook_url else None
-        self.hub = Hub(self.metrics)
+        self.store = EventStore(config.store.path, metrics=self.metrics) if config.store.path else None
+        self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions)
         self.sessions: dict[str, SessionRunner] = {}
         self.connections: set[Subscriber] = set()
         self.server: Server | None = None
@@ -330,12 +411,16 @@ class App:
         if self.webhook is not None:
             self.webhook.start()
         sc = self.config.server
+        if not self.config.auth.enabled and not auth.is_loopback(sc.host):
+            log.warning("SECURITY: serving on %s without API tokens: anyone who can reach this port can stream "
+                        "and watch every session. Set --token/--token-file (and TLS with --certfile/--keyfile).", sc.host)
         self.server = await serve(
             self._handler, sc.host, sc.port,
             process_request=self._process_request,
             max_size=self.config.limits.max_message_bytes,
             max_queue=sc.max_incoming_queue,
             ping_interval=sc.ping_interval_s,
+            ssl=self._ssl_context(),
         )
 
     @property
@@ -345,7 +430,17 @@ class App:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.server.host}:{self.port}"
+        scheme = "wss" if self.config.auth.certfile else "ws"
+        return f"{scheme}://{self.config.server.host}:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        a = self.config.auth
+        if a.certfile is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(a.certfile, a.keyfile)
+        return ctx
 
     @property
     def shutting_down(self) -> bool:
@@ -380,6 +475,8 @@ class App:
             except asyncio.TimeoutError:
                 log.warning("webhook: %d payloads undelivered at shutdown", self.webhook.queue.qsize())
             await self.webhook.stop()
+        if self.store is not None:
+            self.store.close()  # after the last event: checkpoints the WAL into the database
 
     async def wait_closed(self) -> None:
         assert self.server is not None
@@ -388,6 +485,14 @@ class App:
     # ---- HTTP ----
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        refused = auth.check(self.config.auth, request.path, request.headers.get("Authorization"),
+                             request.headers.get("Origin"))
+        if refused is not None:  # before any data flows
+            self.metrics.inc("emostream_auth_refused_total")
+            resp = connection.respond(refused[0], refused[1] + "\n")
+            if refused[0] == HTTPStatus.UNAUTHORIZED:
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="emostream"'
+            return resp
         if path == P.HEALTH_PATH:
             resp = connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
             set_header(resp, "Content-Type", "application/json")
@@ -396,6 +501,9 @@ class App:
             resp = connection.respond(HTTPStatus.OK, self.metrics.render())
             set_header(resp, "Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             return resp
+        api = api_response(self, connection, request)
+        if api is not None:  # /v1/sessions...
+            return api
         static = static_response(connection, path)
         if static is not None:  # the browser dashboard
             return static
@@ -428,12 +536,45 @@ class App:
             elif url.path == P.TWILIO_PATH:
                 await self._twilio(ws, sub)
             else:
-                await self._subscribe(ws, sub, parse_qs(url.query).get("session", [P.ALL_SESSIONS])[0])
+                query = parse_qs(url.query)
+                await self._subscribe(ws, sub, query.get("session", [P.ALL_SESSIONS])[0], query.get("after_seq", [None])[0])
         finally:
             self.connections.discard(sub)
 
-    async def _subscribe(self, ws: ServerConnection, sub: Subscriber, key: str) -> None:
+    def _attach(self, sub: Subscriber, key: str, after_seq: int | None) -> None:
+        """Register `sub` for `key`, first replaying what it missed after `after_seq`. Nothing
+        is published in between (one thread), so every event arrives exactly once."""
+        if after_seq is not None:
+            texts, complete = self.hub.replay(key, after_seq)
+            if not complete:
+                sub.offer(json.dumps(P.event(P.ERROR, key, -1, **P.error_fields(
+                    P.E_REPLAY_GAP, f"events after seq {after_seq} of {key} are no longer buffered; "
+                                    f"replaying from the oldest kept"))))
+            for text in texts:
+                sub.offer(text)
         self.hub.add(key, sub)
+
+    async def _subscribe(self, ws: ServerConnection, sub: Subscriber, key: str, after_seq: str | None = None) -> None:
+        subscribers = sum(len(g) for g in self.hub.subs.values())
+        if subscribers >= self.config.server.max_subscribers:
+            sub.finish(P.CLOSE_TRY_AGAIN, f"too many subscribers (limit {self.config.server.max_subscribers})")
+            await sub.task
+            return
+        after: int | None = None
+        if after_seq is not None:
+            try:
+                after = int(after_seq)
+            except ValueError:
+                after = None
+            if after is None or key == P.ALL_SESSIONS or after < -1:
+                sub.offer(json.dumps(P.event(P.ERROR, key, -1, **P.error_fields(
+                    P.E_BAD_REQUEST, "after_seq must be an integer >= -1 and needs a single session"))))
+                sub.finish(P.CLOSE_POLICY, "bad after_seq")
+                await sub.task
+                return
+        self._attach(sub, key, after)
+        if after is not None and self.hub.is_over(key) and key not in self.sessions:
+            sub.finish(*self.hub.end_close)  # the session is over: the replay was all of it
         try:
             async for _ in ws:  # subscribers have nothing to say; their frames are ignored
                 pass
@@ -444,10 +585,13 @@ class App:
             await sub.task
 
     async def _stream(self, ws: ServerConnection, sub: Subscriber) -> None:
+        sc = self.config.server
         seq = SeqCounter()
         runner: SessionRunner | None = None
         decoder: PcmDecoder | None = None
         split: list[PcmDecoder] = []  # per-channel decoders when the start names speakers
+        stopped = False  # a `stop` (or a limit) ended the input: no resume grace
+        received_s, t_start = 0.0, self.clock()  # audio seconds on this connection, for throttling
 
         def reply_error(code: str, message: str) -> None:
             self.metrics.inc("emostream_errors_total")
@@ -457,11 +601,23 @@ class App:
                 sub.offer(json.dumps(P.event(P.ERROR, None, seq.next(), **P.error_fields(code, message))))  # type: ignore[arg-type]
 
         try:
-            async for msg in ws:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), sc.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    if runner is not None:
+                        reply_error(P.E_IDLE_TIMEOUT, f"no audio for {sc.idle_timeout_s:g} s: session ended")
+                        stopped = True
+                    break
                 if isinstance(msg, bytes):
                     if runner is None or decoder is None:
                         reply_error(P.E_NOT_STARTED, "audio before a successful start message; send start first")
                         continue
+                    received_s += len(msg) / decoder.bytes_per_frame / decoder.sample_rate
+                    ahead = received_s - sc.realtime_burst_s - (self.clock() - t_start) * sc.max_realtime_factor
+                    if ahead > 0:  # faster than the limit: stop reading for a while (TCP back-pressure)
+                        self.metrics.inc("emostream_throttled_total")
+                        await asyncio.sleep(ahead / sc.max_realtime_factor)
                     if split:
                         usable = len(msg) - len(msg) % decoder.bytes_per_frame
                         frames = np.frombuffer(msg[:usable], dtype="<i2").reshape(-1, len(split))
@@ -474,6 +630,10 @@ class App:
                     if dropped:
                         reply_error(P.E_ODD_BYTES, f"binary frame of {len(msg)} bytes is not a whole number of "
                                     f"{decoder.bytes_per_frame}-byte sample frames; the last {dropped} bytes were dropped")
+                    if runner.session.segmenter.position_s > sc.max_session_s:
+                        reply_error(P.E_SESSION_TOO_LONG, f"session reached {sc.max_session_s:g} s of audio: ended")
+                        stopped = True
+                        break
                     continue
                 try:
                     obj = json.loads(msg)
@@ -498,31 +658,43 @@ class App:
                         reply_error(P.E_UNSUPPORTED_FORMAT, problem)
                         continue
                     sid = start.session_id or uuid.uuid4().hex[:12]
-                    if sid in self.sessions:
-                        reply_error(P.E_SESSION_EXISTS, f"session {sid!r} is live already; pick another session_id")
+                    live = self.sessions.get(sid)
+                    if live is not None and not (live.detached and start.after_seq is not None):
+                        reply_error(P.E_SESSION_EXISTS, f"session {sid!r} is live already; pick another session_id "
+                                    "(a dropped source resumes with its session_id and after_seq)")
                         continue
-                    if len(self.sessions) >= self.config.server.max_sessions or self._shutdown is not None:
-                        reply_error(P.E_OVERLOADED, f"{len(self.sessions)} sessions live (limit {self.config.server.max_sessions})")
+                    if live is None and (len(self.sessions) >= sc.max_sessions or self._shutdown is not None):
+                        reply_error(P.E_OVERLOADED, f"{len(self.sessions)} sessions live (limit {sc.max_sessions})")
                         sub.finish(P.CLOSE_TRY_AGAIN, "too many sessions")
                         break
                     decoder = PcmDecoder(start.sample_rate, start.channels)
                     if start.speakers:  # channels kept apart: one decoder and segmenter each
                         split = [PcmDecoder(start.sample_rate, 1) for _ in start.speakers]
+                    received_s, t_start = 0.0, self.clock()
+                    if live is not None:  # resume: the same pipeline, the events it missed, then live ones
+                        runner = live
+                        runner.reattach()
+                        self._attach(sub, sid, start.after_seq)
+                        runner.publish(P.SESSION_RESUMED, after_seq=start.after_seq, sample_rate=start.sample_rate,
+                                       channels=start.channels)
+                        continue
                     self.hub.add(sid, sub)
                     runner = self._new_runner(sid, seq, "websocket", start.speakers)
                     runner.publish(
                         P.SESSION_STARTED, sample_rate=start.sample_rate, encoding=start.encoding,
                         channels=start.channels, language=start.language, metadata=start.metadata, protocol=P.VERSION,
+                        **({"speakers": start.speakers} if start.speakers else {}),
                     )
                 elif mtype == P.STOP:
                     if runner is None:
                         reply_error(P.E_NOT_STARTED, "stop before a successful start")
                         continue
+                    stopped = True
                     break
                 else:
                     reply_error(P.E_UNKNOWN_TYPE, f"unknown message type {mtype!r}; expected 'start' or 'stop'")
         except ConnectionClosed:
-            pass  # a vanished client still gets its last utterance processed (for subscribers)
+            pass  # dropped: the session waits resume_grace_s for the source to come back, then finishes
         finally:
             if runner is not None:
                 if split:
@@ -530,7 +702,10 @@ class App:
                         runner.audio(dec.flush(), c)
                 elif decoder is not None:
                     runner.audio(decoder.flush())
-                await runner.close()
+                if stopped or sc.resume_grace_s <= 0 or self._shutdown is not None:
+                    await runner.close()  # this socket still gets the last events
+                else:
+                    runner.detach(sc.resume_grace_s)
                 self.hub.remove(runner.session.session_id, sub)
             if self._shutdown is None:
                 sub.finish(P.CLOSE_NORMAL, "session ended" if runner is not None else "")
@@ -586,6 +761,8 @@ class App:
         calls = self.config.calls
         runner: SessionRunner | None = None
         tracks: dict[str, tuple[int, PcmDecoder]] = {}
+        assert ws.request is not None
+        handshake_token = auth.request_token(ws.request.path, ws.request.headers.get("Authorization"))
 
         def problem(message: str) -> None:
             self.metrics.inc("emostream_errors_total")
@@ -607,6 +784,12 @@ class App:
                             runner.audio(decoder.resample(media.audio), channel)
                     elif kind == "start" and runner is None:
                         start = parse_start(obj)
+                        if not (auth.token_allows(self.config.auth, handshake_token, auth.SOURCE)
+                                or auth.token_allows(self.config.auth, start.custom_parameters.get("token"), auth.SOURCE)):
+                            self.metrics.inc("emostream_auth_refused_total")
+                            log.warning("twilio: call %s refused: no valid token", start.call_sid)
+                            await ws.close(P.CLOSE_POLICY, "missing or unknown API token")
+                            break
                         if start.call_sid in self.sessions:
                             problem(f"call {start.call_sid} is live already")
                             break
@@ -617,7 +800,8 @@ class App:
                         runner.publish(P.SESSION_STARTED, sample_rate=MULAW_RATE, encoding="mulaw", channels=len(tracks),
                                        source="twilio", speakers=speakers, protocol=P.VERSION,
                                        metadata={"callSid": start.call_sid, "streamSid": start.stream_sid,
-                                                 "tracks": list(start.tracks), **start.custom_parameters})
+                                                 "tracks": list(start.tracks),
+                                                 **{k: v for k, v in start.custom_parameters.items() if k != "token"}})
                     elif kind == "stop":
                         break
                     elif kind not in ("connected", "mark", "dtmf", "start"):
