@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from typing import IO
 
 from clients.client import DEFAULT_URL, Event
@@ -54,3 +56,18 @@ def connection_args(args: argparse.Namespace) -> dict:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return {"token": args.token, "ssl": ctx}
+
+
+def run_cli(main: Callable[[argparse.Namespace, Printer], Awaitable[int]], args: argparse.Namespace,
+            interrupted_rc: int = 130) -> int:
+    """Run a client's coroutine with its Printer; a clear one-line error instead of a traceback."""
+    printer = Printer(args)
+    try:
+        return asyncio.run(main(args, printer))
+    except KeyboardInterrupt:
+        return interrupted_rc
+    except (OSError, RuntimeError, ConnectionError) as e:  # ConnectionError: gave up reconnecting
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        printer.close()

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from clients.audio import SAMPLE_RATE, decode, paced_chunks
-from clients.cli import Printer, add_output_args, connection_args
+from clients.cli import Printer, add_output_args, connection_args, run_cli
 from clients.client import StreamClient, run_source
 
 
@@ -40,17 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speakers", metavar="A,B", help="multi-channel file: one speaker per channel, e.g. agent,customer "
                     "(a call recording with the agent left and the customer right); default: downmix to mono")
     add_output_args(ap)
-    args = ap.parse_args(argv)
-    printer = Printer(args)
-    try:
-        return asyncio.run(stream_file(args, printer))
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        printer.close()
+    return run_cli(stream_file, ap.parse_args(argv))
 
 
 if __name__ == "__main__":

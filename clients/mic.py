@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from clients.audio import CHUNK_S
-from clients.cli import Printer, add_output_args, connection_args
+from clients.cli import Printer, add_output_args, connection_args, run_cli
 from clients.client import StreamClient, run_source
 
 
@@ -100,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_devices:
         print(list_devices())
         return 0
-    printer = Printer(args)
-    try:
-        return asyncio.run(session(args, printer))
-    except (OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        printer.close()
+    return run_cli(session, args)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from clients.cli import Printer, add_output_args, connection_args
+from clients.cli import Printer, add_output_args, connection_args, run_cli
 from clients.client import Subscriber
 from streamer import protocol as P
 
@@ -34,17 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=0, help="exit after this many events (0: never)")
     ap.add_argument("--once", action="store_true", help="do not reconnect when the connection drops")
     add_output_args(ap)
-    args = ap.parse_args(argv)
-    printer = Printer(args)
-    try:
-        return asyncio.run(watch(args, printer))
-    except KeyboardInterrupt:
-        return 0
-    except (OSError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        printer.close()
+    return run_cli(watch, ap.parse_args(argv), interrupted_rc=0)
 
 
 if __name__ == "__main__":

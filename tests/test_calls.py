@@ -101,6 +101,15 @@ def check_call(events: list[dict], speakers: set[str]) -> None:
             assert e["speaker"] in speakers and e["channel"] in (0, 1)
 
 
+def turns(first: np.ndarray, second: np.ndarray, sr: int, tail: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """Two channels of one conversation: `first` speaks, a pause, then `second` answers."""
+    gap = np.zeros(int(0.8 * sr), np.float32)
+    end = np.zeros(int(tail * sr), np.float32)
+    a = np.concatenate([gap, first, gap, np.zeros(len(second), np.float32), end])
+    b = np.concatenate([gap, np.zeros(len(first), np.float32), gap, second, end])
+    return a, b
+
+
 def said(events: list[dict], speaker: str) -> str:
     return " ".join(e["text"] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == speaker)
 
@@ -108,9 +117,7 @@ def said(events: list[dict], speaker: str) -> str:
 def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, whisper, transcripts, tmp_path, webhook):  # noqa: F811
     customer = load("LJ001-0004.wav", sr=8000)  # the caller, first
     agent = load("LJ001-0008.wav", sr=8000)  # then the agent answers
-    gap = np.zeros(int(0.8 * 8000), np.float32)
-    inbound = np.concatenate([gap, customer, gap, np.zeros(len(agent), np.float32), gap * 2])
-    outbound = np.concatenate([gap, np.zeros(len(customer), np.float32), gap, agent, gap * 2])
+    inbound, outbound = turns(customer, agent, 8000, tail=1.6)
     call_sid = "CA" + "0" * 30 + "1"
 
     async def go() -> list[dict]:
@@ -157,10 +164,7 @@ def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, 
 
 
 def test_stereo_call_recording_through_clients_file(emotion_model, whisper, transcripts, tmp_path, webhook):  # noqa: F811
-    agent, customer = load("LJ001-0002.wav"), load("LJ001-0006.wav")
-    gap = np.zeros(int(0.8 * 16000), np.float32)
-    left = np.concatenate([gap, agent, gap, np.zeros(len(customer), np.float32), gap])
-    right = np.concatenate([gap, np.zeros(len(agent), np.float32), gap, customer, gap])
+    left, right = turns(load("LJ001-0002.wav"), load("LJ001-0006.wav"), 16000)  # agent left, customer right
     wav = tmp_path / "call.wav"
     sf.write(wav, np.stack([left, right], axis=1), 16000, subtype="PCM_16")
 
@@ -215,10 +219,7 @@ def test_bad_twilio_messages_do_not_take_the_call_down(emotion_model, whisper, t
 
 
 def test_streamer_cli_stereo_file_with_alerts_and_summaries(tiny_checkpoint, transcripts, tmp_path):
-    agent, customer = load("LJ001-0002.wav"), load("LJ001-0008.wav")
-    gap = np.zeros(int(0.8 * 16000), np.float32)
-    left = np.concatenate([gap, agent, gap, np.zeros(len(customer), np.float32), gap])
-    right = np.concatenate([gap, np.zeros(len(agent), np.float32), gap, customer, gap])
+    left, right = turns(load("LJ001-0002.wav"), load("LJ001-0008.wav"), 16000)
     wav = tmp_path / "call.wav"
     sf.write(wav, np.stack([left, right], axis=1), 16000, subtype="PCM_16")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
