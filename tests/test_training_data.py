@@ -94,6 +94,8 @@ def test_emodb_real_files_and_speaker_disjoint_split():
     spk = {k: {c.utterances[i].speaker for i in v} for k, v in sp.items()}
     assert spk["train"].isdisjoint(spk["test"]) and spk["val"].isdisjoint(spk["test"]) and spk["train"].isdisjoint(spk["val"])
     assert sum(len(v) for v in sp.values()) == 535
+    # MODEL_CARD.md reports held-out speakers 11 and 13 (validation 12): the seed-0 split
+    assert spk == {"train": {"03", "08", "09", "10", "14", "15", "16"}, "val": {"12"}, "test": {"11", "13"}}
     named = ds.split_corpus(c, "speakers:03+16")
     assert {c.utterances[i].speaker for i in named["test"]} == {"03", "16"}
     assert set(ds.TO_MELD["emodb"].values()) <= set(ds.MELD_LABELS)

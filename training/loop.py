@@ -488,6 +488,10 @@ class Trainer:
                 loss = self.train_epoch()
                 self.epoch += 1
                 val = self.validate()
+                improved = val["wf1"] > self.best
+                if improved:
+                    self.best = val["wf1"]
+                    save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
                 self.train_seconds += time.perf_counter() - t0
                 row = {"epoch": self.epoch, "train_loss": loss, "val_loss": val["loss"], "val_acc": val["acc"],
                        "val_f1": val["f1"], "val_wa": val["wa"], "val_wf1": val["wf1"],
@@ -495,10 +499,8 @@ class Trainer:
                 if "acted_wa" in val:
                     row["val_acted_wa"] = val["acted_wa"]
                 self.history.append(row)
-                improved = val["wf1"] > self.best
                 if improved:
-                    self.best, self.bad_epochs = val["wf1"], 0
-                    save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
+                    self.bad_epochs = 0
                 else:
                     self.bad_epochs += 1
                 self.save_state()
