@@ -126,13 +126,15 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
     levels = report["streams"]
     fig, axes = plt.subplots(1, len(levels) + 1, figsize=(4 * (len(levels) + 1), 3.6))
-    bins = np.linspace(0, max(3.0, max(max(r["latencies_s"] or [0]) for v in report["results"].values() for r in v)), 40)
+    hi = max(3.0, max(max(r["latencies_s"] or [0]) for v in report["results"].values() for r in v))
+    bins = np.geomspace(0.1, hi * 1.1, 40)  # log scale: the naive baseline's tail is 10x ours
     for ax, n in zip(axes, levels):
         for name, color in (("emostream", "tab:blue"), ("naive", "tab:orange")):
             r = next(x for x in report["results"][name] if x["streams"] == n)
             ax.hist(r["latencies_s"], bins=bins, alpha=0.6, color=color,
                     label=f"{name}: p50 {r['latency_s']['p50']:.2f} s, p95 {r['latency_s']['p95']:.2f} s")
         ax.axvline(0.8, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
         ax.set_title(f"{n} stream{'s' if n > 1 else ''}")
         ax.set_xlabel("end of speech -> emotion (s)")
         ax.legend(fontsize=7)
@@ -144,6 +146,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
     ax.axhline(0.8, color="k", ls=":", lw=1)
     ax.axhline(1.5, color="k", ls="--", lw=0.8)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("concurrent real-time streams")
     ax.set_ylabel("latency (s)")
     ax.legend(fontsize=7)
@@ -156,6 +159,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
+    ap.add_argument("--repeat", type=int, default=2, help="play the recording this many times back to back")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled checkpoint")
     ap.add_argument("--variants", nargs="+", default=["emostream", "naive"], choices=["emostream", "naive"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -168,14 +172,14 @@ def main() -> int:
     from streamer.transcriber import Transcriber
 
     configs = variants(a.checkpoint)
-    audio = load_file(a.audio)
+    audio = np.tile(load_file(a.audio), a.repeat)
     model = load_checkpoint(configs["emostream"].inference.checkpoint, device="cpu")
     asrs = {name: Transcriber(cfg.asr) for name, cfg in configs.items() if name in a.variants}
     report: dict[str, Any] = {
         "what": "end-of-speech -> emotion latency, N concurrent real-time streams over /v1/stream (client-measured)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "load_avg_at_start": os.getloadavg(), "note": "shared machine: other jobs may run concurrently"},
-        "audio": {"name": a.audio.name, "seconds": len(audio) / 16_000},
+        "audio": {"name": a.audio.name, "seconds": len(audio) / 16_000, "repeat": a.repeat},
         "checkpoint": str(configs["emostream"].inference.checkpoint),
         "streams": a.streams,
         "configs": {name: {"early_decode": cfg.segmenter.early_decode, "asr_max_batch": cfg.asr.max_batch,
