@@ -24,7 +24,7 @@ from streamer import auth
 from streamer import protocol as P
 from streamer.config import (AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig, ServerConfig,
                              default_checkpoint)
-from streamer.config import StoreConfig
+from streamer.config import BusConfig, StoreConfig
 
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
     p.add_argument("--store", type=Path, default=None, metavar="PATH",
                    help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.export")
+    p.add_argument("--bus", default=None, metavar="URL",
+                   help="share events with other instances through Redis: redis://HOST:PORT/DB or unix:///path/redis.sock")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -93,7 +95,7 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
                                certfile=a.certfile, keyfile=a.keyfile)
     config = AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls,
                        auth=security)
-    return replace(config, store=StoreConfig(path=a.store))
+    return replace(config, store=StoreConfig(path=a.store), bus=BusConfig(url=a.bus))
 
 
 def _printer(as_json: bool):  # type: ignore[no-untyped-def]

@@ -133,6 +133,29 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class BusConfig:
+    """Event bus between service instances (streamer/bus.py). url None: in-process, one instance."""
+
+    url: str | None = None  # --bus redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock
+    queue_size: int = 10_000  # events waiting for Redis (it may be down) before new ones are dropped
+    write_batch: int = 256  # events per Redis pipeline
+    read_batch: int = 512  # entries per XREAD
+    block_s: float = 1.0  # how long one XREAD waits for new entries
+    timeout_s: float = 2.0  # connect / command timeout
+    backoff_min_s: float = 0.1  # reconnect back-off, doubled per failure ...
+    backoff_max_s: float = 5.0  # ... up to this
+    all_maxlen: int = 100_000  # entries kept in the all-sessions stream (approximate trim)
+    ended_ttl_s: float = 3600.0  # an ended session's Redis stream expires after this
+    drain_s: float = 5.0  # at shutdown, how long queued events may take to reach Redis
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"bus URL must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if self.queue_size < 1 or self.write_batch < 1 or self.read_batch < 1:
+            raise ValueError("bus queue_size, write_batch and read_batch must be >= 1")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -142,3 +165,4 @@ class AppConfig:
     calls: CallsConfig = field(default_factory=CallsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    bus: BusConfig = field(default_factory=BusConfig)

@@ -60,6 +60,7 @@ class Metrics:
             ("emostream_auth_refused_total", "requests refused by token or origin checks"),
             ("emostream_throttled_total", "audio frames delayed for arriving faster than the real-time limit"),
             ("emostream_worker_restarts_total", "inference worker threads restarted after dying"),
+            ("emostream_bus_errors_total", "event bus (Redis) failures: writes, reads, replays, events dropped"),
         ]:
             self.counters[name] = (help_, 0)
 

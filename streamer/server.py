@@ -29,6 +29,7 @@ from model import EmotionModel, load_checkpoint
 from streamer import auth
 from streamer import protocol as P
 from streamer.alerts import AlertEngine, load_rules
+from streamer.bus import BusError, LocalBus, RedisBus, make_bus
 from streamer.config import AppConfig
 from streamer.inference import Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.metrics import Metrics
@@ -53,11 +54,20 @@ class Subscriber:
         self.queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue(maxsize)
         self.metrics = metrics
         self.dropped = False
+        self.held: list[str | tuple[int, str]] | None = None  # live events wait here during a bus replay
+        self.after: int | None = None  # then: live events with seq <= this were replayed already
         self.task = asyncio.create_task(self._write())
 
     def offer(self, text: str) -> None:
         if self.dropped:
             return
+        if self.held is not None:
+            self.held.append(text)
+            return
+        if self.after is not None:  # only after a replay from the bus (one session, seq in order)
+            if json.loads(text)["seq"] <= self.after:
+                return
+            self.after = None
         try:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
@@ -69,6 +79,9 @@ class Subscriber:
     def finish(self, code: int = P.CLOSE_NORMAL, reason: str = "") -> None:
         """Send what is queued, then close with `code`."""
         if self.dropped:
+            return
+        if self.held is not None:
+            self.held.append((code, reason))
             return
         try:
             self.queue.put_nowait((code, reason))
@@ -92,8 +105,9 @@ class Hub:
     """session id (or '*') -> subscribers. Publishing never waits on a socket."""
 
     def __init__(self, metrics: Metrics, store: EventStore | None = None, replay_events: int = 4096,
-                 replay_sessions: int = 256) -> None:
+                 replay_sessions: int = 256, bus: LocalBus | RedisBus | None = None) -> None:
         self.subs: dict[str, set[Subscriber]] = {}
+        self.bus = bus or LocalBus()  # other instances: our events go out, theirs come in via deliver()
         self.end_close: tuple[int, str] = (P.CLOSE_NORMAL, "session ended")  # 1001 once shutting down
         self.metrics = metrics
         self.store = store
@@ -125,6 +139,13 @@ class Hub:
             return [], True  # unknown (or not yet started) session: everything is still to come
         return [text for seq, text in buf if seq > after_seq], False
 
+    def covers(self, session_id: str, after_seq: int) -> bool:
+        """This instance alone (buffer or durable log) can replay every event after `after_seq`."""
+        buf = self.buffers.get(session_id)
+        if buf and buf[0][0] <= after_seq + 1:
+            return True
+        return self.store is not None and bool(self.store.event_texts(session_id, after_seq=after_seq))
+
     def add(self, key: str, sub: Subscriber) -> None:
         self.subs.setdefault(key, set()).add(sub)
 
@@ -140,6 +161,11 @@ class Hub:
         if self.store is not None:
             self.store.append(ev, text)  # durable before anyone sees it
         self.metrics.inc("emostream_events_total")
+        self.bus.publish(ev, text)  # to other instances; never waits
+        self.deliver(ev, text)
+
+    def deliver(self, ev: dict[str, Any], text: str) -> None:
+        """Keep for resume and fan out locally: this instance's events, and other instances' (bus)."""
         sid = ev["session_id"]
         if sid is not None:
             buf = self.buffers.get(sid)
@@ -394,7 +420,8 @@ class App:
         self.alerts = AlertEngine(load_rules(calls.alert_rules)) if calls.alert_rules else None
         self.webhook = WebhookSender(calls.webhook_url, retries=calls.webhook_retries) if calls.webhook_url else None
         self.store = EventStore(config.store.path, metrics=self.metrics) if config.store.path else None
-        self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions)
+        self.bus = make_bus(config.bus, self.metrics, config.server.replay_events)
+        self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions, self.bus)
         self.sessions: dict[str, SessionRunner] = {}
         self.connections: set[Subscriber] = set()
         self.server: Server | None = None
@@ -408,6 +435,7 @@ class App:
     # ---- lifecycle ----
     async def start(self) -> None:
         self.engine.start()
+        await self.bus.start(self.hub.deliver)
         if self.webhook is not None:
             self.webhook.start()
         sc = self.config.server
@@ -469,6 +497,7 @@ class App:
         self.server.close(close_connections=True)
         await self.server.wait_closed()
         await asyncio.to_thread(self.engine.stop)
+        await self.bus.close()  # after the last event: queued ones still reach the other instances
         if self.webhook is not None:
             try:
                 await self.webhook.drain(timeout=10)
@@ -520,6 +549,7 @@ class App:
             "sessions": len(self.sessions),
             "subscribers": len(self.connections),
             "inference_queue": self.engine.depth,
+            "bus": self.bus.status(),
             "model": {"labels": list(self.model.config.labels), "device": str(self.model.device)},
             "uptime_s": round(self.clock() - self.started_at, 1),
         }
@@ -554,6 +584,39 @@ class App:
                 sub.offer(text)
         self.hub.add(key, sub)
 
+    async def _attach_from_bus(self, sub: Subscriber, key: str, after_seq: int) -> None:
+        """`_attach` when the replay must be read from the bus (an await). Exactly once: `sub` is
+        registered first with live events held; then the replay is sent, then the held events
+        newer than the last replayed seq; later live events up to that seq are dropped too."""
+        sub.held = []
+        self.hub.add(key, sub)
+        try:
+            events, complete = await self.bus.history(key, after_seq)
+        except BusError:  # Redis down: what this instance has, flagged as incomplete
+            texts, _ = self.hub.replay(key, after_seq)
+            events, complete = [(json.loads(t)["seq"], t) for t in texts], False
+        except BaseException:
+            self.hub.remove(key, sub)
+            raise
+        held, sub.held = sub.held, None
+        if not complete:
+            sub.offer(json.dumps(P.event(P.ERROR, key, -1, **P.error_fields(
+                P.E_REPLAY_GAP, f"events after seq {after_seq} of {key} are no longer buffered; "
+                                f"replaying from the oldest kept"))))
+        last, finished = after_seq, False
+        for seq, text in events:
+            sub.offer(text)
+            last = max(last, seq)
+        for item in held:
+            if isinstance(item, tuple):
+                sub.finish(*item)
+                finished = True
+            elif json.loads(item)["seq"] > last:
+                sub.offer(item)
+        sub.after = last  # the live reader may still be behind the replay
+        if not finished and events and json.loads(events[-1][1])["type"] == P.SESSION_ENDED:
+            sub.finish(*self.hub.end_close)  # the replay was all of it
+
     async def _subscribe(self, ws: ServerConnection, sub: Subscriber, key: str, after_seq: str | None = None) -> None:
         subscribers = sum(len(g) for g in self.hub.subs.values())
         if subscribers >= self.config.server.max_subscribers:
@@ -572,7 +635,10 @@ class App:
                 sub.finish(P.CLOSE_POLICY, "bad after_seq")
                 await sub.task
                 return
-        self._attach(sub, key, after)
+        if after is not None and self.bus.remote and not self.hub.covers(key, after):
+            await self._attach_from_bus(sub, key, after)  # e.g. a session that another instance runs
+        else:
+            self._attach(sub, key, after)
         if after is not None and self.hub.is_over(key) and key not in self.sessions:
             sub.finish(*self.hub.end_close)  # the session is over: the replay was all of it
         try:
