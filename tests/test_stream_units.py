@@ -161,3 +161,15 @@ def test_missing_or_broken_files_are_clear_errors(tmp_path) -> None:
     bad.write_bytes(b"RIFF not really")
     with pytest.raises(SourceError, match="cannot decode"):
         load_file(bad)
+
+
+def test_clients_can_import_the_protocol_without_the_service() -> None:
+    """`import streamer.protocol` must stay standard-library only (clients import it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamer.protocol; heavy = [m for m in ('torch', 'websockets', 'numpy', 'model') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=str(load.__globals__["SPEECH"].parent.parent.parent))
+    assert r.returncode == 0, r.stdout + r.stderr
