@@ -53,7 +53,10 @@ class Transcriber:
                 cpu_threads=config.cpu_threads, local_files_only=True,
             )
         except (OSError, ValueError, RuntimeError) as e:
-            raise AsrModelError(f"cannot load ASR model {config.model!r}: {e}") from e
+            raise AsrModelError(
+                f"cannot load ASR model {config.model!r} (models are never downloaded at run time: give the folder "
+                f"of a CTranslate2 Whisper model, or leave --asr-model out for the packaged tiny.en): {e}"
+            ) from e
         multilingual = self.model.model.is_multilingual
         self.tokenizer = Tokenizer(
             self.model.hf_tokenizer, multilingual, task="transcribe",
