@@ -431,6 +431,10 @@ class App:
         self.metrics.gauge("emostream_sessions_active", "live sessions", lambda: len(self.sessions))
         self.metrics.gauge("emostream_subscribers", "open event sockets", lambda: len(self.connections))
         self.metrics.gauge("emostream_inference_queue_depth", "jobs waiting for the inference thread", lambda: self.engine.depth)
+        self.metrics.gauge("emostream_subscriber_queue_max", "events waiting in the fullest subscriber queue",
+                           lambda: max((s.queue.qsize() for s in self.connections), default=0))
+        self.metrics.gauge("emostream_utterances_pending", "ended utterances waiting for transcript + emotion",
+                           lambda: sum(r._finish.qsize() for r in self.sessions.values()))
 
     # ---- lifecycle ----
     async def start(self) -> None:

@@ -146,6 +146,7 @@ def test_health_metrics_and_unknown_paths(emotion_model, whisper) -> None:  # no
     assert body["status"] == "ok" and body["protocol"] == P.VERSION and body["sessions"] == 0
     assert metrics[0] == 200 and metrics[1].startswith("text/plain")
     for name in ("emostream_sessions_active", "emostream_utterances_total", "emostream_inference_queue_depth",
+                 "emostream_subscriber_queue_max", "emostream_utterances_pending",
                  "emostream_asr_seconds_bucket", "emostream_model_seconds_count", "emostream_emotion_latency_seconds_sum"):
         assert name in metrics[2]
     assert missing[0] == 404
