@@ -188,3 +188,17 @@ def test_cli_train_and_evaluate(tmp_path, tiny):
     assert 0 <= rep["wf1"] <= 100 and js.with_suffix(".png").is_file()
     with pytest.raises(SystemExit):
         main(["train"])  # --data is required
+
+
+def test_finetune_mode_trains_and_stores_the_encoder(tmp_path, tiny):
+    cfg = _cfg(tmp_path, tiny, epochs=1, max_train=64, max_eval=32, finetune=True, encoder_lr=1e-3)
+    tr = Trainer(cfg)
+    assert tr.table.text_vecs is None  # texts are encoded per batch, with gradients
+    before = {k: v.clone() for k, v in tr.model.text_encoder.state_dict().items()}
+    tr.fit()
+    after = tr.model.text_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    model = load_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert not model.config.freeze_encoder
+    stored = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["state_dict"]
+    assert any(k.startswith("text_encoder.") for k in stored)

@@ -177,7 +177,7 @@ def train_examples(table: Table, targets: Sequence[int], pool: np.ndarray, cfg: 
             clips = rng.choice(pool, size=m, replace=True)
             t = np.concatenate([t, clips])
             speech = np.concatenate([speech, clips])
-            text_on = np.concatenate([text_on, table.has_text[clips] & False])
+            text_on = np.concatenate([text_on, np.zeros(m, bool)])  # speech-only
             lookahead = np.concatenate([lookahead, np.zeros(m, bool)])
             label = np.concatenate([label, table.labels[clips]])
     keep = text_on | (speech >= 0)
@@ -528,8 +528,10 @@ class Trainer:
             plot_curves(self.history, self.out / "curves.png", title=f"{self.cfg.data.split(':')[0]} {self.cfg.split}")
         best_path = self.out / "best.pt"
         if best_path.is_file():
-            # a frozen CNN is the same in best.pt, so the cached speech embeddings stay valid
-            best = load_checkpoint(best_path, device=self.device, text_encoder=self.model.text_encoder)
+            # a frozen CNN is the same in best.pt, so the cached speech embeddings stay valid; a frozen
+            # text encoder is shared, a fine-tuned one is loaded from best.pt
+            shared = self.model.text_encoder if self.model.config.freeze_encoder else None
+            best = load_checkpoint(best_path, device=self.device, text_encoder=shared)
         else:
             best = self.model
         summary: dict = {"train_config": self.cfg.to_dict(), "epochs": self.epoch, "best_val_wf1": self.best,
