@@ -81,6 +81,7 @@ class InferenceConfig:
     queue_size: int = 256  # pending requests (ASR + model) before new utterances are refused
     torch_threads: int = 0  # 0: leave torch's default
     revise: bool = True  # re-score the previous utterance once the next one arrived
+    warmup: bool = True  # one dummy utterance through both models before serving
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from model import EmotionModel, EncodedUtterance
-from streamer.config import InferenceConfig
+from streamer.config import SAMPLE_RATE, InferenceConfig
 from streamer.context import DialogueContext, Scored
 from streamer.metrics import Metrics
 from streamer.transcriber import Transcript
@@ -104,6 +104,17 @@ class InferenceEngine:
                 torch.set_num_threads(self.config.torch_threads)
             self._thread.start()
             self._started = True
+
+    def warmup(self) -> float:
+        """Run one tiny utterance through Whisper and the model before serving, so the first real
+        utterance does not pay for lazy initialisation (~0.5 s on CPU). Call before start()."""
+        t0 = time.perf_counter()
+        audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        self.asr.transcribe([audio])
+        encoded = self.model.encode_utterances(["warm up"], [audio])
+        dialogue = self.model.new_dialogue()
+        self.model.predict([(dialogue, dialogue.append(encoded[0]))])
+        return time.perf_counter() - t0
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued jobs, then end the thread."""

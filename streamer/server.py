@@ -438,6 +438,11 @@ class App:
 
     # ---- lifecycle ----
     async def start(self) -> None:
+        if self.config.inference.warmup:
+            try:
+                await asyncio.to_thread(self.engine.warmup)  # before the worker thread owns the models
+            except Exception:  # serve anyway: a broken model then fails per utterance, with an error event
+                log.exception("model warm-up failed")
         self.engine.start()
         await self.bus.start(self.hub.deliver)
         if self.webhook is not None:
