@@ -60,6 +60,7 @@ def test_two_epoch_smoke_train_lowers_loss_and_writes_loadable_checkpoint(tmp_pa
     model = load_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
     assert model.config.labels == MELD_LABELS and model.config.encoder == tiny["encoder"]
     assert model.metadata["train_config"]["split"] == "official" and model.metadata["data"]["train_examples"] == 320
+    assert [h["epoch"] for h in model.metadata["history"]] == [1, 2]
     for name in ("last.pt", "curves.png", "val.json", "test.json", "test_confusion.png", "summary.json", "train_config.json"):
         assert (tmp_path / "run" / name).is_file(), name
     assert {"acc", "f1", "wa", "wf1"} <= set(summary["test"])
@@ -186,6 +187,7 @@ def test_cli_train_and_evaluate(tmp_path, tiny):
     rep = json.loads(js.read_text())
     assert rc == 0 and rep["n"] == 1109 and {"acc", "f1", "wa", "wf1", "per_class"} <= set(rep)
     assert 0 <= rep["wf1"] <= 100 and js.with_suffix(".png").is_file()
+    assert (js.parent / "meld_dev_curves.png").is_file()  # learning curves from the checkpoint's metadata
     with pytest.raises(SystemExit):
         main(["train"])  # --data is required
 

@@ -72,7 +72,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from training.datasets import fingerprint, load_spec, split_corpus
     from training.loop import build_table, cache_speech_vectors, evaluate
     from training.metrics import format_report
-    from training.report import plot_confusion
+    from training.report import plot_confusion, plot_curves
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -97,6 +97,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         png = plot_confusion(rep["confusion"], rep["labels"], out.with_suffix(".png"),
                              title=f"{a.data.split(':')[0]} {split}:{part} ({a.mode}): WF1 {rep['wf1']:.1f} WA {rep['wa']:.1f}")
         print(f"wrote {out} and {png}")
+        history = getattr(model, "metadata", {}).get("history")
+        if history:  # the checkpoint's own learning curves, beside its scores
+            curves = plot_curves(history, out.with_name(out.stem + "_curves.png"), title=f"training of {Path(a.checkpoint).name}")
+            print(f"wrote {curves}")
     return 0
 
 

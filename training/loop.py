@@ -532,6 +532,8 @@ class Trainer:
             # text encoder is shared, a fine-tuned one is loaded from best.pt
             shared = self.model.text_encoder if self.model.config.freeze_encoder else None
             best = load_checkpoint(best_path, device=self.device, text_encoder=shared)
+            # same weights, metadata completed with the whole run's history (evaluate plots it)
+            save_checkpoint(best, best_path, metadata={**best.metadata, "history": self.history})
         else:
             best = self.model
         summary: dict = {"train_config": self.cfg.to_dict(), "epochs": self.epoch, "best_val_wf1": self.best,
