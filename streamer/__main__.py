@@ -29,6 +29,14 @@ from streamer.config import BusConfig, StoreConfig
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
 
+def _bus_url(url: str) -> str:
+    try:
+        BusConfig(url=url)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return url
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streamer", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
     p.add_argument("--store", type=Path, default=None, metavar="PATH",
                    help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.export")
-    p.add_argument("--bus", default=None, metavar="URL",
+    p.add_argument("--bus", default=None, metavar="URL", type=_bus_url,
                    help="share events with other instances through Redis: redis://HOST:PORT/DB or unix:///path/redis.sock")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

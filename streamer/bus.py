@@ -176,8 +176,6 @@ class RedisBus:
             pipe.xadd(self.ALL, fields, maxlen=self.config.all_maxlen, approximate=True)
             if type_ == P.SESSION_ENDED:
                 pipe.expire(key, int(self.config.ended_ttl_s))
-            elif type_ == P.SESSION_STARTED:
-                pipe.persist(key)
         await pipe.execute()
 
     # ---- in: other instances' events ----

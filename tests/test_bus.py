@@ -228,3 +228,15 @@ def test_redis_killed_mid_session(redis_server, emotion_model, whisper):  # noqa
     assert out["health"]["status"] == "ok" and out["health"]["bus"]["connected"] is False
     assert out["seen"] == out["source"]  # queued while Redis was down, delivered once it was back
     assert out["reconnected"] is True
+
+
+def test_bus_flag_and_config():
+    from streamer.__main__ import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args([])).bus == BusConfig()  # in-process by default
+    for url in ("redis://127.0.0.1:6379/0", "unix:///run/redis.sock"):
+        assert config_from_args(build_parser().parse_args(["--bus", url])).bus.url == url
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--bus", "http://example.com"])
+    with pytest.raises(ValueError, match="redis://"):
+        BusConfig(url="localhost:6379")
