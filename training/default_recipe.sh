@@ -12,7 +12,7 @@ RUNS=${2:-runs/default}
 PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-1}
 SPEECH_ARGS=${SPEECH_ARGS:---lr 2e-4 --class-weight balanced --label-smoothing 0.1 --epochs 25}
-FUSION_ARGS=${FUSION_ARGS:---class-weight sqrt --vector-dropout 0.2}
+FUSION_ARGS=${FUSION_ARGS:---class-weight sqrt --vector-dropout 0.2 --label-smoothing 0.1}
 REPORTS=training/reports
 
 $PY -m training train --data "emodb:$DATA/emodb" --split speakers --labels native \
