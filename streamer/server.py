@@ -169,8 +169,10 @@ class Hub:
         sid = ev["session_id"]
         if sid is not None:
             buf = self.buffers.get(sid)
-            if buf is None:
+            if buf is None or ev["type"] == P.SESSION_STARTED:  # a reused id starts a fresh history
                 buf = self.buffers[sid] = deque(maxlen=self.replay_events)
+                if sid in self._ended:
+                    self._ended.remove(sid)
             buf.append((ev["seq"], text))
             if ev["type"] == P.SESSION_ENDED:
                 self._ended.append(sid)
@@ -657,7 +659,9 @@ class App:
             pass
         finally:
             self.hub.remove(key, sub)
-            await sub.task
+            if not sub.task.done():
+                sub.task.cancel()  # the connection is gone: nothing left to write
+            await asyncio.gather(sub.task, return_exceptions=True)
 
     async def _stream(self, ws: ServerConnection, sub: Subscriber) -> None:
         sc = self.config.server
@@ -714,6 +718,9 @@ class App:
                     obj = json.loads(msg)
                 except json.JSONDecodeError as e:
                     reply_error(P.E_BAD_JSON, f"text frames must be JSON objects ({e.msg} at {e.pos})")
+                    continue
+                except RecursionError:
+                    reply_error(P.E_BAD_JSON, "text frames must be JSON objects (nested too deeply)")
                     continue
                 if not isinstance(obj, dict):
                     reply_error(P.E_BAD_JSON, "text frames must be JSON objects")
@@ -881,8 +888,10 @@ class App:
                         break
                     elif kind not in ("connected", "mark", "dtmf", "start"):
                         problem(f"unknown Twilio event {kind!r}")
-                except (json.JSONDecodeError, TwilioError) as e:
-                    problem(str(e))
+                except (ValueError, TwilioError) as e:  # JSONDecodeError, UnicodeDecodeError (binary frames)
+                    problem(f"{type(e).__name__}: {e}"[:500])
+                except RecursionError:
+                    problem("message nested too deeply")
         except ConnectionClosed:
             pass  # the call's last utterance is still processed
         finally:

@@ -75,6 +75,8 @@ def parse_start(msg: dict[str, Any]) -> TwilioStart:
     if not isinstance(start, dict):
         raise TwilioError("start message without a 'start' object")
     fmt = start.get("mediaFormat") or {}
+    if not isinstance(fmt, dict):
+        raise TwilioError("mediaFormat must be an object")
     call_sid, stream_sid = start.get("callSid"), start.get("streamSid") or msg.get("streamSid")
     if not isinstance(call_sid, str) or not call_sid or not isinstance(stream_sid, str) or not stream_sid:
         raise TwilioError("start needs callSid and streamSid")
@@ -103,7 +105,7 @@ def parse_media(msg: dict[str, Any]) -> TwilioMedia:
         raise TwilioError(f"payload is not base64: {e}") from e
     try:
         ts, chunk = int(media.get("timestamp", 0)), int(media.get("chunk", 0))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: Infinity
         raise TwilioError("timestamp and chunk must be integers") from e
     return TwilioMedia(track=track, timestamp_ms=ts, chunk=chunk, audio=mulaw_decode(raw))
 

@@ -374,10 +374,7 @@ async def fuzz_subscribe(h: Harness, query: str, frames: list[tuple[str, Any]]) 
             await send_frames(ws, frames, h.live)
             await ws.close()
             await asyncio.wait_for(reader, WAIT_S)
-            if ws.protocol.close_rcvd_then_sent:  # the server closed: its handler must be done
-                await handler_done(h, ws)
-            # else the handler of a subscriber that left never returns (known bug, see
-            # test_a_subscriber_that_leaves_is_forgotten); its crashes still show in server_is_fine()
+            await handler_done(h, ws)  # whoever closed first, the server forgets the subscriber
             return well_formed(got), ws.close_code
     except InvalidStatus as e:
         return [], e.response.status_code
@@ -447,28 +444,6 @@ twilio_frames = st.one_of(
 )
 
 
-def known_twilio_crash(frame: tuple[str, Any]) -> bool:
-    """Inputs that crash the /v1/twilio handler today (see the xfail tests at the end of this
-    file); kept out of the fuzzing until they are fixed, so it keeps looking for new ones."""
-    kind, payload = frame
-    if kind == "binary" and not utf8(payload):
-        return True  # UnicodeDecodeError from json.loads(bytes)
-    try:
-        msg = json.loads(payload)
-    except ValueError:
-        return False
-    if not isinstance(msg, dict):
-        return False
-    start, media = msg.get("start"), msg.get("media")
-    if msg.get("event") == "start" and isinstance(start, dict) and start.get("mediaFormat") \
-            and not isinstance(start["mediaFormat"], dict):
-        return True  # AttributeError: fmt.get
-    if msg.get("event") == "media" and isinstance(media, dict) and any(
-            isinstance(media.get(k), float) and media[k] in (float("inf"), float("-inf")) for k in ("timestamp", "chunk")):
-        return True  # OverflowError: int(inf)
-    return False
-
-
 async def fuzz_twilio(h: Harness, frames: list[tuple[str, Any]]) -> tuple[list[Any], int | None]:
     """Frames, then Twilio's `stop`; Twilio gets no events back, only the close."""
     h.connections += 1
@@ -486,7 +461,7 @@ def test_twilio_fuzz(harness: Harness, transcripts: dict[str, str]) -> None:
     """Twilio-shaped garbage on /v1/twilio: no crash (close 1000), nothing sent back."""
 
     @settings(FUZZ, max_examples=120)
-    @given(frames=st.lists(twilio_frames.filter(lambda f: not known_twilio_crash(f)), min_size=1, max_size=6))
+    @given(frames=st.lists(twilio_frames, min_size=1, max_size=6))
     def fuzz(frames: list[tuple[str, Any]]) -> None:
         got, code = harness.call(fuzz_twilio(harness, frames))
         bad_utf8 = any(kind == "raw_text" and not utf8(p) for kind, p in frames)
@@ -616,11 +591,7 @@ def test_clients_vanishing_mid_utterance(harness: Harness, transcripts: dict[str
     server_is_fine(harness)
 
 
-# ---- bugs the fuzzing found: minimal examples -----------------------------------------------------
-# Each fails today (strict xfail: once fixed it XPASSes, which fails the run, so the mark and the
-# matching exclusion in known_twilio_crash() get removed together).
-@pytest.mark.xfail(strict=True, reason="json.loads raises RecursionError (not JSONDecodeError) on deep nesting: "
-                   "the /v1/stream handler crashes, no bad_json error, later frames are never read")
+# ---- bugs the fuzzing found, fixed: their minimal examples stay as regression tests ---------------
 def test_deeply_nested_json_gets_bad_json(harness: Harness) -> None:
     events, code = harness.call(fuzz_stream(harness, [("text", "[" * 100_000)], 10**6))
     assert events and events[0]["type"] == P.ERROR and events[0]["code"] == P.E_BAD_JSON, events
@@ -637,16 +608,11 @@ TWILIO_CRASHES = {
 
 
 @pytest.mark.parametrize("name", list(TWILIO_CRASHES))
-@pytest.mark.xfail(strict=True, reason="parse errors other than JSONDecodeError/TwilioError escape _twilio(): "
-                   "'connection handler failed' traceback, the rest of the call's messages are never read")
 def test_twilio_garbage_does_not_crash_the_handler(harness: Harness, name: str) -> None:
     got, code = harness.call(fuzz_twilio(harness, [TWILIO_CRASHES[name]]))  # handler_done() fails on a crash
     assert got == [] and code == P.CLOSE_NORMAL
 
 
-@pytest.mark.xfail(strict=True, reason="Hub keeps an ended session's replay buffer under its id: a new session "
-                   "reusing the id appends to it, so after_seq replays the old session's events (stale seq, a "
-                   "session.ended that never happened) before the new ones")
 def test_reused_session_id_replays_only_its_own_events(harness: Harness) -> None:
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         async with connect(harness.url + P.STREAM_PATH) as first:
@@ -668,9 +634,6 @@ def test_reused_session_id_replays_only_its_own_events(harness: Harness) -> None
     assert subscriber == source[1:]  # exactly the new session's events after seq 0, once
 
 
-@pytest.mark.xfail(strict=True, reason="Subscriber._write waits on its queue forever once the client has gone: "
-                   "_subscribe's `await sub.task` never returns, so the handler task, the connection and its "
-                   "healthz 'subscribers' count leak for every subscriber that disconnects")
 def test_a_subscriber_that_leaves_is_forgotten(harness: Harness) -> None:
     async def scenario() -> None:
         async with connect(f"{harness.url}{P.SUBSCRIBE_PATH}?session=*") as sub:
