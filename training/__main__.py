@@ -87,6 +87,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     rep = evaluate(model, table, targets, mode=a.mode, progress=True)
     rep["eval_seconds"] = round(time.perf_counter() - t0, 2)
     rep["checkpoint"] = str(a.checkpoint)
+    rep["train_config"] = getattr(model, "metadata", {}).get("train_config")  # how the scored model was trained
     rep["data"] = {"spec": a.data, "split": split, "part": part, "mode": a.mode, "fingerprint": fingerprint(corpus)}
     title = f"{Path(a.checkpoint).name} on {a.data.split(':')[0]} {split}:{part} ({a.mode})"
     print(format_report(rep, title))
