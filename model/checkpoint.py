@@ -13,7 +13,7 @@ import torch
 
 from model.config import ModelConfig
 from model.emotion_model import EmotionModel, resolve_device
-from model.text_encoder import TextEncoder
+from model.text_encoder import AbsentTextEncoder, TextEncoder
 
 FORMAT = "emostream.emotion-model"
 FORMAT_VERSION = 1
@@ -72,16 +72,24 @@ def load_checkpoint(
     device: str | torch.device = "auto",
     encoder: str | None = None,
     text_encoder: TextEncoder | None = None,
+    load_encoder: bool = True,
 ) -> EmotionModel:
     """Build the model a checkpoint describes, on `device` (auto|cpu|cuda), in eval mode.
-    `encoder` overrides where the (frozen) text encoder is found, e.g. a local copy of bert."""
+    `encoder` overrides where the (frozen) text encoder is found, e.g. a local copy of bert.
+    load_encoder=False: a head-only model (speech CNN, Bi-GRU, fusion, classifier) that predicts
+    from EncodedUtterances computed elsewhere; the text encoder is neither loaded nor needed."""
     blob = read_checkpoint(path)
     config: ModelConfig = blob["config"]
     if encoder is not None:
         config = ModelConfig.from_dict({**config.to_dict(), "encoder": encoder})
+    if not load_encoder:
+        text_encoder = AbsentTextEncoder(config.encoder, config.encoder_dim)
     model = EmotionModel(config, text_encoder=text_encoder)
-    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
-    missing = [k for k in missing if not (config.freeze_encoder and k.startswith(_ENCODER_PREFIX))]
+    state = blob["state_dict"]
+    if not load_encoder:  # a fine-tuned encoder's stored weights are not needed either
+        state = {k: v for k, v in state.items() if not k.startswith(_ENCODER_PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not ((config.freeze_encoder or not load_encoder) and k.startswith(_ENCODER_PREFIX))]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.metadata = blob.get("metadata", {})

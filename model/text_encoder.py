@@ -88,6 +88,22 @@ class TextEncoder(nn.Module):
         return out
 
 
+class AbsentTextEncoder(nn.Module):
+    """Stands in for the text encoder of a head-only model (load_checkpoint(load_encoder=False)):
+    it carries the encoder's name and hidden size, and refuses to encode. The sentence vectors then
+    come from elsewhere (streamer's remote inference workers); predict() never needs the encoder."""
+
+    def __init__(self, name: str, hidden_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.hidden_size = hidden_size
+        self.frozen = True
+
+    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        raise RuntimeError(f"this model was loaded without its text encoder ({self.name!r}): it can predict from "
+                           "encoded utterances but not encode text; load it with load_encoder=True")
+
+
 class DialogueGRU(nn.Module):
     """Cached sentence vectors of a window of utterances -> FC 100 -> Bi-GRU 100 -> FC, read at
     the target position. Windows end at the target (live) or one utterance after it (revision),

@@ -37,6 +37,14 @@ def _bus_url(url: str) -> str:
     return url
 
 
+def _inference_url(url: str) -> str:
+    try:
+        InferenceConfig(remote=url)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return url
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streamer", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.export")
     p.add_argument("--bus", default=None, metavar="URL", type=_bus_url,
                    help="share events with other instances through Redis: redis://HOST:PORT/DB or unix:///path/redis.sock")
+    p.add_argument("--inference", default=None, metavar="URL", type=_inference_url,
+                   help="run Whisper and the text encoder in `python -m streamer.worker` processes fed through this "
+                        "Redis (redis://HOST:PORT/DB or unix:///path/redis.sock); default: in this process")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -92,7 +103,7 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     asr = AsrConfig(device=a.device, beam_size=a.asr_beam)
     if a.asr_model:
         asr = replace(asr, model=a.asr_model)
-    inf = InferenceConfig(device=a.device)
+    inf = InferenceConfig(device=a.device, remote=a.inference)
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
     calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)
@@ -155,7 +166,9 @@ async def run(a: argparse.Namespace) -> int:
         print(f"error: emotion model checkpoint not found: {ckpt}\n"
               f"       train one (see README) or pass --checkpoint PATH", file=sys.stderr)
         return 2
-    print(f"loading models (checkpoint {ckpt}, ASR {Path(config.asr.model).name}) ...", file=sys.stderr, flush=True)
+    where = f"ASR and encoders on workers via {config.inference.remote}" if config.inference.remote else \
+        f"ASR {Path(config.asr.model).name}"
+    print(f"loading models (checkpoint {ckpt}, {where}) ...", file=sys.stderr, flush=True)
     try:
         app = create_app(config)
     except (CheckpointError, AsrModelError, RuntimeError) as e:

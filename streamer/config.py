@@ -82,6 +82,36 @@ class InferenceConfig:
     torch_threads: int = 0  # 0: leave torch's default
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
+    # --inference URL: Whisper and the text encoder run in `python -m streamer.worker` processes fed
+    # through Redis (streamer/remote.py); this process keeps only the cheap prediction head
+    remote: str | None = None  # redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock; None: in process
+    remote_timeout_s: float = 30.0  # an analyze job no worker answered within this fails (error event)
+
+    def __post_init__(self) -> None:
+        if self.remote is not None and not self.remote.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"inference URL must start with redis://, rediss:// or unix://, got {self.remote!r}")
+        if self.remote_timeout_s <= 0 or self.queue_size < 1:
+            raise ValueError("remote_timeout_s must be > 0 and queue_size >= 1")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One remote inference worker (`python -m streamer.worker`): how it batches and recovers jobs."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    max_batch: int = 8  # jobs taken together (from every front-end) into one ASR + encoder pass
+    max_wait_ms: float = 10.0  # how long a batch waits for company once the first job is in
+    block_s: float = 1.0  # one XREADGROUP waits this long for work (also the stop-check period)
+    claim_idle_s: float = 10.0  # a job delivered this long ago and not acknowledged (its worker died) is taken over
+    reply_maxlen: int = 10_000  # entries kept per front-end's reply stream (approximate trim)
+    reply_ttl_s: float = 3600.0  # a reply stream nobody reads any more (front-end gone) expires
+    timeout_s: float = 5.0  # Redis connect / command timeout (beyond the blocking read)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"worker bus URL must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.claim_idle_s <= 0:
+            raise ValueError("need max_batch >= 1, max_wait_ms >= 0, claim_idle_s > 0")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Metrics:
         self.model_seconds = Histogram("emostream_model_seconds", "emotion model time per batch (encode or predict)")
         self.latency_seconds = Histogram("emostream_emotion_latency_seconds", "end of speech to emotion event")
         self.batch_size = Histogram("emostream_batch_size", "utterances per ASR batch", (1, 2, 4, 8, 16, 32))
+        self.remote_seconds = Histogram("emostream_remote_job_seconds",
+                                        "analyze job sent to a remote inference worker -> its reply (--inference)")
         for name, help_ in [
             ("emostream_sessions_total", "sessions started"),
             ("emostream_utterances_total", "utterances ended"),
@@ -61,6 +63,8 @@ class Metrics:
             ("emostream_throttled_total", "audio frames delayed for arriving faster than the real-time limit"),
             ("emostream_worker_restarts_total", "inference worker threads restarted after dying"),
             ("emostream_bus_errors_total", "event bus (Redis) failures: writes, reads, replays, events dropped"),
+            ("emostream_remote_timeouts_total", "analyze jobs no remote inference worker answered in time (--inference)"),
+            ("emostream_remote_errors_total", "remote inference failures: jobs not sent, worker errors, bad replies"),
         ]:
             self.counters[name] = (help_, 0)
 
@@ -80,6 +84,6 @@ class Metrics:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {v}"]
         for name, (help_, fn) in self.gauges.items():
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {fn()}"]
-        for h in (self.asr_seconds, self.model_seconds, self.latency_seconds, self.batch_size):
+        for h in (self.asr_seconds, self.model_seconds, self.latency_seconds, self.batch_size, self.remote_seconds):
             lines += h.render()
         return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ from streamer.alerts import AlertEngine, load_rules
 from streamer.bus import BusError, LocalBus, RedisBus, make_bus
 from streamer.config import AppConfig
 from streamer.inference import Analysis, InferenceEngine, Overloaded, SpeechToText
+from streamer.remote import RemoteInferenceEngine
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
 from streamer.http_api import api_response
@@ -409,15 +410,22 @@ class App:
         self.config = config
         self.clock = clock
         self.metrics = Metrics()
-        if model is None:
-            model = load_checkpoint(config.inference.checkpoint, device=config.inference.device)
-        if asr is None:
-            from streamer.transcriber import Transcriber
+        self.engine: InferenceEngine | RemoteInferenceEngine
+        if config.inference.remote:  # Whisper + text encoder live in streamer.worker processes
+            if model is None:
+                model = load_checkpoint(config.inference.checkpoint, device=config.inference.device, load_encoder=False)
+            self.model, self.asr = model, None
+            self.engine = RemoteInferenceEngine(model, config.inference, self.metrics)
+        else:
+            if model is None:
+                model = load_checkpoint(config.inference.checkpoint, device=config.inference.device)
+            if asr is None:
+                from streamer.transcriber import Transcriber
 
-            asr = Transcriber(config.asr)
-        self.model = model
-        self.asr = asr
-        self.engine = InferenceEngine(model, asr, config.inference, self.metrics)
+                asr = Transcriber(config.asr)
+            self.model = model
+            self.asr = asr
+            self.engine = InferenceEngine(model, asr, config.inference, self.metrics)
         calls = config.calls
         self.alerts = AlertEngine(load_rules(calls.alert_rules)) if calls.alert_rules else None
         self.webhook = WebhookSender(calls.webhook_url, retries=calls.webhook_retries) if calls.webhook_url else None
@@ -508,6 +516,8 @@ class App:
         self.server.close(close_connections=True)
         await self.server.wait_closed()
         await asyncio.to_thread(self.engine.stop)
+        if isinstance(self.engine, RemoteInferenceEngine):
+            await self.engine.aclose()  # its Redis tasks live on this loop
         await self.bus.close()  # after the last event: queued ones still reach the other instances
         if self.webhook is not None:
             try:

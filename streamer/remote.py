@@ -1,0 +1,357 @@
+"""Remote inference: the service sends `analyze` jobs (utterance audio) through Redis Streams to a
+pool of `python -m streamer.worker` processes that own Whisper and the text encoder, and keeps only
+the emotion model's cheap head (Bi-GRU + fusion + classifier) and each session's dialogue context.
+
+Wire format (Redis Streams, one consumer group, so N workers share the load and each batches jobs
+from every front-end):
+- jobs: `emostream:infer:jobs`, group `emostream:infer:workers`; fields j (job id), r (the
+  front-end's reply stream), f ("s16" int16 PCM or "f32"), a (16 kHz mono audio), d (deadline, unix s).
+- replies: `emostream:infer:r:{instance}` per front-end; fields j, ok ("1"/"0"), and either the
+  transcript (text, nsp, lp), the cached vectors (tv: 384-d sentence vector, sv: speech-CNN
+  embedding, float32 bytes, empty when absent), timings (asr, enc) and the worker (w), or err.
+A worker acknowledges (XACK) a job only in the transaction that writes its reply; a job whose
+worker died stays pending and is taken over (XAUTOCLAIM) by another worker after `claim_idle_s`.
+The front-end fails a job nobody answered within `remote_timeout_s` (the utterance gets an error
+event, the session goes on) and bounds its outstanding jobs by `queue_size` (then Overloaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import EmotionModel, EncodedUtterance
+from streamer.config import InferenceConfig
+from streamer.context import DialogueContext, Scored
+from streamer.inference import Analysis, InferenceEngine, Overloaded
+from streamer.metrics import Metrics
+from streamer.transcriber import Transcript
+
+log = logging.getLogger(__name__)
+
+JOBS = "emostream:infer:jobs"
+GROUP = "emostream:infer:workers"
+JOBS_MAXLEN = 100_000  # approximate cap on the job stream (workers delete what they finished)
+
+
+def reply_key(instance: str) -> str:
+    return f"emostream:infer:r:{instance}"
+
+
+class RemoteTimeout(RuntimeError):
+    """No inference worker answered a job in time (none running, all busy, or one died with it)."""
+
+
+class RemoteError(RuntimeError):
+    """A worker answered a job with an error, or the job could not be sent."""
+
+
+# ---- wire format ------------------------------------------------------------------------------
+def encode_audio(audio: np.ndarray) -> tuple[bytes, bytes]:
+    """(format, bytes): int16 PCM when that is exact (audio that arrived as pcm_s16le at 16 kHz),
+    else float32, so a worker always sees exactly what the in-process engine would."""
+    audio = np.asarray(audio, dtype=np.float32)
+    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
+    if np.array_equal(pcm.astype(np.float32) / 32768.0, audio):
+        return b"s16", pcm.tobytes()
+    return b"f32", audio.astype("<f4").tobytes()
+
+
+def decode_audio(fmt: bytes, data: bytes) -> np.ndarray:
+    if fmt == b"s16":
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    if fmt == b"f32":
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    raise ValueError(f"unknown audio format {fmt!r}")
+
+
+def _vec_bytes(v: torch.Tensor | None) -> bytes:
+    return b"" if v is None else v.detach().float().cpu().numpy().astype("<f4").tobytes()
+
+
+def _vec(data: bytes, device: torch.device) -> torch.Tensor | None:
+    if not data:
+        return None
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).to(device)
+
+
+def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float) -> dict[str, Any]:
+    fmt, data = encode_audio(audio)
+    return {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline)}
+
+
+def reply_fields(job_id: bytes, transcript: Transcript, encoded: EncodedUtterance, asr_s: float, enc_s: float,
+                 worker: str) -> dict[str, Any]:
+    return {"j": job_id, "ok": "1", "text": transcript.text, "nsp": repr(transcript.no_speech_prob),
+            "lp": repr(transcript.avg_logprob), "tv": _vec_bytes(encoded.text_vec), "sv": _vec_bytes(encoded.speech_vec),
+            "asr": repr(asr_s), "enc": repr(enc_s), "w": worker}
+
+
+def error_fields(job_id: bytes, message: str, worker: str) -> dict[str, Any]:
+    return {"j": job_id, "ok": "0", "err": message[:2000], "w": worker}
+
+
+def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, Analysis | RemoteError]:
+    """(job id, the Analysis or the worker's error) from a reply entry."""
+    job_id = fields[b"j"].decode()
+    if fields.get(b"ok") != b"1":
+        worker = fields.get(b"w", b"?").decode(errors="replace")
+        return job_id, RemoteError(f"inference worker {worker}: {fields.get(b'err', b'').decode(errors='replace')}")
+    tr = Transcript(text=fields[b"text"].decode(), no_speech_prob=float(fields[b"nsp"]), avg_logprob=float(fields[b"lp"]))
+    enc = EncodedUtterance(text_vec=_vec(fields[b"tv"], device), speech_vec=_vec(fields[b"sv"], device))
+    return job_id, Analysis(tr, enc, float(fields[b"asr"]), float(fields[b"enc"]))
+
+
+# ---- front-end side ---------------------------------------------------------------------------
+class _NoAsr:
+    """The front-end's local engine only predicts; speech never reaches it."""
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+        raise RuntimeError("speech recognition runs on the remote inference workers")
+
+
+@dataclass(eq=False)
+class RemoteJob:
+    """An analyze job in flight, as SessionRunner sees it: `.future` gives an Analysis;
+    setting `.abandoned` (speech resumed after a speculative decode) withdraws it."""
+
+    engine: RemoteInferenceEngine
+    job_id: str
+    future: asyncio.Future[Any]
+    sent_at: float
+    timer: asyncio.TimerHandle | None = None
+    entry_id: bytes | None = None  # the job stream entry, once written
+    _abandoned: bool = field(default=False)
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    @abandoned.setter
+    def abandoned(self, value: bool) -> None:
+        if value and not self._abandoned:
+            self._abandoned = True
+            self.engine._withdraw(self)
+            self.future.cancel()
+
+
+class RemoteInferenceEngine:
+    """InferenceEngine's interface for SessionRunner, with analyze jobs served by remote workers.
+    predict() runs the head here, micro-batched on a local InferenceEngine's thread."""
+
+    remote = True
+
+    def __init__(self, model: EmotionModel, config: InferenceConfig, metrics: Metrics) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        assert config.remote is not None
+        self.model = model
+        self.config = config
+        self.metrics = metrics
+        self.local = InferenceEngine(model, _NoAsr(), config, metrics)
+        self.instance = uuid.uuid4().hex[:12]
+        self.reply_key = reply_key(self.instance)
+        opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0, "health_check_interval": 0,
+                                "retry": Retry(NoBackoff(), 0)}  # our loops retry, with back-off
+        self.redis = aioredis.from_url(config.remote, **opts)
+        self.reader_redis = aioredis.from_url(config.remote, **{**opts, "socket_timeout": 5.0 + self.BLOCK_S})
+        self._jobs: dict[str, RemoteJob] = {}  # outstanding: sent (or about to be), not yet answered
+        self._outbox: asyncio.Queue[tuple[RemoteJob, dict[str, Any]]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side: set[asyncio.Task[Any]] = set()  # fire-and-forget XDELs
+        self._n = 0
+        self.connected = False
+        metrics.gauge("emostream_remote_jobs_outstanding", "analyze jobs sent to inference workers, not yet answered",
+                      lambda: len(self._jobs))
+
+    BLOCK_S = 1.0  # one XREAD on the reply stream waits this long
+    BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+
+    @property
+    def depth(self) -> int:
+        return self.local.depth + len(self._jobs)
+
+    def start(self) -> None:
+        """Start the head's thread and the Redis writer/reader tasks (call on the event loop)."""
+        self.local.start()
+        self._outbox = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._write_loop(), name="inference-writer"),
+                       asyncio.create_task(self._read_loop(), name="inference-reader")]
+
+    def warmup(self) -> float:
+        """One prediction through the head (the workers warm up their own models)."""
+        t0 = time.perf_counter()
+        cfg, dev = self.model.config, self.model.device
+        dialogue = self.model.new_dialogue()
+        utt = EncodedUtterance(torch.zeros(cfg.encoder_dim, device=dev), torch.zeros(cfg.speech_dim, device=dev))
+        self.model.predict([(dialogue, dialogue.append(utt))])
+        return time.perf_counter() - t0
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued predictions, end the head's thread (blocking; see aclose for Redis)."""
+        self.local.stop(timeout)
+
+    async def aclose(self) -> None:
+        """Fail what is still outstanding, stop the Redis tasks, drop our reply stream, disconnect."""
+        for job in list(self._jobs.values()):
+            self._fail(job, RemoteError("service shutting down"))
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._side, return_exceptions=True)
+        self._tasks = []
+        try:
+            await self.redis.delete(self.reply_key)
+        except Exception as e:  # Redis down at shutdown: the stream expires on its own (reply_ttl_s)
+            log.warning("inference: could not delete reply stream %s: %s", self.reply_key, e)
+        for r in (self.redis, self.reader_redis):
+            try:
+                await r.aclose()
+            except Exception as e:
+                log.warning("inference: closing the Redis client failed: %s", e)
+
+    def new_context(self) -> DialogueContext:
+        return self.local.new_context()
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "remote", "instance": self.instance, "connected": self.connected, "outstanding": len(self._jobs)}
+
+    # ---- event-loop side ----
+    def analyze(self, audio: np.ndarray) -> RemoteJob:
+        """Queue an utterance for a remote worker; await job.future for an Analysis."""
+        if len(self._jobs) >= self.config.queue_size:
+            raise Overloaded(f"{len(self._jobs)} inference jobs outstanding (limit {self.config.queue_size})")
+        assert self._outbox is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        self._n += 1
+        job = RemoteJob(self, f"{self.instance}:{self._n}", loop.create_future(), time.perf_counter())
+        fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s)
+        job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
+        self._jobs[job.job_id] = job
+        self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs
+        return job
+
+    async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
+        return await self.local.predict(context, utterance_id, encoded)
+
+    def _finish(self, job: RemoteJob) -> bool:
+        """Take `job` out of the outstanding set; False when it was already finished."""
+        if self._jobs.pop(job.job_id, None) is None:
+            return False
+        if job.timer is not None:
+            job.timer.cancel()
+        return True
+
+    def _fail(self, job: RemoteJob, error: BaseException) -> None:
+        if self._finish(job) and not job.future.done():
+            job.future.set_exception(error)
+
+    def _expire(self, job: RemoteJob) -> None:
+        if job.job_id not in self._jobs:
+            return
+        self.metrics.inc("emostream_remote_timeouts_total")
+        log.error("inference job %s: no worker answered within %g s", job.job_id, self.config.remote_timeout_s)
+        self._fail(job, RemoteTimeout(f"no inference worker answered within {self.config.remote_timeout_s:g} s"))
+        self._delete_entry(job)
+
+    def _withdraw(self, job: RemoteJob) -> None:
+        if self._finish(job):
+            self._delete_entry(job)  # not decoded yet: no worker will pick it up; decoding: its reply is ignored
+
+    def _delete_entry(self, job: RemoteJob) -> None:
+        if job.entry_id is None:
+            return  # not written yet: the writer skips it
+        task = asyncio.create_task(self._xdel(job.entry_id))
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def _xdel(self, entry_id: bytes) -> None:
+        try:
+            await self.redis.xdel(JOBS, entry_id)
+        except Exception as e:  # harmless: a worker then skips it as past its deadline
+            log.warning("inference: could not withdraw job %s: %s", entry_id, e)
+
+    async def _write_loop(self) -> None:
+        """Jobs to the job stream, one pipeline per batch. A failed write fails its jobs at once
+        (the utterances get error events); the next batch tries again after a back-off."""
+        assert self._outbox is not None
+        backoff = self.BACKOFF_MIN_S
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            batch = [(j, f) for j, f in batch if j.job_id in self._jobs]  # skip withdrawn / expired
+            if not batch:
+                continue
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for _, f in batch:
+                    pipe.xadd(JOBS, f, maxlen=JOBS_MAXLEN, approximate=True)
+                ids = await pipe.execute()
+                self.connected, backoff = True, self.BACKOFF_MIN_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._error(f"sending {len(batch)} jobs", e)
+                for j, _ in batch:
+                    self._fail(j, RemoteError(f"inference queue unavailable: {type(e).__name__}: {e}"))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                continue
+            for (j, _), entry_id in zip(batch, ids):
+                j.entry_id = entry_id
+                if j.job_id not in self._jobs:  # withdrawn or expired while the pipeline ran
+                    self._delete_entry(j)
+
+    async def _read_loop(self) -> None:
+        """Follow our reply stream (a fresh key per instance: read from its start, no race)."""
+        last = "0-0"
+        backoff = self.BACKOFF_MIN_S
+        while True:
+            try:
+                replies = await self.reader_redis.xread({self.reply_key: last}, count=256, block=int(self.BLOCK_S * 1000))
+                self.connected, backoff = True, self.BACKOFF_MIN_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._error("reading replies", e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                continue
+            for _stream, entries in replies or ():
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    self._reply(fields)
+
+    def _reply(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            job_id, result = parse_reply(fields, self.model.device)
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            self._error("a malformed reply", e)
+            return
+        job = self._jobs.get(job_id)
+        if job is None:
+            return  # answered after its timeout, withdrawn, or a second worker's duplicate
+        self._finish(job)
+        self.metrics.remote_seconds.observe(time.perf_counter() - job.sent_at)
+        if job.future.done():
+            return
+        if isinstance(result, Exception):
+            self.metrics.inc("emostream_remote_errors_total")
+            job.future.set_exception(result)
+        else:
+            self.metrics.asr_seconds.observe(result.asr_s)
+            job.future.set_result(result)
+
+    def _error(self, what: str, e: BaseException) -> None:
+        self.metrics.inc("emostream_remote_errors_total")
+        (log.error if self.connected else log.warning)("inference: %s: %s: %s", what, type(e).__name__, e)
+        self.connected = False

@@ -1,0 +1,231 @@
+"""Remote inference (--inference): service instances without Whisper or the text encoder, a real
+`python -m streamer.worker` process and a real Redis (Debian's redis-server on a private unix socket).
+Transcripts and emotions of real speech match the in-process engine; a killed worker costs one
+utterance an error event (the session and the service go on); a job a worker took and never
+acknowledged is taken over by another worker (XAUTOCLAIM). Plus the head-only checkpoint loader."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from streamer import protocol as P
+from streamer.client import stream_audio
+from streamer.config import InferenceConfig
+from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load,  # noqa: F401
+                               wer, whisper)
+from tests.test_bus import RedisServer, redis_server  # noqa: F401
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+@contextmanager
+def worker_process(url: str, checkpoint: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m streamer.worker` on the tiny checkpoint; yields once it printed 'ready' (bounded)."""
+    err = open(log, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer.worker", "--bus", url, "--checkpoint", str(checkpoint), "--device", "cpu",
+         "--torch-threads", "1", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=WAIT_S)
+        except queue.Empty:
+            raise AssertionError(f"worker not ready within {WAIT_S} s: {log.read_text()}") from None
+        assert "ready" in line, (line, log.read_text())
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        err.close()
+
+
+@asynccontextmanager
+async def front_end(checkpoint: Path, url: str, **inference: Any) -> AsyncIterator[Any]:
+    """A service instance on port 0 in --inference mode: it loads the checkpoint's head only."""
+    from streamer.server import create_app
+
+    base = app_config(checkpoint)
+    cfg = replace(base, inference=replace(base.inference, remote=url, **inference))
+    app = create_app(cfg)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await asyncio.wait_for(app.shutdown(), WAIT_S)
+
+
+def of(events: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == type_]
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return " ".join(e["text"] for e in of(events, P.TRANSCRIPT))
+
+
+# ---- model: the head without the encoder ------------------------------------------------------
+def test_head_only_checkpoint_predicts_like_the_full_model(tiny_checkpoint, emotion_model):  # noqa: F811
+    """load_checkpoint(load_encoder=False) builds no text encoder (the configured one need not even
+    exist), refuses to encode, and predicts exactly as the full model from the same encodings."""
+    from model import load_checkpoint
+    from model.text_encoder import AbsentTextEncoder
+
+    head = load_checkpoint(tiny_checkpoint, device="cpu", encoder="/nonexistent/encoder", load_encoder=False)
+    assert isinstance(head.text_encoder, AbsentTextEncoder)
+    assert not any(k.startswith("text_encoder.") for k in head.state_dict())
+    rng = np.random.default_rng(0)
+    audios = [rng.standard_normal(16_000).astype(np.float32) * 0.1 for _ in range(3)]
+    encoded = emotion_model.encode_utterances(["I am so happy", "", "what?"], audios)
+    with pytest.raises(RuntimeError, match="without its text encoder"):
+        head.encode_utterances(["hello"], [audios[0]])
+    full_d, head_d = emotion_model.new_dialogue(), head.new_dialogue()
+    for e in encoded:
+        a, b = emotion_model.predict([(full_d, full_d.append(e))])[0], head.predict([(head_d, head_d.append(e))])[0]
+        assert a.label == b.label
+        assert max(abs(a.scores[k] - b.scores[k]) for k in a.scores) < 1e-6
+
+
+def test_audio_wire_format_is_exact():
+    from streamer.remote import decode_audio, encode_audio
+
+    pcm = (np.arange(-32768, 32768, 7, dtype=np.int32).astype(np.float32) / 32768.0)
+    fmt, data = encode_audio(pcm)
+    assert fmt == b"s16" and len(data) == 2 * len(pcm) and np.array_equal(decode_audio(fmt, data), pcm)
+    resampled = np.linspace(-0.5, 0.5, 1001, dtype=np.float32)  # not on the int16 grid
+    fmt, data = encode_audio(resampled)
+    assert fmt == b"f32" and np.array_equal(decode_audio(fmt, data), resampled)
+
+
+# ---- the service with a worker ----------------------------------------------------------------
+def test_remote_workers_match_the_in_process_engine(redis_server, tiny_checkpoint, emotion_model, whisper,  # noqa: F811
+                                                     transcripts, tmp_path):
+    """Two front-ends, one worker batching both: WER <= 0.3, the event contract, and every emotion
+    (and revision) equal within 1e-4 to what the in-process engine gives for the same audio."""
+    from model.text_encoder import AbsentTextEncoder
+    from streamer.server import create_app
+
+    names = ["jfk.flac", "LJ001-0008.wav"]
+
+    async def remote() -> dict[str, Any]:
+        async with front_end(tiny_checkpoint, redis_server.url) as a, front_end(tiny_checkpoint, redis_server.url) as b:
+            assert a.asr is None and isinstance(a.model.text_encoder, AbsentTextEncoder)
+            ra, rb = await asyncio.gather(stream_audio(a.url, load(names[0]), realtime=False, timeout_s=WAIT_S),
+                                          stream_audio(b.url, load(names[1]), realtime=False, timeout_s=WAIT_S))
+            return {"events": [ra.events, rb.events], "jobs": [a.metrics.remote_seconds.count, b.metrics.remote_seconds.count],
+                    "metrics": a.metrics.render(), "health": a.health(), "depth": [a.engine.depth, b.engine.depth]}
+
+    async def local() -> list[list[dict[str, Any]]]:
+        app = create_app(app_config(tiny_checkpoint), model=emotion_model, asr=whisper)
+        await app.start()
+        try:
+            return [(await stream_audio(app.url, load(n), realtime=False, timeout_s=WAIT_S)).events for n in names]
+        finally:
+            await asyncio.wait_for(app.shutdown(), WAIT_S)
+
+    with worker_process(redis_server.url, tiny_checkpoint, tmp_path / "worker.log", "--max-wait-ms", "20"):
+        got = asyncio.run(remote())
+    want = asyncio.run(local())
+    for name, events, ref in zip(names, got["events"], want):
+        check_session_events(events)
+        assert not of(events, P.ERROR), of(events, P.ERROR)
+        assert wer(transcripts[name], text_of(events)) <= 0.3, (name, text_of(events))
+        assert text_of(events) == text_of(ref)
+        for type_ in (P.EMOTION, P.EMOTION_REVISED):
+            mine, theirs = of(events, type_), of(ref, type_)
+            assert [e["utterance_id"] for e in mine] == [e["utterance_id"] for e in theirs]
+            for x, y in zip(mine, theirs):
+                assert x["label"] == y["label"]
+                assert max(abs(x["scores"][k] - y["scores"][k]) for k in x["scores"]) < 1e-4
+                assert max(abs(x["modality_weights"][k] - y["modality_weights"][k]) for k in ("speech", "text")) < 1e-4
+    assert len(of(got["events"][0], P.EMOTION)) >= 3
+    assert got["jobs"][0] >= len(of(got["events"][0], P.EMOTION)) and got["jobs"][1] >= 1
+    assert "emostream_remote_job_seconds_count" in got["metrics"] and "emostream_remote_jobs_outstanding 0" in got["metrics"]
+    assert got["health"]["status"] == "ok" and got["depth"] == [0, 0]
+
+
+def test_a_dead_worker_costs_one_utterance_and_its_pending_jobs_are_taken_over(redis_server, tiny_checkpoint,  # noqa: F811
+                                                                              transcripts, tmp_path):
+    """Worker killed -> the next utterance gets an `internal` error within remote_timeout_s and the
+    session ends normally; a job delivered to a consumer that never acknowledged it is answered by
+    the next worker (XAUTOCLAIM); with that worker up the service is whole again."""
+    import redis
+
+    from streamer.remote import GROUP, JOBS, job_fields, parse_reply
+
+    timeout_s = 3.0
+    client = redis.Redis.from_url(redis_server.url)
+    speech = load("LJ001-0008.wav")
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with front_end(tiny_checkpoint, redis_server.url, remote_timeout_s=timeout_s) as app:
+            with worker_process(redis_server.url, tiny_checkpoint, tmp_path / "w1.log") as w1:
+                out["before"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
+                w1.send_signal(signal.SIGKILL)
+                w1.wait(WAIT_S)
+            t0 = time.monotonic()
+            out["dead"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
+            out["dead_s"] = time.monotonic() - t0
+            out["health"] = app.health()
+            out["timeouts"] = app.metrics.value("emostream_remote_timeouts_total")
+            # a worker that died holding a job: delivered to consumer "gone", never acknowledged
+            client.xadd(JOBS, job_fields("orphan-1", "emostream:infer:r:orphan", speech, time.time() + WAIT_S))
+            taken = client.xreadgroup(GROUP, "gone", {JOBS: ">"}, count=10)
+            out["orphaned"] = sum(len(entries) for _, entries in taken)
+            with worker_process(redis_server.url, tiny_checkpoint, tmp_path / "w2.log", "--claim-idle", "0.5"):
+                reply = await asyncio.to_thread(client.xread, {"emostream:infer:r:orphan": "0-0"}, 1, int(WAIT_S * 1000))
+                out["orphan_reply"] = parse_reply(reply[0][1][0][1], torch.device("cpu"))
+                out["pending"] = client.xpending(JOBS, GROUP)["pending"]
+                out["after"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
+        return out
+
+    out = asyncio.run(scenario())
+    ref = transcripts["LJ001-0008.wav"]
+    for key in ("before", "after"):
+        check_session_events(out[key])
+        assert not of(out[key], P.ERROR) and wer(ref, text_of(out[key])) <= 0.3, (key, out[key])
+    dead = out["dead"]
+    errors = of(dead, P.ERROR)
+    assert errors and all(e["code"] == P.E_INTERNAL and "no inference worker answered" in e["message"] for e in errors)
+    assert dead[-1]["type"] == P.SESSION_ENDED and not of(dead, P.EMOTION)
+    assert out["dead_s"] < timeout_s + 10  # bounded by the job timeout, not by a hung session
+    assert out["timeouts"] == len(errors) and out["health"]["status"] == "ok"
+    assert out["orphaned"] == 1 and out["pending"] == 0
+    job_id, analysis = out["orphan_reply"]
+    assert job_id == "orphan-1" and wer(ref, analysis.transcript.text) <= 0.3
+    assert analysis.encoded.speech_vec is not None and analysis.encoded.text_vec is not None
+
+
+def test_inference_flag_and_config():
+    from streamer.__main__ import build_parser, config_from_args
+
+    a = build_parser().parse_args(["--inference", "unix:///run/redis.sock"])
+    assert config_from_args(a).inference.remote == "unix:///run/redis.sock"
+    assert config_from_args(build_parser().parse_args([])).inference.remote is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--inference", "http://x"])
+    with pytest.raises(ValueError):
+        InferenceConfig(remote="tcp://x")
