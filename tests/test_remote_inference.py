@@ -229,3 +229,68 @@ def test_inference_flag_and_config():
         build_parser().parse_args(["--inference", "http://x"])
     with pytest.raises(ValueError):
         InferenceConfig(remote="tcp://x")
+
+
+def test_engine_bounds_withdraws_and_expires_jobs(redis_server, tiny_checkpoint):  # noqa: F811
+    """Without workers: outstanding jobs are bounded (Overloaded), a withdrawn job (speech resumed)
+    is cancelled and deleted from the job stream, an unanswered one fails with RemoteTimeout."""
+    import redis
+
+    from model import load_checkpoint
+    from streamer.inference import Overloaded
+    from streamer.metrics import Metrics
+    from streamer.remote import JOBS, RemoteInferenceEngine, RemoteTimeout
+
+    client = redis.Redis.from_url(redis_server.url)
+    head = load_checkpoint(tiny_checkpoint, device="cpu", load_encoder=False)
+    cfg = InferenceConfig(checkpoint=tiny_checkpoint, device="cpu", remote=redis_server.url, queue_size=2,
+                          remote_timeout_s=1.0)
+
+    async def until(pred: Any) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not pred():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # polling Redis state, bounded by WAIT_S
+
+    async def scenario() -> dict[str, Any]:
+        metrics = Metrics()
+        engine = RemoteInferenceEngine(head, cfg, metrics)
+        engine.start()
+        try:
+            audio = np.zeros(8000, dtype=np.float32)
+            first, second = engine.analyze(audio), engine.analyze(audio)
+            with pytest.raises(Overloaded):
+                engine.analyze(audio)
+            await until(lambda: client.xlen(JOBS) == 2)
+            first.abandoned = True
+            await until(lambda: client.xlen(JOBS) == 1)
+            with pytest.raises(RemoteTimeout):
+                await asyncio.wait_for(second.future, WAIT_S)
+            await until(lambda: client.xlen(JOBS) == 0)
+            return {"first_cancelled": first.future.cancelled(), "depth": engine.depth,
+                    "timeouts": metrics.value("emostream_remote_timeouts_total")}
+        finally:
+            engine.stop()
+            await engine.aclose()
+
+    out = asyncio.run(scenario())
+    assert out == {"first_cancelled": True, "depth": 0, "timeouts": 1}
+
+
+def test_redis_unreachable_fails_utterances_not_the_service(tiny_checkpoint, tmp_path):
+    """--inference pointing at no Redis: each utterance gets an `internal` error at once, the
+    session ends normally, and the service stays healthy."""
+    url = f"unix://{tmp_path / 'nobody.sock'}"
+
+    async def scenario() -> dict[str, Any]:
+        async with front_end(tiny_checkpoint, url) as app:
+            t0 = time.monotonic()
+            events = (await stream_audio(app.url, load("LJ001-0008.wav"), realtime=False, timeout_s=WAIT_S)).events
+            return {"events": events, "s": time.monotonic() - t0, "health": app.health(),
+                    "errors": app.metrics.value("emostream_remote_errors_total")}
+
+    out = asyncio.run(scenario())
+    errors = of(out["events"], P.ERROR)
+    assert errors and all(e["code"] == P.E_INTERNAL and "inference queue unavailable" in e["message"] for e in errors)
+    assert out["events"][-1]["type"] == P.SESSION_ENDED and not of(out["events"], P.EMOTION)
+    assert out["s"] < 10 and out["health"]["status"] == "ok" and out["errors"] >= 1
