@@ -28,7 +28,7 @@ from streamer.client import stream_audio
 from streamer.config import InferenceConfig
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load,  # noqa: F401
                                wer, whisper)
-from tests.test_bus import RedisServer, redis_server  # noqa: F401
+from tests.test_bus import redis_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
