@@ -35,12 +35,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: str
                     color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title or "confusion (row-normalised)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -61,6 +56,11 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     a2.set_ylabel("%")
     a2.legend()
     fig.suptitle(title or "learning curves")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
+    """Write a figure as PNG (creating its folder) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
