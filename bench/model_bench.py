@@ -77,9 +77,8 @@ def main() -> None:
                 with torch.inference_mode():
                     model.forward_features(speech_vec, ctx, clen, tgt, present)
 
-            def stage_cnn():
-                with torch.inference_mode():
-                    model.speech(mel, lengths)
+            def stage_cnn():  # what serving runs: length-sorted sub-batches within a frame budget
+                model.embed_speech(mels_np)
 
             def stage_text():
                 with torch.inference_mode():

@@ -17,6 +17,10 @@ from model.fusion import AttentionFusion
 from model.text_encoder import DialogueGRU, TextEncoder
 
 
+SPEECH_BATCH_FRAMES_CPU = 3_000  # padded log-mel frames per CNN sub-batch (30 s of audio)
+SPEECH_BATCH_FRAMES_CUDA = 200_000
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
     if isinstance(device, torch.device):
@@ -128,20 +132,42 @@ class EmotionModel(nn.Module):
         if len(texts) != len(audios):
             raise ValueError("texts and audios must have the same length")
         self.eval()
-        dev = self.device
         has_text = [bool(t and t.strip()) for t in texts]
         text_vecs = self.text_encoder([t if h else "" for t, h in zip(texts, has_text)])
         speech_idx = [i for i, a in enumerate(audios) if a is not None and len(a) > 0]
         speech_vecs: dict[int, torch.Tensor] = {}
         if speech_idx:
-            mels, lengths = features.pad_batch([features.log_mel(audios[i]) for i in speech_idx])
-            with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
-                emb = self.speech(torch.from_numpy(mels).to(dev), torch.from_numpy(lengths).to(dev)).float()
+            emb = self.embed_speech([features.log_mel(audios[i]) for i in speech_idx])
             speech_vecs = {i: emb[k] for k, i in enumerate(speech_idx)}
         return [
             EncodedUtterance(text_vec=text_vecs[i] if has_text[i] else None, speech_vec=speech_vecs.get(i))
             for i in range(len(texts))
         ]
+
+    @torch.inference_mode()
+    def embed_speech(self, mels: list[np.ndarray], max_frames: int | None = None) -> torch.Tensor:
+        """Speech-CNN embeddings (N, speech_dim) of log-mels of any lengths. Utterances are sorted by
+        length and run in sub-batches of at most `max_frames` padded frames in total: on a CPU a
+        batch larger than the caches costs more per utterance than several small ones (measured in
+        bench/model_bench.py), on a GPU the budget is large. Results do not depend on the batching."""
+        self.eval()
+        dev = self.device
+        if max_frames is None:
+            max_frames = SPEECH_BATCH_FRAMES_CUDA if dev.type == "cuda" else SPEECH_BATCH_FRAMES_CPU
+        order = sorted(range(len(mels)), key=lambda i: mels[i].shape[1])
+        out = torch.empty(len(mels), self.config.speech_dim, device=dev)
+        start = 0
+        while start < len(order):
+            end = start + 1  # sorted ascending: the last one added is the longest, so it sets the padding
+            while end < len(order) and (end - start + 1) * mels[order[end]].shape[1] <= max_frames:
+                end += 1
+            chunk = order[start:end]
+            batch, lengths = features.pad_batch([mels[i] for i in chunk])
+            with torch.autocast("cuda", dtype=torch.float16, enabled=dev.type == "cuda"):
+                emb = self.speech(torch.from_numpy(batch).to(dev), torch.from_numpy(lengths).to(dev)).float()
+            out[chunk] = emb
+            start = end
+        return out
 
     @torch.inference_mode()
     def predict(self, requests: list[tuple[Dialogue, int]]) -> list[Prediction]:

@@ -271,3 +271,13 @@ def test_unknown_encoder_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EncoderNotFound, match="not available offline"):
         TextEncoder("no-such-org/no-such-encoder-xyz")
+
+
+def test_speech_sub_batches_do_not_change_embeddings(tiny_model):
+    rng = np.random.default_rng(5)
+    mels = [features.log_mel((rng.standard_normal(int(s * 16000)) * 0.1).astype(np.float32)) for s in (3.0, 0.6, 9.0, 1.5)]
+    whole = tiny_model.embed_speech(mels, max_frames=10**9)  # one batch
+    split = tiny_model.embed_speech(mels, max_frames=1)  # one utterance per sub-batch
+    torch.testing.assert_close(whole, split, atol=1e-5, rtol=1e-4)
+    alone = torch.cat([tiny_model.embed_speech([m]) for m in mels])
+    torch.testing.assert_close(whole, alone, atol=1e-5, rtol=1e-4)
