@@ -53,7 +53,7 @@ def main() -> None:
     dev = resolve_device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if Path(args.checkpoint).is_file():
-        model, source = load_checkpoint(args.checkpoint, device=dev), args.checkpoint
+        model, source = load_checkpoint(args.checkpoint, device=dev), os.path.relpath(args.checkpoint, ROOT)
     else:  # latency does not depend on the weights' values
         model, source = EmotionModel(ModelConfig()).to(dev).eval(), "untrained (no checkpoint found)"
     speech = features.load_audio(str(ROOT / "tests" / "fixtures" / "speech" / "jfk.flac"))

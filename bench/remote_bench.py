@@ -167,7 +167,7 @@ def main() -> int:
                     "note": "shared machine, other engineers' jobs may run concurrently; service, worker and "
                             "redis-server all run on these cores"},
         "audio": {"name": a.audio.name, "seconds": len(audio) / 16_000},
-        "checkpoint": str(inf.checkpoint),
+        "checkpoint": os.path.relpath(inf.checkpoint, ROOT),
         "worker": {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "device": "cpu"},
         "streams": a.streams,
         "results": {"in_process": [], "remote_1_worker": []},

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+
 from pathlib import Path
 from typing import Any
 

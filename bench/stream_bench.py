@@ -180,7 +180,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "load_avg_at_start": os.getloadavg(), "note": "shared machine: other jobs may run concurrently"},
         "audio": {"name": a.audio.name, "seconds": len(audio) / 16_000, "repeat": a.repeat},
-        "checkpoint": str(configs["emostream"].inference.checkpoint),
+        "checkpoint": os.path.relpath(configs["emostream"].inference.checkpoint, ROOT),
         "streams": a.streams,
         "configs": {name: {"early_decode": cfg.segmenter.early_decode, "asr_max_batch": cfg.asr.max_batch,
                            "asr_min_window_s": cfg.asr.min_window_s, "model_max_batch": cfg.inference.max_batch,
