@@ -1,6 +1,7 @@
 """CLI: `python -m training train ...` and `python -m training evaluate ...`.
 
   python -m training train --data meld:../shared/data/meld --split official --out runs/meld
+  torchrun --nproc_per_node 2 -m training train ...   # DDP: same run, each global batch split over ranks
   python -m training evaluate --checkpoint model/checkpoints/default.pt \\
       --data meld:../shared/data/meld --split official:test --json runs/eval/meld_test.json
 """
@@ -53,15 +54,19 @@ def parse_split(spec: str) -> tuple[str, str]:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from training import distributed
     from training.loop import Trainer
 
     cfg = _config_from_args(a)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # under torchrun: joins the process group (training/distributed.py)
     if a.resume:
         trainer.resume()
-        print(f"resumed {cfg.out} at epoch {trainer.epoch} (best val WF1 {trainer.best:.2f})")
+        if distributed.is_main():
+            print(f"resumed {cfg.out} at epoch {trainer.epoch} (best val WF1 {trainer.best:.2f})")
     summary = trainer.fit()
-    print(f"run folder: {cfg.out}  (best.pt, last.pt, history.json, curves.png, val/test JSON + PNG)")
+    if distributed.is_main():
+        print(f"run folder: {cfg.out}  (best.pt, last.pt, history.json, curves.png, val/test JSON + PNG)")
+    distributed.teardown()
     return 130 if summary.get("interrupted") else 0
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import EmotionModel, MELD_LABELS, ModelConfig, load_checkpoint, resolve_device, save_checkpoint
 from model import features
 from model.checkpoint import read_checkpoint
-from training import cache
+from training import cache, distributed
 from training.config import TrainConfig
 from training.datasets import TO_MELD, Corpus, fingerprint, load_spec, split_corpus
 from training.metrics import classification_report, format_report
@@ -323,8 +323,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         _seed_all(cfg.seed)
-        self.device = resolve_device(cfg.device)
-        self.corpus = load_spec(cfg.data, audio_cache=Path(cfg.cache_dir) / "audio")
+        self.device = distributed.setup(resolve_device(cfg.device))  # under torchrun: this rank's device
+        # under torchrun rank 0 extracts audio / builds caches while the other ranks wait (distributed.py)
+        self.corpus = distributed.main_first(load_spec, cfg.data, audio_cache=Path(cfg.cache_dir) / "audio")
         self.splits = split_corpus(self.corpus, cfg.split, cfg.seed)
         self.acted = [load_spec(s) for s in cfg.acted]
         self.model = build_model(cfg, self.corpus)
@@ -339,7 +340,8 @@ class Trainer:
             n_acted = sum(len(c) for c in self.acted)
             needed = [*self.train_targets, *self.val_targets, *self.test_targets,
                       *range(len(self.corpus), len(self.corpus) + n_acted)]
-        self.table = build_table([self.corpus, *self.acted], self.model, cfg.cache_dir, cfg.finetune, needed)
+        self.table = distributed.main_first(build_table, [self.corpus, *self.acted], self.model, cfg.cache_dir,
+                                            cfg.finetune, needed, rerun=True)
         pool, self.acted_val = [], []
         for c, off in zip(self.acted, self.table.offsets[1:]):
             sp = split_corpus(c, cfg.acted_split, cfg.seed)
@@ -352,6 +354,7 @@ class Trainer:
             self.model.speech.requires_grad_(False)
             cache_speech_vectors(self.model, self.table)
         self.optimizer = self._optimizer()
+        self.train_forward = distributed.wrap_forward(self.model, forward_examples)  # DDP under torchrun
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 / (1.0 + cfg.lr_decay * step))
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -402,6 +405,8 @@ class Trainer:
         }
 
     def save_state(self) -> None:
+        if not distributed.is_main():  # rank 0 writes; every rank holds the same weights and state
+            return
         save_checkpoint(self.model, self.out / "last.pt", metadata=self.metadata())
         state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -435,15 +440,19 @@ class Trainer:
         cfg = self.cfg
         self._set_train_mode()
         ex = train_examples(self.table, self.train_targets, self.pool, cfg, self.rng)
+        aug_rng = distributed.epoch_rng(self.rng, cfg.seed, self.epoch)  # self.rng alone; per rank under DDP
         total, count = 0.0, 0
-        bar = tqdm(list(_batches(len(ex), cfg.batch_size, self.rng)), desc=f"epoch {self.epoch + 1}", unit="batch",
-                   disable=not cfg.progress, leave=False)
+        batches = distributed.agreed(list(_batches(len(ex), cfg.batch_size, self.rng)), ex.target, ex.speech,
+                                     ex.text_on, ex.lookahead)
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch",
+                   disable=not cfg.progress or not distributed.is_main(), leave=False)
         for b in bar:
-            batch = ex.subset(b)
+            share = distributed.BatchShare(b, ex.label, self.loss_weight)  # all of b alone; this rank's slice under DDP
+            batch = ex.subset(share.rows)
             y = torch.from_numpy(batch.label).to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                out = forward_examples(self.model, self.table, batch, train=True, cfg=cfg, rng=self.rng)
-                loss = F.cross_entropy(out.logits.float(), y, weight=self.loss_weight, label_smoothing=cfg.label_smoothing)
+                out = self.train_forward(self.model, self.table, batch, train=True, cfg=cfg, rng=aug_rng)
+                loss = share.loss(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -455,9 +464,14 @@ class Trainer:
             total += float(loss.detach()) * len(b)
             count += len(b)
             bar.set_postfix(loss=f"{total / count:.3f}")
-        return total / max(count, 1)
+        return distributed.mean_over_ranks(total) / max(count, 1)
 
     def validate(self) -> dict:
+        """Validation report. Under DDP rank 0 scores the whole set and broadcasts the report, so
+        every rank takes the same early-stopping decision."""
+        return distributed.from_main(self._validate)
+
+    def _validate(self) -> dict:
         rep = evaluate(self.model, self.table, self.val_targets)
         ex = eval_examples(self.table, self.val_targets)
         with torch.inference_mode():
@@ -475,7 +489,8 @@ class Trainer:
         """Train until `epochs` or `patience` epochs without a better validation WF1. Ctrl-C saves
         last.pt (and the state to resume) before it stops. Returns the final report dict."""
         cfg = self.cfg
-        (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        if distributed.is_main():
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         interrupted = False
         prev = signal.getsignal(signal.SIGTERM)
         try:
@@ -491,7 +506,8 @@ class Trainer:
                 improved = val["wf1"] > self.best
                 if improved:
                     self.best = val["wf1"]
-                    save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
+                    if distributed.is_main():
+                        save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
                 self.train_seconds += time.perf_counter() - t0
                 row = {"epoch": self.epoch, "train_loss": loss, "val_loss": val["loss"], "val_acc": val["acc"],
                        "val_f1": val["f1"], "val_wa": val["wa"], "val_wf1": val["wf1"],
@@ -504,6 +520,8 @@ class Trainer:
                 else:
                     self.bad_epochs += 1
                 self.save_state()
+                if not distributed.is_main():
+                    continue
                 (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
                 extra = f" acted WA {val['acted_wa']:.1f}" if "acted_wa" in val else ""  # logged even with --no-progress
                 tqdm.write(f"epoch {self.epoch:3d} loss {loss:.4f} val loss {val['loss']:.4f} WF1 {val['wf1']:.2f} "
@@ -511,7 +529,8 @@ class Trainer:
         except KeyboardInterrupt:
             interrupted = True
             self.save_state()
-            tqdm.write(f"interrupted: saved {self.out / 'last.pt'} (resume with --resume)")
+            if distributed.is_main():
+                tqdm.write(f"interrupted: saved {self.out / 'last.pt'} (resume with --resume)")
         finally:
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)
@@ -523,6 +542,8 @@ class Trainer:
         """Reports for the best checkpoint: history.json, curves.png, val/test JSON + confusion PNGs."""
         from training.report import plot_confusion, plot_curves
 
+        if not distributed.is_main():  # rank 0 writes the reports; the others only trained
+            return {"train_config": self.cfg.to_dict(), "epochs": self.epoch, "best_val_wf1": self.best}
         (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
         if self.history:
             plot_curves(self.history, self.out / "curves.png", title=f"{self.cfg.data.split(':')[0]} {self.cfg.split}")
