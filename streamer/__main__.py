@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,20 @@ from streamer.config import BusConfig, StoreConfig
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
 
-def _bus_url(url: str) -> str:
-    try:
-        BusConfig(url=url)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return url
+def _checked_url(build: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the URL as given, refused with the config's own reason when invalid."""
+    def check(url: str) -> str:
+        try:
+            build(url)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return url
+
+    return check
 
 
-def _inference_url(url: str) -> str:
-    try:
-        InferenceConfig(remote=url)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return url
+_bus_url = _checked_url(lambda url: BusConfig(url=url))
+_inference_url = _checked_url(lambda url: InferenceConfig(remote=url))
 
 
 def build_parser() -> argparse.ArgumentParser:

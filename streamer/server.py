@@ -222,6 +222,7 @@ class SessionRunner:
         self.context = app.engine.new_context()
         self.summary = CallSummary(session.session_id)
         self._uids: dict[tuple[int, int], int] = {}  # (channel, segmenter index) -> utterance id
+        self._uid_channel: list[int] = []  # utterance id -> its channel
         self._speculative: dict[tuple[int, int], Any] = {}  # -> (samples, job) started at SpeechPaused
         self._finish: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._finisher = asyncio.create_task(self._finish_loop())
@@ -258,6 +259,7 @@ class SessionRunner:
         key = (ch.number, index)
         if key not in self._uids:
             self._uids[key] = len(self._uids)
+            self._uid_channel.append(ch.number)
         return self._uids[key]
 
     def _handle(self, events: list[Any], ch: Channel) -> None:
@@ -344,14 +346,11 @@ class SessionRunner:
         )
         if scored.revised is not None:
             r = scored.revised
-            rwho = self._who(self.channels[self._channel_of(scored.revised_id)]) if self.multi else {}
+            rwho = self._who(self.channels[self._uid_channel[scored.revised_id]]) if self.multi else {}
             self.publish(
                 P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
                 modality_weights=r.modality_weights, revised_with=uid, **rwho,
             )
-
-    def _channel_of(self, uid: int) -> int:
-        return next((ch for (ch, _), u in self._uids.items() if u == uid), 0)
 
     @property
     def detached(self) -> bool:

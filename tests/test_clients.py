@@ -19,20 +19,10 @@ from clients.render import Renderer
 from streamer import protocol as P
 from tests.conftest import SPEECH
 from tests.service import running_service
+from tests.stream_util import wer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def wer(ref: str, hyp: str) -> float:
-    norm = lambda s: "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in s).split()  # noqa: E731
-    r, h = norm(ref), norm(hyp)
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d[0], i
-        for j in range(1, len(h) + 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-    return d[len(h)] / max(1, len(r))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,15 +19,9 @@ from streamer import protocol as P
 from streamer.client import stream_audio
 
 from tests.stream_util import SPEECH, WAIT_S, load, recv_until, wer
-from tests.virtual_mic import VirtualMic
+from tests.virtual_mic import VirtualMic, env
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    e.update(extra)
-    return e
 
 
 def streamer_cmd(*args: str) -> list[str]:
