@@ -21,14 +21,17 @@ def decode(path: str, sample_rate: int = SAMPLE_RATE, mono: bool = True) -> np.n
 
 
 async def paced_chunks(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, realtime: bool = True,
-                       chunk_s: float = CHUNK_S) -> AsyncIterator[np.ndarray]:
-    """Yield consecutive chunks; with `realtime`, each chunk no sooner than its wall-clock time."""
+                       chunk_s: float = CHUNK_S, speed: float = 1.0) -> AsyncIterator[np.ndarray]:
+    """Yield consecutive chunks; with `realtime`, each chunk no sooner than its wall-clock time
+    divided by `speed` (2.0: twice real time; the service throttles beyond 20x)."""
+    if speed <= 0:
+        raise ValueError(f"speed must be > 0, got {speed}")
     n = max(1, int(sample_rate * chunk_s))
     total = audio.shape[-1]
     t0 = time.monotonic()
     for i, start in enumerate(range(0, total, n)):
         if realtime:
-            delay = t0 + i * chunk_s - time.monotonic()
+            delay = t0 + i * chunk_s / speed - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing to the audio clock
         else:

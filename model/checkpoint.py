@@ -19,6 +19,7 @@ FORMAT = "emostream.emotion-model"
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default.pt"
 _ENCODER_PREFIX = "text_encoder."
+_EMBEDDINGS_PREFIX = "text_encoder.model.embeddings."
 
 
 class CheckpointError(ValueError):
@@ -28,11 +29,14 @@ class CheckpointError(ValueError):
 def save_checkpoint(model: EmotionModel, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().cpu()
-        for k, v in model.state_dict().items()
-        if not (model.config.freeze_encoder and k.startswith(_ENCODER_PREFIX))
-    }
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(_ENCODER_PREFIX):
+            if model.config.freeze_encoder or (model.config.encoder_layers_only and k.startswith(_EMBEDDINGS_PREFIX)):
+                continue  # read from the referenced encoder when loading
+            if model.config.encoder_layers_only and v.is_floating_point():
+                v = v.half()  # fine-tuned layers in fp16 (scores checked unchanged when the recipe saves)
+        state[k] = v.detach().cpu()
     blob = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,8 +92,9 @@ def load_checkpoint(
     state = blob["state_dict"]
     if not load_encoder:  # a fine-tuned encoder's stored weights are not needed either
         state = {k: v for k, v in state.items() if not k.startswith(_ENCODER_PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not ((config.freeze_encoder or not load_encoder) and k.startswith(_ENCODER_PREFIX))]
+    missing, unexpected = model.load_state_dict(state, strict=False)  # fp16 layers are cast on copy
+    missing = [k for k in missing if not ((config.freeze_encoder or not load_encoder) and k.startswith(_ENCODER_PREFIX))
+               and not (config.encoder_layers_only and k.startswith(_EMBEDDINGS_PREFIX))]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.metadata = blob.get("metadata", {})

@@ -22,6 +22,8 @@ class ModelConfig:
     encoder_dim: int = 384  # hidden size of `encoder` (768 for bert-base-uncased)
     freeze_encoder: bool = True  # frozen: encoder weights are referenced, not stored in checkpoints
     max_text_tokens: int = 96
+    text_context: int = 0  # earlier utterances given to the encoder with each one (a sentence pair)
+    encoder_layers_only: bool = False  # fine-tuned encoder: checkpoints store all but its embeddings, fp16
     text_fc: int = 100
     gru_hidden: int = 100
     text_dim: int = 128  # FC after the Bi-GRU (paper: "-> FC"; size not given)
@@ -31,15 +33,22 @@ class ModelConfig:
     n_mels: int = features.N_MELS
     speech_freq_bins: int = 4  # adaptive pooling over frequency before the FC
     speech_dim: int = 256  # FC after the CNN (paper: "-> FC"; size not given)
+    # optional second speech input: Whisper encoder states (the ASR computes them anyway), mean and
+    # std pooled over the utterance (2 x 384 for tiny.en); 0 = CNN only
+    whisper_dim: int = 0
+    whisper_model: str = ""  # the Whisper those states come from (states of another model are ignored)
     # fusion, equations (1)-(3)
     fusion_dim: int = 250  # n
     dropout: float = 0.3
+    temperature: float = 1.0  # calibration: served probabilities are softmax(logits / temperature)
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be >= 2 distinct names, got {self.labels}")
         if self.context_window < 1 or self.lookahead < 0:
             raise ValueError("context_window must be >= 1 and lookahead >= 0")
+        if self.text_context < 0 or self.whisper_dim < 0 or not self.temperature > 0:
+            raise ValueError("text_context and whisper_dim must be >= 0, temperature > 0")
 
     @property
     def num_labels(self) -> int:

@@ -94,6 +94,11 @@ class EmotionModel(nn.Module):
                 f"config.encoder_dim is {config.encoder_dim}"
             )
         self.speech = SpeechCNN(config.n_mels, config.speech_dim, config.speech_freq_bins, config.dropout)
+        if config.whisper_dim:  # pooled Whisper encoder states -> FC, mixed with the CNN's vector
+            self.whisper_proj = nn.Sequential(
+                nn.LayerNorm(config.whisper_dim), nn.Linear(config.whisper_dim, config.speech_dim), nn.ReLU(), nn.Dropout(config.dropout),
+            )
+            self.speech_mix = nn.Sequential(nn.Linear(2 * config.speech_dim, config.speech_dim), nn.ReLU(), nn.Dropout(config.dropout))
         self.dialogue = DialogueGRU(config.encoder_dim, config.text_fc, config.gru_hidden, config.text_dim, config.dropout)
         self.fusion = AttentionFusion(config.speech_dim, config.text_dim, config.fusion_dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -117,27 +122,55 @@ class EmotionModel(nn.Module):
         logits = self.classifier(self.dropout(fused))  # (B, C)
         return ModelOutput(logits=logits, weights=weights)
 
-    def forward(self, mel, mel_lengths, text_ctx, ctx_lengths, target, present) -> ModelOutput:
-        """mel (B, 1, n_mels, T) + lengths; text windows as in forward_features."""
-        return self.forward_features(self.speech(mel, mel_lengths), text_ctx, ctx_lengths, target, present)
+    def forward(self, mel, mel_lengths, text_ctx, ctx_lengths, target, present, whisper=None) -> ModelOutput:
+        """mel (B, 1, n_mels, T) + lengths; text windows as in forward_features; whisper (B, Dw) or None."""
+        return self.forward_features(self.speech_vector(self.speech(mel, mel_lengths), whisper), text_ctx, ctx_lengths, target, present)
+
+    def speech_vector(self, cnn_vec: torch.Tensor, whisper: torch.Tensor | None = None,
+                      has_whisper: torch.Tensor | None = None) -> torch.Tensor:
+        """The speech branch's output (B, S): the CNN's vector, mixed with the projected pooled
+        Whisper states when the config has them (rows without states get a zero projection)."""
+        if not self.config.whisper_dim:
+            return cnn_vec
+        if whisper is None:
+            w = torch.zeros_like(cnn_vec)
+        else:
+            w = self.whisper_proj(whisper.to(cnn_vec.dtype))  # (B, S)
+            if has_whisper is not None:
+                w = w * has_whisper[:, None].to(w.dtype)
+        return self.speech_mix(torch.cat([cnn_vec, w], dim=-1))  # (B, S)
+
+    def accepts_whisper(self, asr_name: str | None, dim: int) -> bool:
+        """Whether pooled states from this ASR model fit the speech branch."""
+        cfg = self.config
+        return bool(cfg.whisper_dim) and dim == cfg.whisper_dim and (not cfg.whisper_model or asr_name == cfg.whisper_model)
 
     # ---- serving ------------------------------------------------------------------------------
     def new_dialogue(self) -> Dialogue:
         return Dialogue(max_len=self.config.context_window + self.config.lookahead)
 
     @torch.inference_mode()
-    def encode_utterances(self, texts: list[str | None], audios: list[np.ndarray | None]) -> list[EncodedUtterance]:
+    def encode_utterances(self, texts: list[str | None], audios: list[np.ndarray | None],
+                          whisper: list[np.ndarray | None] | None = None,
+                          contexts: list[list[str]] | None = None) -> list[EncodedUtterance]:
         """Encode a batch of utterances (any sessions) once: sentence vectors and speech embeddings.
-        `audios` are float32 mono at features.SAMPLE_RATE; None or empty means no audio."""
+        `audios` are float32 mono at features.SAMPLE_RATE; None or empty means no audio.
+        `whisper`: each utterance's pooled Whisper encoder states (features.pool_whisper_states),
+        used when the config has whisper_dim. `contexts`: each utterance's earlier transcripts, most
+        recent first; the encoder reads the last config.text_context of them with it."""
         if len(texts) != len(audios):
             raise ValueError("texts and audios must have the same length")
         self.eval()
         has_text = [bool(t and t.strip()) for t in texts]
-        text_vecs = self.text_encoder([t if h else "" for t, h in zip(texts, has_text)])
+        ctx = None
+        if self.config.text_context:
+            ctx = [list(c or [])[: self.config.text_context] for c in (contexts or [[] for _ in texts])]
+        text_vecs = self.text_encoder([t if h else "" for t, h in zip(texts, has_text)], contexts=ctx)
         speech_idx = [i for i, a in enumerate(audios) if a is not None and len(a) > 0]
         speech_vecs: dict[int, torch.Tensor] = {}
         if speech_idx:
-            emb = self.embed_speech([features.log_mel(audios[i]) for i in speech_idx])
+            states = None if whisper is None else [whisper[i] for i in speech_idx]
+            emb = self.embed_speech([features.log_mel(audios[i]) for i in speech_idx], whisper=states)
             speech_vecs = {i: emb[k] for k, i in enumerate(speech_idx)}
         return [
             EncodedUtterance(text_vec=text_vecs[i] if has_text[i] else None, speech_vec=speech_vecs.get(i))
@@ -145,7 +178,8 @@ class EmotionModel(nn.Module):
         ]
 
     @torch.inference_mode()
-    def embed_speech(self, mels: list[np.ndarray], max_frames: int | None = None) -> torch.Tensor:
+    def embed_speech(self, mels: list[np.ndarray], max_frames: int | None = None,
+                     whisper: list[np.ndarray | None] | None = None) -> torch.Tensor:
         """Speech-CNN embeddings (N, speech_dim) of log-mels of any lengths. Utterances are sorted by
         length and run in sub-batches of at most `max_frames` padded frames in total: on a CPU a
         batch larger than the caches costs more per utterance than several small ones (measured in
@@ -167,6 +201,14 @@ class EmotionModel(nn.Module):
                 emb = self.speech(torch.from_numpy(batch).to(dev), torch.from_numpy(lengths).to(dev)).float()
             out[chunk] = emb
             start = end
+        if self.config.whisper_dim:
+            dw = self.config.whisper_dim
+            ok = [w is not None and np.shape(w) == (dw,) for w in (whisper or [None] * len(mels))]
+            states = torch.zeros(len(mels), dw, device=dev)
+            for i, good in enumerate(ok):
+                if good:
+                    states[i] = torch.as_tensor(np.asarray(whisper[i], np.float32), device=dev)  # type: ignore[index]
+            out = self.speech_vector(out, states, torch.tensor(ok, device=dev))
         return out
 
     @torch.inference_mode()
@@ -205,7 +247,8 @@ class EmotionModel(nn.Module):
             torch.tensor(targets, device=dev),
             torch.tensor(present, dtype=torch.bool, device=dev),
         )
-        probs, weights = out.probs.cpu().numpy(), out.weights.float().cpu().numpy()
+        probs = torch.softmax(out.logits.float() / cfg.temperature, dim=-1).cpu().numpy()  # calibrated
+        weights = out.weights.float().cpu().numpy()
         results = []
         for b in range(len(requests)):
             scores = {lab: float(p) for lab, p in zip(cfg.labels, probs[b])}

@@ -82,3 +82,28 @@ def pad_batch(mels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, m in enumerate(mels):
         out[i, 0, :, : m.shape[1]] = m
     return out, lengths
+
+
+# ---- Whisper encoder states: the optional second speech input -----------------------------------
+WHISPER_STATE_HOP = 320  # samples per Whisper encoder state (20 ms at 16 kHz)
+
+
+def whisper_window_frames(n_samples: int, min_window_s: float = 15.0, margin_s: float = 2.0, step_s: float = 5.0) -> int:
+    """Whisper encoder window (in 10 ms mel frames) for an utterance: its length plus a margin,
+    rounded up to `step_s`, within [min_window_s, 30 s]. The service's ASR and training both use
+    this, so pooled states seen in training match the ones served."""
+    import math
+
+    seconds = n_samples / SAMPLE_RATE + margin_s
+    seconds = math.ceil(seconds / step_s) * step_s
+    seconds = min(30.0, max(min_window_s, seconds))
+    return int(round(seconds * 100))
+
+
+def pool_whisper_states(states: np.ndarray, n_samples: int) -> np.ndarray:
+    """(T, D) encoder states of one padded window -> (2D,) float32: mean and std over the states
+    that cover the utterance's `n_samples` (the padding after it is left out)."""
+    states = np.asarray(states, dtype=np.float32)
+    n = int(min(states.shape[0], max(1, -(-n_samples // WHISPER_STATE_HOP))))
+    valid = states[:n]
+    return np.concatenate([valid.mean(axis=0), valid.std(axis=0)]).astype(np.float32)

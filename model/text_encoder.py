@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -67,8 +68,27 @@ class TextEncoder(nn.Module):
             self.model.eval()  # a frozen encoder never uses dropout
         return self
 
-    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """(N,) texts -> (N, hidden) float32 on the encoder's device."""
+    def tokenize(self, texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+        """Token ids for a batch: `text` alone, or the pair (text, its earlier utterances, most recent
+        first). The utterance is never cut for its context: the context gets what is left of
+        max_tokens, and its oldest words go first."""
+        if contexts is None:
+            return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokenizer
+        sep = f" {tok.sep_token} " if tok.sep_token else " | "
+        rows = []
+        n_pair_special = len(_with_special_tokens(tok, [], [0])) - 1  # 3 BERT-style, 4 RoBERTa-style
+        for text, ctx in zip(texts, contexts):
+            a = tok.encode(text, add_special_tokens=False)[: self.max_tokens - 2]
+            ctx = [c for c in ctx if c and c.strip()]
+            room = self.max_tokens - len(a) - n_pair_special
+            b = tok.encode(sep.join(ctx), add_special_tokens=False)[:room] if ctx and room > 0 else []
+            rows.append(_with_special_tokens(tok, a, b))
+        return tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+
+    def forward(self, texts: list[str], batch_size: int = 64, contexts: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+        """(N,) texts -> (N, hidden) float32 on the encoder's device. `contexts`: per text, its
+        earlier utterances (most recent first), encoded with it as a sentence pair."""
         device = next(self.model.parameters()).device
         out = torch.zeros(len(texts), self.hidden_size, device=device)
         idx = [i for i, t in enumerate(texts) if t and t.strip()]
@@ -76,16 +96,26 @@ class TextEncoder(nn.Module):
         with torch.set_grad_enabled(grad):
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s : s + batch_size]
-                tok = self.tokenizer(
-                    [texts[i] for i in chunk], padding=True, truncation=True,
-                    max_length=self.max_tokens, return_tensors="pt",
-                ).to(device)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                    hidden = self.model(**tok).last_hidden_state  # (n, L, H)
-                m = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, L, 1)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (n, H)
-                out[chunk] = pooled.float()
+                tok = self.tokenize([texts[i] for i in chunk], None if contexts is None else [contexts[i] for i in chunk]).to(device)
+                out[chunk] = self.pool(tok).float()
         return out
+
+    def pool(self, tok) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """Mean of the last hidden states over real tokens: (n, hidden)."""
+        device = tok["input_ids"].device
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            hidden = self.model(**tok).last_hidden_state  # (n, L, H)
+        m = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, L, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (n, H)
+
+
+def _with_special_tokens(tok, a: list[int], b: list[int]) -> list[int]:  # type: ignore[no-untyped-def]
+    """[CLS] a [SEP] (b [SEP]) for BERT-style tokenizers; <s> a </s></s> b </s> for RoBERTa-style."""
+    if tok.cls_token_id is not None and tok.sep_token_id is not None and tok.bos_token_id is None:
+        cls, sep = tok.cls_token_id, tok.sep_token_id
+        return [cls, *a, sep] + ([*b, sep] if b else [])
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    return [bos, *a, eos] + ([eos, *b, eos] if b else [])
 
 
 class AbsentTextEncoder(nn.Module):
@@ -99,7 +129,7 @@ class AbsentTextEncoder(nn.Module):
         self.hidden_size = hidden_size
         self.frozen = True
 
-    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    def forward(self, texts: list[str], batch_size: int = 64, contexts: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
         raise RuntimeError(f"this model was loaded without its text encoder ({self.name!r}): it can predict from "
                            "encoded utterances but not encode text; load it with load_encoder=True")
 

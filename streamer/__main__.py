@@ -23,8 +23,8 @@ from typing import Any
 
 from streamer import auth
 from streamer import protocol as P
-from streamer.config import (AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig, ServerConfig,
-                             default_checkpoint)
+from streamer.config import (MODALITIES, AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig,
+                             ServerConfig, default_checkpoint)
 from streamer.config import BusConfig, StoreConfig
 
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 8765; 0 picks a free port (the default with --demo/--file)")
     p.add_argument("--checkpoint", type=Path, default=None, help=f"emotion model (default {default_checkpoint()})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for both models")
+    p.add_argument("--modalities", choices=MODALITIES, default="both",
+                   help="score both modalities, or speech / text alone (an utterance lacking it keeps the other)")
     p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
     p.add_argument("--asr-beam", type=int, default=1)
     p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")
@@ -104,7 +106,7 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     asr = AsrConfig(device=a.device, beam_size=a.asr_beam)
     if a.asr_model:
         asr = replace(asr, model=a.asr_model)
-    inf = InferenceConfig(device=a.device, remote=a.inference)
+    inf = InferenceConfig(device=a.device, remote=a.inference, modalities=a.modalities)
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
     calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)

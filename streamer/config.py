@@ -8,6 +8,7 @@ from pathlib import Path
 from streamer.auth import AuthConfig
 
 SAMPLE_RATE = 16_000  # Hz: everything inside the service is 16 kHz mono float32
+MODALITIES = ("both", "speech", "text")  # InferenceConfig.modalities, --modalities
 
 
 def default_asr_model() -> str:
@@ -82,6 +83,9 @@ class InferenceConfig:
     torch_threads: int = 0  # 0: leave torch's default
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
+    # which modalities the model scores: "both"; "speech" drops each utterance's sentence vector,
+    # "text" its speech embedding (an utterance lacking the kept one keeps the other: context.py)
+    modalities: str = "both"
     # --inference URL: Whisper and the text encoder run in `python -m streamer.worker` processes fed
     # through Redis (streamer/remote.py); this process keeps only the cheap prediction head
     remote: str | None = None  # redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock; None: in process
@@ -92,6 +96,8 @@ class InferenceConfig:
             raise ValueError(f"inference URL must start with redis://, rediss:// or unix://, got {self.remote!r}")
         if self.remote_timeout_s <= 0 or self.queue_size < 1:
             raise ValueError("remote_timeout_s must be > 0 and queue_size >= 1")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """One inference thread that owns Whisper and the emotion model, fed by a micro-batching queue.
 
 Sessions submit two kinds of jobs from the event loop and await asyncio futures:
-- analyze(audio): Whisper transcript + the model's cached utterance features (text + speech);
+- analyze(audio, context): Whisper transcript + the model's cached utterance features (text +
+  speech), encoded with the session's earlier transcripts and Whisper's pooled encoder states;
 - predict(context, utterance_id, encoded): append to the session's dialogue, predict it (and
   re-score the previous utterance).
 The thread takes the first job, waits at most `max_wait_ms` for company, then runs the batch:
@@ -18,6 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +31,28 @@ from streamer.metrics import Metrics
 from streamer.transcriber import Transcript
 
 log = logging.getLogger(__name__)
+
+CONTEXT_TRANSCRIPTS = 8  # earlier transcripts a session sends with each utterance (the model reads its text_context)
+CONTEXT_CHARS = 1000  # each one cut to this many characters (a 15 s utterance is ~300): bounds the remote job too
+
+
+def bounded_context(context: Sequence[str] | None) -> list[str]:
+    """An utterance's earlier transcripts (most recent first) within the limits above; the
+    in-process engine and the remote job both use this, so workers see what the thread would."""
+    return [str(t)[:CONTEXT_CHARS] for t in list(context or ())[:CONTEXT_TRANSCRIPTS]]
+
+
+def whisper_inputs(model: EmotionModel, asr: object,
+                   transcripts: Sequence[Transcript]) -> list[np.ndarray | None] | None:
+    """Each transcript's pooled Whisper states where the model's speech branch takes them (same
+    ASR model, same size), else None per utterance; None when none fits (or the ASR gave none)."""
+    name = getattr(asr, "name", None)
+    out: list[np.ndarray | None] = []
+    for t in transcripts:
+        st = getattr(t, "whisper_states", None)
+        ok = st is not None and np.ndim(st) == 1 and model.accepts_whisper(name, int(np.shape(st)[0]))
+        out.append(st if ok else None)
+    return out if any(s is not None for s in out) else None
 
 
 class Overloaded(RuntimeError):
@@ -68,6 +92,7 @@ class _Job:
 @dataclass(eq=False)
 class _AnalyzeJob(_Job):
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    context: list[str] = field(default_factory=list)  # earlier transcripts of the session, most recent first
 
 
 @dataclass(eq=False)
@@ -110,8 +135,10 @@ class InferenceEngine:
         utterance does not pay for lazy initialisation (~0.5 s on CPU). Call before start()."""
         t0 = time.perf_counter()
         audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        self.asr.transcribe([audio])
-        encoded = self.model.encode_utterances(["warm up"], [audio])
+        transcripts = self.asr.transcribe([audio])
+        encoded = self.model.encode_utterances(
+            ["warm up"], [audio], whisper=whisper_inputs(self.model, self.asr, transcripts), contexts=[["warm up"]],
+        )
         dialogue = self.model.new_dialogue()
         self.model.predict([(dialogue, dialogue.append(encoded[0]))])
         return time.perf_counter() - t0
@@ -124,13 +151,14 @@ class InferenceEngine:
             self._thread.join(timeout)
 
     def new_context(self) -> DialogueContext:
-        return DialogueContext(self.model, revise=self.config.revise)
+        return DialogueContext(self.model, revise=self.config.revise, modalities=self.config.modalities)
 
     # ---- event-loop side ----
-    def analyze(self, audio: np.ndarray) -> _AnalyzeJob:
-        """Queue an utterance for ASR + encoding; await job.future for an Analysis."""
+    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob:
+        """Queue an utterance for ASR + encoding; await job.future for an Analysis. `context`: the
+        session's earlier transcripts, most recent first (copied: the caller's list may change)."""
         loop = asyncio.get_running_loop()
-        job = _AnalyzeJob(loop, loop.create_future(), audio=audio)
+        job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context))
         self._put(job)
         return job
 
@@ -252,7 +280,10 @@ class InferenceEngine:
             audios = [j.audio for j in jobs]
             transcripts = self.asr.transcribe(audios)
             t1 = time.perf_counter()
-            encoded = self.model.encode_utterances([t.text for t in transcripts], audios)
+            encoded = self.model.encode_utterances(
+                [t.text for t in transcripts], audios, whisper=whisper_inputs(self.model, self.asr, transcripts),
+                contexts=[j.context for j in jobs],
+            )
             t2 = time.perf_counter()
         except Exception as e:  # see _predict: only the utterance that fails gets an error
             if len(jobs) == 1:

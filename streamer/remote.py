@@ -5,7 +5,9 @@ the emotion model's cheap head (Bi-GRU + fusion + classifier) and each session's
 Wire format (Redis Streams, one consumer group, so N workers share the load and each batches jobs
 from every front-end):
 - jobs: `emostream:infer:jobs`, group `emostream:infer:workers`; fields j (job id), r (the
-  front-end's reply stream), f ("s16" int16 PCM or "f32"), a (16 kHz mono audio), d (deadline, unix s).
+  front-end's reply stream), f ("s16" int16 PCM or "f32"), a (16 kHz mono audio), d (deadline, unix s),
+  c (the session's earlier transcripts, most recent first: a JSON list of strings, bounded by
+  inference.bounded_context; a job without it, from an older front-end, has no context).
 - replies: `emostream:infer:r:{instance}` per front-end; fields j, ok ("1"/"0"), and either the
   transcript (text, nsp, lp), the cached vectors (tv: 384-d sentence vector, sv: speech-CNN
   embedding, float32 bytes, empty when absent), timings (asr, enc) and the worker (w), or err.
@@ -18,9 +20,11 @@ event, the session goes on) and bounds its outstanding jobs by `queue_size` (the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +34,7 @@ import torch
 from model import EmotionModel, EncodedUtterance
 from streamer.config import InferenceConfig
 from streamer.context import DialogueContext, Scored
-from streamer.inference import Analysis, InferenceEngine, Overloaded
+from streamer.inference import Analysis, InferenceEngine, Overloaded, bounded_context
 from streamer.metrics import Metrics
 from streamer.transcriber import Transcript
 
@@ -82,9 +86,23 @@ def _vec(data: bytes, device: torch.device) -> torch.Tensor | None:
     return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).to(device)
 
 
-def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float) -> dict[str, Any]:
+def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float,
+               context: Sequence[str] | None = None) -> dict[str, Any]:
     fmt, data = encode_audio(audio)
-    return {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline)}
+    return {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline),
+            "c": json.dumps(bounded_context(context), ensure_ascii=False)}
+
+
+def decode_context(fields: dict[bytes, bytes]) -> list[str]:
+    """A job's context (field c); none when the field is absent (a front-end from before it existed).
+    Raises ValueError when it is not a JSON list of strings."""
+    raw = fields.get(b"c")
+    if not raw:
+        return []
+    value = json.loads(raw.decode())  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError("context must be a JSON list of strings")
+    return bounded_context(value)
 
 
 def reply_fields(job_id: bytes, transcript: Transcript, encoded: EncodedUtterance, asr_s: float, enc_s: float,
@@ -225,15 +243,16 @@ class RemoteInferenceEngine:
         return {"kind": "remote", "instance": self.instance, "connected": self.connected, "outstanding": len(self._jobs)}
 
     # ---- event-loop side ----
-    def analyze(self, audio: np.ndarray) -> RemoteJob:
-        """Queue an utterance for a remote worker; await job.future for an Analysis."""
+    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob:
+        """Queue an utterance for a remote worker; await job.future for an Analysis. `context`: the
+        session's earlier transcripts, most recent first (sent with the job)."""
         if len(self._jobs) >= self.config.queue_size:
             raise Overloaded(f"{len(self._jobs)} inference jobs outstanding (limit {self.config.queue_size})")
         assert self._outbox is not None, "start() first"
         loop = asyncio.get_running_loop()
         self._n += 1
         job = RemoteJob(self, f"{self.instance}:{self._n}", loop.create_future(), time.perf_counter())
-        fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s)
+        fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s, context)
         job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
         self._jobs[job.job_id] = job
         self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs

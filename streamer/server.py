@@ -31,7 +31,7 @@ from streamer import protocol as P
 from streamer.alerts import AlertEngine, load_rules
 from streamer.bus import BusError, LocalBus, RedisBus, make_bus
 from streamer.config import AppConfig
-from streamer.inference import Analysis, InferenceEngine, Overloaded, SpeechToText
+from streamer.inference import CONTEXT_TRANSCRIPTS, Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.remote import RemoteInferenceEngine
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
@@ -220,6 +220,9 @@ class SessionRunner:
         self.channels = [Channel(i, s, speakers[i] if speakers else None) for i, s in enumerate(sessions)]
         self.multi = speakers is not None
         self.context = app.engine.new_context()
+        # the dialogue's recent transcripts (all channels, in turn order), most recent first: sent
+        # with each analyze job so the text encoder can read the utterance with what came before
+        self.recent: deque[str] = deque(maxlen=CONTEXT_TRANSCRIPTS)
         self.summary = CallSummary(session.session_id)
         self._uids: dict[tuple[int, int], int] = {}  # (channel, segmenter index) -> utterance id
         self._uid_channel: list[int] = []  # utterance id -> its channel
@@ -270,7 +273,8 @@ class SessionRunner:
                 self.publish(P.UTTERANCE_STARTED, utterance_id=uid, start_s=round(ev.start_s, 3), **self._who(ch))
             elif isinstance(ev, SpeechPaused):
                 try:
-                    self._speculative[(ch.number, ev.index)] = (len(ev.audio), engine.analyze(ev.audio))
+                    job = engine.analyze(ev.audio, context=list(self.recent))
+                    self._speculative[(ch.number, ev.index)] = (len(ev.audio), job)
                     metrics.inc("emostream_speculative_decodes_total")
                 except Overloaded:
                     pass  # the decode will be requested again when the utterance ends
@@ -293,7 +297,7 @@ class SessionRunner:
                     if spec is not None:
                         spec[1].abandoned = True
                     try:
-                        job = engine.analyze(ev.audio)
+                        job = engine.analyze(ev.audio, context=list(self.recent))
                     except Overloaded as e:
                         self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
                         continue
@@ -323,6 +327,8 @@ class SessionRunner:
         try:
             analysis: Analysis = await item.job.future
             self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **who)
+            if analysis.transcript.text.strip():
+                self.recent.appendleft(analysis.transcript.text)
             scored = await self.app.engine.predict(self.context, uid, analysis.encoded)
         except asyncio.CancelledError:
             if not item.job.future.cancelled():

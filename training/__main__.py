@@ -85,8 +85,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     split, part = parse_split(a.split)
     corpus = load_spec(a.data, audio_cache=Path(a.cache_dir) / "audio")
     targets = list(range(len(corpus))) if part == "all" else split_corpus(corpus, split, a.seed)[part]
-    table = build_table([corpus], model, a.cache_dir, finetune=not model.config.freeze_encoder, needed=targets)
-    if a.cache_speech:
+    # evaluation never trains the encoder: its sentence vectors (with context, where the model reads
+    # earlier utterances) are computed once, like serving's cache
+    table = build_table([corpus], model, a.cache_dir, finetune=False, needed=targets)
+    if a.cache_speech or (model.config.whisper_dim and corpus.has_audio):
         cache_speech_vectors(model, table)
     t0 = time.perf_counter()
     rep = evaluate(model, table, targets, mode=a.mode, progress=True)

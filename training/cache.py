@@ -28,13 +28,22 @@ def encoder_key(text_encoder) -> str:
     """Cache key of a text encoder: its configured name plus a checksum of a few weights, so a
     different model saved under the same folder name never reuses stale vectors."""
     with torch.no_grad():
-        probe = [p.detach().float().flatten()[:64].cpu().numpy().tobytes() for p in list(text_encoder.model.parameters())[:3]]
+        params = list(text_encoder.model.parameters())
+        # first and last tensors: a fine-tuned encoder (embeddings frozen) differs in its top layers
+        probe = [p.detach().float().flatten()[:64].cpu().numpy().tobytes() for p in params[:3] + params[-3:]]
     return _key(str(text_encoder.name), str(text_encoder.max_tokens), *[hashlib.sha1(b).hexdigest() for b in probe])
 
 
-def text_vectors(text_encoder, texts: Sequence[str], cache_dir: str | Path, batch_size: int = 64) -> torch.Tensor:
+_CTX = "\x1e"  # joins a text and its context into one cache key
+
+
+def text_vectors(text_encoder, texts: Sequence[str], cache_dir: str | Path, batch_size: int = 64,
+                 contexts: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
     """(N, D) float32 sentence vectors for `texts` (zeros for empty text), computed once per
-    distinct text and encoder and stored under cache_dir/text/."""
+    distinct text (with its context, when the encoder reads earlier utterances) and encoder, and
+    stored under cache_dir/text/."""
+    if contexts is not None:  # the key is the text and its context; split again before encoding
+        texts = [_CTX.join([t, *c]) if t else "" for t, c in zip(texts, contexts)]
     path = Path(cache_dir) / "text" / f"{encoder_key(text_encoder)}.npz"
     known: dict[str, int] = {}
     vecs = np.zeros((0, text_encoder.hidden_size), np.float32)
@@ -51,7 +60,9 @@ def text_vectors(text_encoder, texts: Sequence[str], cache_dir: str | Path, batc
         with torch.inference_mode():
             for s in tqdm(range(0, len(order), chunk), desc="encode texts", unit="chunk", leave=False):
                 ids = order[s : s + chunk]
-                new[ids] = text_encoder([todo[i] for i in ids], batch_size=batch_size).float().cpu().numpy()
+                split = [todo[i].split(_CTX) for i in ids]
+                ctx = [q[1:] for q in split] if contexts is not None else None
+                new[ids] = text_encoder([q[0] for q in split], batch_size=batch_size, contexts=ctx).float().cpu().numpy()
         for t in todo:
             known[t] = len(known)
         vecs = np.concatenate([vecs, new])

@@ -259,7 +259,7 @@ def load_ravdess(root: str | Path) -> Corpus:
     """RAVDESS speech audio: `MM-VV-EE-II-SS-RR-AA.wav` (modality, vocal channel 01 speech / 02 song,
     emotion 01-08, intensity, statement, repetition, actor). Song and video-only files are skipped."""
     utts = []
-    for p in sorted(Path(root).rglob("*.wav")):
+    for p in audio_files(root):
         parts = p.stem.split("-")
         if len(parts) != 7 or not all(x.isdigit() for x in parts):
             continue
@@ -273,7 +273,7 @@ def load_ravdess(root: str | Path) -> Corpus:
 def load_tess(root: str | Path) -> Corpus:
     """TESS: `OAF_back_angry.wav` / `YAF_...`: speaker (OAF older, YAF younger talker), word, emotion."""
     utts = []
-    for p in sorted(Path(root).rglob("*.wav")):
+    for p in audio_files(root):
         parts = p.stem.split("_")
         if len(parts) < 3:
             continue
@@ -287,12 +287,21 @@ def load_tess(root: str | Path) -> Corpus:
 def load_cremad(root: str | Path) -> Corpus:
     """CREMA-D: `1001_DFA_ANG_XX.wav`: actor id, sentence code, emotion code, intensity."""
     utts = []
-    for p in sorted(Path(root).rglob("*.wav")):
+    for p in audio_files(root):
         parts = p.stem.split("_")
         if len(parts) != 4 or not parts[0].isdigit() or parts[2] not in CREMAD_CODES:
             continue
         utts.append(_acted("cremad", p.name, CREMAD_CODES[parts[2]], parts[0], str(p)))
     return _nonempty(Corpus("cremad", NATIVE_LABELS["cremad"], utts), root)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus")  # what soundfile/libsndfile reads
+
+
+def audio_files(root: str | Path) -> list[Path]:
+    """Every audio file under `root` in a format soundfile reads, sorted (the acted corpora are
+    released as WAV; copies re-encoded to FLAC or another format load the same)."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
 def _acted(kind: str, name: str, label: str, speaker: str, path: str) -> Utterance:

@@ -98,7 +98,12 @@ def build_table(corpora: list[Corpus], model: EmotionModel, cache_dir: str, fine
             for i in needed:
                 keep[dialogue[i]] = True
             enc_texts = [t if k else "" for t, k in zip(texts, keep)]
-        vecs = cache.text_vectors(model.text_encoder, enc_texts, cache_dir)
+        contexts = None
+        if model.config.text_context:  # the encoder reads each utterance with its earlier ones
+            k = model.config.text_context
+            contexts = [[texts[j] for j in reversed(dialogue[i][max(0, p - k) : p].tolist())]
+                        for i, p in enumerate(np.concatenate(position).tolist())]
+        vecs = cache.text_vectors(model.text_encoder, enc_texts, cache_dir, contexts=contexts)
         text_vecs = torch.cat([vecs, torch.zeros(1, vecs.shape[1])])
     return Table(
         corpora=corpora, offsets=offsets, labels=np.asarray(labels, np.int64), texts=texts,
@@ -110,14 +115,23 @@ def build_table(corpora: list[Corpus], model: EmotionModel, cache_dir: str, fine
 
 @torch.inference_mode()
 def cache_speech_vectors(model: EmotionModel, table: Table, batch_size: int = 64) -> None:
-    """Embed every clip once with the (frozen, eval-mode) speech CNN."""
+    """Embed every clip once with the (frozen, eval-mode) speech branch; a branch that also reads
+    pooled Whisper states gets them from the packaged Whisper, as the service computes them."""
     idx = [i for i in range(len(table)) if table.has_audio[i]]
     out = torch.zeros(len(table), model.config.speech_dim)
     model.speech.eval()
+    whisper = None
+    if model.config.whisper_dim:
+        from training.speech_cache import WhisperStates
+
+        whisper = WhisperStates()
+        clips = [u for c in table.corpora for u in c.utterances]
     for s in range(0, len(idx), batch_size):
         chunk = idx[s : s + batch_size]
-        mel, lengths = features.pad_batch([table.mels[i] for i in chunk])
-        out[chunk] = model.speech(torch.from_numpy(mel).to(model.device), torch.from_numpy(lengths).to(model.device)).float().cpu()
+        states = None
+        if whisper is not None:
+            states = [whisper([cache._load_clip(clips[i])])[0] for i in chunk]
+        out[chunk] = model.embed_speech([table.mels[i] for i in chunk], whisper=states).float().cpu()
     table.speech_vecs = out
 
 

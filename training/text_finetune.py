@@ -1,0 +1,186 @@
+"""Stage 1 of the recipe: fine-tune the sentence encoder on MELD text with past context.
+
+Each MELD utterance is encoded as the pair (utterance, its earlier utterances, most recent first),
+exactly as `TextEncoder.tokenize` builds it when serving, mean-pooled, and classified by a linear
+head. Word embeddings stay frozen (they are the bulk of the weights and are read from the packaged
+encoder); the transformer layers are trained. The best epoch on MELD dev (WF1) is kept.
+
+  python -m training.text_finetune --meld ../shared/data/meld --out runs/text --epochs 3
+
+Writes out/encoder.pt ({"config", "layers": fine-tuned encoder weights in fp16, "history"}) and
+out/text_finetune.json. Test scores are computed once, for the kept epoch, and never used for a choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from model.config import MELD_LABELS, PACKAGED_ENCODER
+from model.text_encoder import TextEncoder
+from training.datasets import Corpus, load_meld
+from training.metrics import classification_report, format_report
+
+FROZEN_PREFIXES = ("embeddings.",)  # encoder parameters that keep their pre-trained values
+
+
+def previous_texts(corpus: Corpus, n: int) -> list[list[str]]:
+    """For each utterance: up to `n` earlier utterances of its dialogue, most recent first."""
+    out: list[list[str]] = [[] for _ in corpus.utterances]
+    for members in corpus.dialogues.values():
+        for p, i in enumerate(members):
+            out[i] = [corpus.utterances[j].text for j in reversed(members[max(0, p - n) : p])]
+    return out
+
+
+def trainable_state(encoder: TextEncoder, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The fine-tuned part of the encoder (everything but FROZEN_PREFIXES), as stored."""
+    return {k: v.detach().cpu().to(dtype) for k, v in encoder.model.state_dict().items()
+            if not k.startswith(FROZEN_PREFIXES) and v.is_floating_point()}
+
+
+class Classifier(nn.Module):
+    def __init__(self, encoder: TextEncoder, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.hidden_size, num_labels)
+
+    def forward(self, tok) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return self.head(self.dropout(self.encoder.pool(tok)))  # (B, C)
+
+
+def _batches(idx: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding, so a CPU epoch is much shorter)."""
+    idx = idx[:]
+    rng.shuffle(idx)
+    pool = batch_size * 50
+    out = []
+    for s in range(0, len(idx), pool):
+        chunk = sorted(idx[s : s + pool], key=lambda i: lengths[i])
+        out += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+@torch.inference_mode()
+def predict(model: Classifier, texts: list[str], contexts: list[list[str]], idx: list[int], batch_size: int = 64) -> np.ndarray:
+    """(len(idx), C) logits."""
+    model.eval()
+    dev = model.head.weight.device
+    order = sorted(range(len(idx)), key=lambda k: len(texts[idx[k]]) + sum(len(c) for c in contexts[idx[k]]))
+    out = np.zeros((len(idx), model.head.out_features), np.float32)
+    for s in range(0, len(order), batch_size):
+        ks = order[s : s + batch_size]
+        tok = model.encoder.tokenize([texts[idx[k]] for k in ks], [contexts[idx[k]] for k in ks]).to(dev)
+        out[ks] = model(tok).float().cpu().numpy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--meld", required=True, help="folder with MELD's {train,dev,test}_sent_emo.csv")
+    p.add_argument("--out", default="runs/text")
+    p.add_argument("--encoder", default=PACKAGED_ENCODER)
+    p.add_argument("--context", type=int, default=3, help="earlier utterances in the encoder input")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.06)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=0, help=">0: a subset (smoke tests)")
+    a = p.parse_args(argv)
+
+    from model.emotion_model import resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    dev = resolve_device(a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = load_meld(a.meld)
+    texts = [u.text for u in corpus.utterances]
+    contexts = previous_texts(corpus, a.context)
+    y = np.array([MELD_LABELS.index(u.label) for u in corpus.utterances])
+    parts = {k: [i for i, u in enumerate(corpus.utterances) if u.part == k and u.text] for k in ("train", "dev", "test")}
+    if a.max_train:
+        parts = {k: v[: a.max_train] for k, v in parts.items()}
+
+    encoder = TextEncoder(a.encoder, a.max_tokens, frozen=False)
+    for name, prm in encoder.model.named_parameters():
+        prm.requires_grad_(not name.startswith(FROZEN_PREFIXES))
+    model = Classifier(encoder, len(MELD_LABELS)).to(dev)
+    opt = torch.optim.AdamW([
+        {"params": [q for q in encoder.parameters() if q.requires_grad], "lr": a.lr},
+        {"params": model.head.parameters(), "lr": a.head_lr},
+    ], weight_decay=0.01)
+    lengths = [len(texts[i]) + sum(len(c) for c in contexts[i]) for i in range(len(texts))]
+    steps_per_epoch = math.ceil(len(parts["train"]) / a.batch_size)
+    total = steps_per_epoch * a.epochs
+    warm = max(1, int(a.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+
+    history, best, best_state, t_start = [], -1.0, None, time.time()
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        t0, losses = time.time(), []
+        bar = tqdm(_batches(parts["train"], lengths, a.batch_size, rng), desc=f"epoch {epoch}", unit="batch")
+        for b in bar:
+            tok = encoder.tokenize([texts[i] for i in b], [contexts[i] for i in b]).to(dev)
+            loss = F.cross_entropy(model(tok), torch.from_numpy(y[b]).to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        dev_logits = predict(model, texts, contexts, parts["dev"])
+        rep = classification_report(y[parts["dev"]], dev_logits.argmax(1), MELD_LABELS)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev_wf1": rep["wf1"], "dev_acc": rep["acc"],
+                        "dev_wa": rep["wa"], "seconds": time.time() - t0})
+        print(f"epoch {epoch}: loss {np.mean(losses):.3f}  dev WF1 {rep['wf1']:.2f} acc {rep['acc']:.2f} "
+              f"WA {rep['wa']:.2f}  ({time.time() - t0:.0f} s)", flush=True)
+        if rep["wf1"] > best:
+            best = rep["wf1"]
+            best_state = {"encoder": trainable_state(encoder, torch.float32), "head": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}}
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    assert best_state is not None
+    model.encoder.model.load_state_dict(best_state["encoder"], strict=False)
+    model.head.load_state_dict(best_state["head"])
+    # stored in fp16: score dev again from the fp16 weights, so the reported numbers are the shipped ones
+    half = {k: v.half() for k, v in best_state["encoder"].items()}
+    model.encoder.model.load_state_dict({k: v.float() for k, v in half.items()}, strict=False)
+    result = {"config": vars(a), "history": history, "minutes": (time.time() - t_start) / 60,
+              "frozen_prefixes": list(FROZEN_PREFIXES), "machine": f"{torch.get_num_threads()} torch threads, {dev}"}
+    for part in ("dev", "test"):
+        logits = predict(model, texts, contexts, parts[part])
+        rep = classification_report(y[parts[part]], logits.argmax(1), MELD_LABELS)
+        result[part] = rep
+        print(format_report(rep, f"MELD {part} (kept epoch, fp16 weights)"), flush=True)
+    torch.save({"encoder": a.encoder, "max_tokens": a.max_tokens, "context": a.context, "layers": half,
+                "head": best_state["head"], "history": history}, out / "encoder.pt")
+    (out / "text_finetune.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
