@@ -348,7 +348,7 @@ class SessionRunner:
         self.publish(
             P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores,
             modality_weights=pred.modality_weights, latency_ms=latency,
-            asr_ms=round(analysis.asr_s * 1000, 1), text_masked=not analysis.transcript.text, **who,
+            asr_ms=round(analysis.asr_s * 1000, 1), text_masked=pred.modality_weights["text"] == 0.0, **who,
         )
         if scored.revised is not None:
             r = scored.revised

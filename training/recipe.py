@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import EmotionModel, MELD_LABELS, ModelConfig, save_checkpoint
+from model.text_encoder import TextEncoder
 from training.calibration import calibration_report, fit_temperature, reliability_plot
 from training.datasets import TO_MELD, load_meld, load_ravdess
 from training.metrics import classification_report, format_report
@@ -46,13 +47,16 @@ PACKAGED_WHISPER = "tiny.en"
 def build_model(text_blob: dict, speech_blob: dict) -> EmotionModel:
     """The full model with stage 1's encoder layers and stage 2's speech branch loaded."""
     mode = speech_blob["mode"]
+    # the encoder stage 1 fine-tuned (not necessarily the packaged one), with its own hidden size
+    text_encoder = TextEncoder(text_blob["encoder"], int(text_blob["max_tokens"]), frozen=False)
     cfg = ModelConfig(
+        encoder=text_blob["encoder"], encoder_dim=text_encoder.hidden_size,
         max_text_tokens=int(text_blob["max_tokens"]), text_context=int(text_blob["context"]),
         freeze_encoder=False, encoder_layers_only=True,
         whisper_dim=int(speech_blob["whisper_dim"]) if mode == "both" else 0,
         whisper_model=PACKAGED_WHISPER if mode == "both" else "",
     )
-    model = EmotionModel(cfg)
+    model = EmotionModel(cfg, text_encoder=text_encoder)
     missing, unexpected = model.text_encoder.model.load_state_dict({k: v.float() for k, v in text_blob["layers"].items()}, strict=False)
     if unexpected or any(not k.startswith("embeddings.") for k in missing):
         raise ValueError(f"text encoder weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")

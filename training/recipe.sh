@@ -22,6 +22,6 @@ fi
 $PY -m training.speech_branch --ravdess "$DATA/ravdess" --out "$RUNS/speech" --init-cnn "$EMODB_CNN" --epochs 25 --patience 6
 $PY -m training.recipe --meld "$DATA/meld" --ravdess "$DATA/ravdess" --text "$RUNS/text/encoder.pt" \
     --speech "$RUNS/speech/speech.pt" --out "$RUNS/recipe" --checkpoint model/checkpoints/default.pt
-mkdir -p training/reports/v4
+mkdir -p training/reports
 cp "$RUNS"/text/text_finetune.json "$RUNS"/speech/speech_report.json "$RUNS"/speech/*.png \
-   "$RUNS"/recipe/recipe_report.json "$RUNS"/recipe/*.png training/reports/v4/
+   "$RUNS"/recipe/recipe_report.json "$RUNS"/recipe/*.png training/reports/

@@ -181,10 +181,12 @@ def train_cnn(feats: SpeechFeatures, y: np.ndarray, parts: dict[str, list[int]],
 
 def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Tensor, feats: SpeechFeatures, y: np.ndarray,
                      parts: dict[str, list[int]], labels: Sequence[str], cnn: SpeechCNN | None, epochs: int, seed: int,
-                     log: list[dict]) -> SpeechHead:
+                     log: list[dict], cnn_dropout: float = 0.3, cnn_drop_all: float = 0.0) -> SpeechHead:
     """Whisper-only, or CNN (frozen, cached) + Whisper: the layers after the cached inputs, on every
     training version; the best validation WA is kept. In 'both', Whisper states are dropped for 10 %
-    of examples, so the branch still works when an ASR model gives no usable states."""
+    of examples, so the branch still works when an ASR model gives no usable states. The frozen CNN
+    fits its training actors far better than new ones, so its vectors get dropout (`cnn_dropout`)
+    and are dropped whole for a share of examples (`cnn_drop_all`): the mix must not lean on them."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SpeechHead(mode, len(labels))
@@ -202,7 +204,8 @@ def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Ten
             w = whisper[b]
             c = None
             if mode == "both":
-                c = F.dropout(cnn_vec[b], 0.3, training=True)
+                c = F.dropout(cnn_vec[b], cnn_dropout, training=True)
+                c = c * (torch.rand(len(b), 1) >= cnn_drop_all).float()
                 w = w * (torch.rand(len(b), 1) > 0.1).float()
             v = model.vector(c, w) if mode == "whisper" else _mix_masked(model, c, w)
             loss = F.cross_entropy(model.head(v), yt[b], label_smoothing=0.1)
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-cnn", default="", help="checkpoint whose speech CNN initialises this one")
+    p.add_argument("--cnn-from", default="", help="a previous run folder of this stage: reuse its trained CNN (and its "
+                   "CNN scores and history) instead of training it again; only the vector heads are trained")
+    p.add_argument("--cnn-dropout", type=float, default=0.5, help="dropout on the frozen CNN's vectors in 'both'")
+    p.add_argument("--cnn-drop-all", type=float, default=0.5, help="share of 'both' examples whose CNN vector is dropped whole")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-actors", default="17-20")
     p.add_argument("--test-actors", default="21-24")
@@ -274,20 +281,38 @@ def main(argv: list[str] | None = None) -> int:
     parts = ravdess_parts(corpus, actor_range(a.test_actors), actor_range(a.val_actors))
     feats = features_for(corpus, parts, a.cache_dir, seed=a.seed)
     log: list[dict] = []
-    cnn_head, cnn_epoch = train_cnn(feats, y, parts, labels, a.epochs, a.patience, a.seed, log, a.init_cnn, a.lr)
-    t_cnn = time.time() - t_start
+    prev: dict = {}
+    if a.cnn_from:
+        prev = json.loads((Path(a.cnn_from) / "speech_report.json").read_text())
+        blob = torch.load(Path(a.cnn_from) / "speech.pt", map_location="cpu", weights_only=True)
+        cnn_head = SpeechHead("cnn", len(labels))
+        cnn_head.speech.load_state_dict({k.removeprefix("speech."): v for k, v in blob["state"].items() if k.startswith("speech.")})
+        if "cnn_head" in blob:
+            cnn_head.head.load_state_dict(blob["cnn_head"])
+        cnn_head.eval()
+        cnn_epoch, t_cnn = prev["cnn_best_epoch"], prev["cnn_minutes"] * 60
+        log += [h for h in prev["history"] if h["stage"] == "cnn"]
+    else:
+        cnn_head, cnn_epoch = train_cnn(feats, y, parts, labels, a.epochs, a.patience, a.seed, log, a.init_cnn, a.lr)
+        t_cnn = time.time() - t_start
     cnn_vec = cnn_vectors(cnn_head.speech, feats.mels)
     whisper = torch.from_numpy(feats.whisper)
     heads = {"cnn": cnn_head,
              "whisper": train_on_vectors("whisper", None, whisper, feats, y, parts, labels, None, a.vector_epochs, a.seed, log),
-             "both": train_on_vectors("both", cnn_vec, whisper, feats, y, parts, labels, cnn_head.speech, a.vector_epochs, a.seed, log)}
+             "both": train_on_vectors("both", cnn_vec, whisper, feats, y, parts, labels, cnn_head.speech, a.vector_epochs, a.seed, log,
+                                      a.cnn_dropout, a.cnn_drop_all)}
     with torch.inference_mode():
         cnn_vec_h = {m: cnn_vec for m in heads}
     val = evaluate_heads(heads, cnn_vec_h["cnn"], whisper, feats, y, parts["val"], labels)
+    if prev and "cnn_head" not in blob:  # an older run folder kept no CNN head: take its CNN scores as they were
+        for part, res in (("val", val),):
+            res |= {k: v for k, v in prev[part].items() if k.startswith("cnn/")}
     # the speech input is chosen on validation actors only (mean WA over clean and live-like versions);
     # the paper's CNN stays the speech branch, so the choice is CNN alone or CNN + Whisper states
     choice = max(("cnn", "both"), key=lambda m: val[f"{m}/clean"]["native"]["wa"] + val[f"{m}/aug"]["native"]["wa"])
     test = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["test"], labels)
+    if prev and "cnn_head" not in blob:
+        test |= {k: v for k, v in prev["test"].items() if k.startswith("cnn/")}
     for key, rep in test.items():
         print(format_report(rep["native"], f"test actors {a.test_actors}, {key}, 8 classes"), flush=True)
     rep = test[f"{choice}/clean"]
@@ -297,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 out / "cnn_curves.png", "speech CNN on RAVDESS actors 1-16 (val 17-20)")
     chosen = heads[choice]
     state = {k: v for k, v in chosen.state_dict().items() if not k.startswith("head.")}
-    torch.save({"mode": choice, "state": state, "head": chosen.head.state_dict(), "labels": labels,
+    torch.save({"mode": choice, "state": state, "head": chosen.head.state_dict(), "cnn_head": cnn_head.head.state_dict(), "labels": labels,
                 "whisper_model": "", "whisper_dim": int(whisper.shape[1])}, out / "speech.pt")
-    report = {"choice": choice, "cnn_init": a.init_cnn or "random", "cnn_lr": a.lr, "chosen_on": "validation actors 17-20, mean of clean and live-like WA",
+    report = {"choice": choice, "cnn_init": a.init_cnn or prev.get("cnn_init", "random"), "cnn_lr": a.lr,
+              "cnn_from": a.cnn_from, "cnn_dropout": a.cnn_dropout, "cnn_drop_all": a.cnn_drop_all, "chosen_on": "validation actors 17-20, mean of clean and live-like WA",
               "cnn_best_epoch": cnn_epoch, "cnn_minutes": t_cnn / 60, "total_minutes": (time.time() - t_start) / 60,
               "split": {"val": f"actors {a.val_actors}", "test": f"actors {a.test_actors}", "train": "the other actors"},
               "n": {k: len(v) for k, v in parts.items()}, "val": val, "test": test, "history": log}
