@@ -9,7 +9,8 @@ Both encoders stay fixed here, so their outputs are computed once. Each epoch mi
   emotion, they decide;
 - RAVDESS training clips (actors 1-16; clean or live-like versions) speech only, and with their own
   lexically neutral sentence as text ("Kids are talking by the door"), in short pseudo-dialogues of
-  such sentences, labelled by the voice: when the words carry nothing, the voice decides.
+  such sentences, labelled by the voice: when the words carry nothing, the voice decides; and the
+  sentence alone, labelled neutral (all the words say).
 Choices (epoch) are made on MELD dev WF1 and RAVDESS validation actors 17-20; the temperature on
 the same validation sets. MELD test and RAVDESS test actors 21-24 are scored once, at the end.
 
@@ -171,7 +172,10 @@ class Data:
                 present.append([row >= 0, True])
             else:
                 clip = int(self.feats.clip[i])
-                labels.append(self.rav_label[clip])
+                # a lexically neutral sentence without its voice says nothing: trained as neutral
+                # (scored against the voice's label, which text alone cannot know)
+                text_only = kind == "rav-text" and rng is not None
+                labels.append(MELD_LABELS.index("neutral") if text_only else self.rav_label[clip])
                 if kind == "rav-speech":
                     windows.append([torch.zeros(self.dim)])
                     targets.append(0)
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     history, best, best_state, bad = [], -1.0, None, 0
     for epoch in range(1, a.epochs + 1):
         te = time.time()
-        ex = data.meld_examples("train", rng) + data.ravdess_examples("train", rng, "all", modes=("speech", "both", "both"))
+        ex = data.meld_examples("train", rng) + data.ravdess_examples("train", rng, "all", modes=("speech", "both", "both", "text"))
         order = rng.permutation(len(ex))
         losses = []
         for s in range(0, len(order), a.batch_size):
@@ -309,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     train_minutes = (time.time() - t0) / 60
 
     # calibration: one temperature fitted on the validation sets (MELD dev, RAVDESS val actors, all modalities)
-    val_all = eval_sets(data, "dev", "val")
+    # (not on RAVDESS sentences without their voice: their labels are the voice's, which text alone
+    # cannot know, and fitting to them would flatten every other prediction)
+    val_all = {k: v for k, v in eval_sets(data, "dev", "val").items() if not k.endswith("-text")}
     lg = np.concatenate([run(model, data, v)[0] for v in val_all.values()])
     lb = np.concatenate([run(model, data, v)[2] for v in val_all.values()])
     temperature = fit_temperature(lg, lb)
-    results: dict = {"val": {}, "test": {}, "calibration": {"temperature": temperature, "fitted_on": "MELD dev + RAVDESS actors 17-20 (all modality sets)"}}
+    results: dict = {"val": {}, "test": {}, "calibration": {"temperature": temperature, "fitted_on": "MELD dev + RAVDESS actors 17-20 (speech-only and voice+sentence sets, clean and live-like)"}}
     for part_m, part_r, key in (("dev", "val", "val"), ("test", "test", "test")):
         for name, ex in eval_sets(data, part_m, part_r).items():
             lgt, w, lbl = run(model, data, ex)

@@ -86,6 +86,14 @@ class SpeechHead(nn.Module):
         return self.speech_mix(torch.cat([cnn_vec, w], dim=-1))
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimiser step on `loss`; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def spec_augment(mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Two frequency masks (<= 8 bins) and two time masks (<= 10 % of frames), set to the mean (0)."""
     mel = mel.copy()
@@ -157,10 +165,7 @@ def train_cnn(feats: SpeechFeatures, y: np.ndarray, parts: dict[str, list[int]],
             mel, lens = features.pad_batch([spec_augment(feats.mels[r], rng) for r in b])
             logits = model.head(model.speech(torch.from_numpy(mel), torch.from_numpy(lens)))
             loss = F.cross_entropy(logits, torch.from_numpy(y[feats.clip[b]]), label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
+            losses.append(_step(opt, loss))
         model.eval()
         with torch.inference_mode():
             val_logits = model.head(cnn_vectors(model.speech, [feats.mels[r] for r in val_rows])).numpy()
@@ -209,10 +214,7 @@ def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Ten
                 w = w * (torch.rand(len(b), 1) > 0.1).float()
             v = model.vector(c, w) if mode == "whisper" else _mix_masked(model, c, w)
             loss = F.cross_entropy(model.head(v), yt[b], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
+            losses.append(_step(opt, loss))
         model.eval()
         with torch.inference_mode():
             logits = model.head(_mix_masked(model, cnn_vec[va], whisper[va]) if mode == "both" else model.vector(None, whisper[va]))
