@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from model.config import MELD_LABELS, PACKAGED_ENCODER
 from model.text_encoder import TextEncoder
-from training.datasets import Corpus, load_meld
+from training.datasets import Corpus, load_meld, split_corpus
 from training.metrics import classification_report, format_report
 
 FROZEN_PREFIXES = ("embeddings.",)  # encoder parameters that keep their pre-trained values
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meld", required=True, help="folder with MELD's {train,dev,test}_sent_emo.csv")
     p.add_argument("--out", default="runs/text")
     p.add_argument("--encoder", default=PACKAGED_ENCODER)
+    p.add_argument("--split", default="official", help="MELD split: official (dev chooses), paper, paper-dialogues")
     p.add_argument("--context", type=int, default=3, help="earlier utterances in the encoder input")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = [u.text for u in corpus.utterances]
     contexts = previous_texts(corpus, a.context)
     y = np.array([MELD_LABELS.index(u.label) for u in corpus.utterances])
-    parts = {k: [i for i, u in enumerate(corpus.utterances) if u.part == k and u.text] for k in ("train", "dev", "test")}
+    named = split_corpus(corpus, a.split, a.seed)  # {train, val, test}; the validation part chooses the epoch
+    parts = {k: [i for i in named[src] if corpus.utterances[i].text] for k, src in (("train", "train"), ("dev", "val"), ("test", "test"))}
     if a.max_train:
         parts = {k: v[: a.max_train] for k, v in parts.items()}
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         logits = predict(model, texts, contexts, parts[part])
         rep = classification_report(y[parts[part]], logits.argmax(1), MELD_LABELS)
         result[part] = rep
-        print(format_report(rep, f"MELD {part} (kept epoch, fp16 weights)"), flush=True)
+        print(format_report(rep, f"MELD {a.split} {part} (kept epoch, fp16 weights)"), flush=True)
     torch.save({"encoder": a.encoder, "max_tokens": a.max_tokens, "context": a.context, "layers": half,
                 "head": best_state["head"], "history": history}, out / "encoder.pt")
     (out / "text_finetune.json").write_text(json.dumps(result, indent=1))
