@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_at_start": os.getloadavg(), "note": "shared machine: other jobs may run concurrently"},
         "checkpoint": os.path.relpath(a.checkpoint, ROOT),
         "checkpoint_sha256": sha256(a.checkpoint),
-        "data": str(a.data),
+        "data": os.path.relpath(a.data, ROOT),
         "actors": actors,
         "limit": a.limit,
         "speed": a.speed, "gap_s": a.gap, "noise_dbfs": a.noise_db, "seed": a.seed, "device": a.device,
