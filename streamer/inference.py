@@ -55,6 +55,19 @@ def whisper_inputs(model: EmotionModel, asr: object,
     return out if any(s is not None for s in out) else None
 
 
+def transcribe_and_encode(model: EmotionModel, asr: SpeechToText, audios: list[np.ndarray],
+                          contexts: Sequence[Sequence[str]]) -> tuple[list[Transcript], list[EncodedUtterance], float, float]:
+    """Whisper, then the model's utterance features from the transcripts, Whisper's pooled states and
+    each utterance's context: (transcripts, encoded, ASR seconds, encoding seconds). The inference
+    thread and remote workers both call this, so an utterance is encoded the same way in either."""
+    t0 = time.perf_counter()
+    transcripts = asr.transcribe(audios)
+    t1 = time.perf_counter()
+    encoded = model.encode_utterances([t.text for t in transcripts], audios,
+                                      whisper=whisper_inputs(model, asr, transcripts), contexts=[list(c) for c in contexts])
+    return transcripts, encoded, t1 - t0, time.perf_counter() - t1
+
+
 class Overloaded(RuntimeError):
     """The inference queue is full: the service is behind and refuses new work."""
 
@@ -135,10 +148,7 @@ class InferenceEngine:
         utterance does not pay for lazy initialisation (~0.5 s on CPU). Call before start()."""
         t0 = time.perf_counter()
         audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        transcripts = self.asr.transcribe([audio])
-        encoded = self.model.encode_utterances(
-            ["warm up"], [audio], whisper=whisper_inputs(self.model, self.asr, transcripts), contexts=[["warm up"]],
-        )
+        _, encoded, _, _ = transcribe_and_encode(self.model, self.asr, [audio], [["warm up"]])
         dialogue = self.model.new_dialogue()
         self.model.predict([(dialogue, dialogue.append(encoded[0]))])
         return time.perf_counter() - t0
@@ -276,15 +286,8 @@ class InferenceEngine:
                 self._analyze(jobs[s : s + step])
             return
         try:
-            t0 = time.perf_counter()
-            audios = [j.audio for j in jobs]
-            transcripts = self.asr.transcribe(audios)
-            t1 = time.perf_counter()
-            encoded = self.model.encode_utterances(
-                [t.text for t in transcripts], audios, whisper=whisper_inputs(self.model, self.asr, transcripts),
-                contexts=[j.context for j in jobs],
-            )
-            t2 = time.perf_counter()
+            transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
+                self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs])
         except Exception as e:  # see _predict: only the utterance that fails gets an error
             if len(jobs) == 1:
                 log.exception("analyze failed")
@@ -294,8 +297,8 @@ class InferenceEngine:
             for j in jobs:
                 self._analyze([j])
             return
-        self.metrics.asr_seconds.observe(t1 - t0)
-        self.metrics.model_seconds.observe(t2 - t1)
+        self.metrics.asr_seconds.observe(asr_s)
+        self.metrics.model_seconds.observe(enc_s)
         self.metrics.batch_size.observe(len(jobs))
         for j, tr, enc in zip(jobs, transcripts, encoded):
-            j.resolve(Analysis(tr, enc, t1 - t0, t2 - t1))
+            j.resolve(Analysis(tr, enc, asr_s, enc_s))

@@ -67,6 +67,7 @@ class Transcriber:
         )
         self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
         self.compute_type = compute
+        self.name = whisper_name(str(config.model))  # read once per batch (inference.whisper_inputs)
 
     @property
     def batch_size(self) -> int:
@@ -79,11 +80,6 @@ class Transcriber:
         c = self.config
         return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
 
-    @property
-    def name(self) -> str:
-        """What the emotion model's `whisper_model` is matched against: "tiny.en" for the packaged
-        model, else the model folder's name."""
-        return whisper_name(str(self.config.model))
 
     def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
         """Decode float32 16 kHz mono utterances (each <= 30 s; longer ones are cut) in one batch."""
@@ -122,6 +118,8 @@ class Transcriber:
 
 
 def whisper_name(model: str) -> str:
+    """What the emotion model's `whisper_model` is matched against: "tiny.en" for the packaged
+    model, else the model folder's name."""
     from streamer.config import default_asr_model
 
     return PACKAGED_WHISPER if Path(model) == Path(default_asr_model()) else Path(model).name

@@ -30,7 +30,7 @@ import numpy as np
 
 from model import EmotionModel
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
-from streamer.inference import SpeechToText, whisper_inputs
+from streamer.inference import SpeechToText, transcribe_and_encode
 from streamer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields
 
 log = logging.getLogger("streamer.worker")
@@ -58,10 +58,7 @@ class Worker:
     def warmup(self) -> float:
         """One tiny utterance through both models, so the first real job pays no lazy init."""
         t0 = time.perf_counter()
-        audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        transcripts = self.asr.transcribe([audio])
-        self.model.encode_utterances(["warm up"], [audio], whisper=whisper_inputs(self.model, self.asr, transcripts),
-                                     contexts=[["warm up"]])
+        transcribe_and_encode(self.model, self.asr, [np.zeros(SAMPLE_RATE, dtype=np.float32)], [["warm up"]])
         return time.perf_counter() - t0
 
     def ensure_group(self) -> None:
@@ -173,16 +170,9 @@ class Worker:
     def _analyze(self, jobs: list[Live]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
         """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs).
         Encoded as the in-process engine does: with each job's context and Whisper's pooled states."""
-        audios = [j[3] for j in jobs]
         try:
-            t0 = time.perf_counter()
-            transcripts = self.asr.transcribe(audios)
-            t1 = time.perf_counter()
-            encoded = self.model.encode_utterances(
-                [t.text for t in transcripts], audios, whisper=whisper_inputs(self.model, self.asr, transcripts),
-                contexts=[j[4] for j in jobs],
-            )
-            t2 = time.perf_counter()
+            transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
+                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs])
         except Exception as e:
             if len(jobs) > 1:
                 log.exception("worker %s: batch of %d failed; retrying job by job", self.name, len(jobs))
@@ -192,7 +182,7 @@ class Worker:
             eid, job_id, reply_to, *_ = jobs[0]
             return [(eid, reply_to, error_fields(job_id, f"{type(e).__name__}: {e}", self.name))]
         self.jobs += len(jobs)
-        return [(eid, reply_to, reply_fields(job_id, tr, enc, t1 - t0, t2 - t1, self.name))
+        return [(eid, reply_to, reply_fields(job_id, tr, enc, asr_s, enc_s, self.name))
                 for (eid, job_id, reply_to, *_), tr, enc in zip(jobs, transcripts, encoded)]
 
     def _answer(self, replies: list[tuple[bytes, bytes, dict[str, Any]]], dead: list[bytes]) -> None:
