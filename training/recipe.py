@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from model import EmotionModel, MELD_LABELS, ModelConfig, save_checkpoint
 from model.text_encoder import TextEncoder
-from training.calibration import calibration_report, fit_temperature, reliability_plot
+from training.calibration import calibration_report, fit_temperature, reliability_plot, softmax
 from training.datasets import TO_MELD, load_meld, load_ravdess
 from training.metrics import classification_report, format_report
 from training.report import plot_confusion, plot_curves
@@ -312,17 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(best_state)
     train_minutes = (time.time() - t0) / 60
 
-    # calibration: one temperature fitted on the validation sets (MELD dev, RAVDESS val actors, all modalities)
-    # (not on RAVDESS sentences without their voice: their labels are the voice's, which text alone
-    # cannot know, and fitting to them would flatten every other prediction)
-    val_all = {k: v for k, v in eval_sets(data, "dev", "val").items() if not k.endswith("-text")}
-    lg = np.concatenate([run(model, data, v)[0] for v in val_all.values()])
-    lb = np.concatenate([run(model, data, v)[2] for v in val_all.values()])
-    temperature = fit_temperature(lg, lb)
+    # every validation and test set run once: (logits, modality weights, labels)
+    outputs = {key: {name: run(model, data, ex) for name, ex in eval_sets(data, part_m, part_r).items()}
+               for part_m, part_r, key in (("dev", "val", "val"), ("test", "test", "test"))}
+    # calibration: one temperature fitted on the validation sets (MELD dev, RAVDESS val actors), not on
+    # RAVDESS sentences without their voice: their labels are the voice's, which text alone cannot
+    # know, and fitting to them would flatten every other prediction
+    fit = [o for name, o in outputs["val"].items() if not name.endswith("-text")]
+    temperature = fit_temperature(np.concatenate([o[0] for o in fit]), np.concatenate([o[2] for o in fit]))
     results: dict = {"val": {}, "test": {}, "calibration": {"temperature": temperature, "fitted_on": "MELD dev + RAVDESS actors 17-20 (speech-only and voice+sentence sets, clean and live-like)"}}
-    for part_m, part_r, key in (("dev", "val", "val"), ("test", "test", "test")):
-        for name, ex in eval_sets(data, part_m, part_r).items():
-            lgt, w, lbl = run(model, data, ex)
+    for key, sets in outputs.items():
+        for name, (lgt, w, lbl) in sets.items():
             results[key][name] = _report(lgt, w, lbl, name.rsplit("-", 1)[-1] if "ravdess" in name else "text")
             if key == "test":
                 results["calibration"][name] = calibration_report(lgt, lbl, temperature)
@@ -333,11 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                         ("ravdess-test-clean-speech", "RAVDESS actors 21-24, speech only")):
         plot_confusion(results["test"][name]["confusion"], MELD_LABELS, out / f"confusion_{name}.png", title)
     for name in ("meld-test", "ravdess-test-clean-both"):
-        lgt, _, lbl = run(model, data, eval_sets(data, "test", "test")[name])
-        e = np.exp(lgt - lgt.max(1, keepdims=True))
-        e2 = np.exp(lgt / temperature - (lgt / temperature).max(1, keepdims=True))
-        reliability_plot(e / e.sum(1, keepdims=True), lbl, out / f"reliability_{name}.png", f"{name}: T = {temperature:.2f}",
-                         probs_after=e2 / e2.sum(1, keepdims=True))
+        lgt, _, lbl = outputs["test"][name]
+        reliability_plot(softmax(lgt), lbl, out / f"reliability_{name}.png", f"{name}: T = {temperature:.2f}",
+                         probs_after=softmax(lgt, temperature))
     plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_wf1": h["val_meld_dev_wf1"], "val_wa": h["val_ravdess_wa"]} for h in history],
                 out / "curves.png", "stage 3: dialogue GRU + fusion (val: MELD dev WF1, RAVDESS 17-20 WA)")
 

@@ -303,18 +303,14 @@ def main(argv: list[str] | None = None) -> int:
              "whisper": train_on_vectors("whisper", None, whisper, feats, y, parts, labels, None, a.vector_epochs, a.seed, log),
              "both": train_on_vectors("both", cnn_vec, whisper, feats, y, parts, labels, cnn_head.speech, a.vector_epochs, a.seed, log,
                                       a.cnn_dropout, a.cnn_drop_all)}
-    with torch.inference_mode():
-        cnn_vec_h = {m: cnn_vec for m in heads}
-    val = evaluate_heads(heads, cnn_vec_h["cnn"], whisper, feats, y, parts["val"], labels)
+    val = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["val"], labels)
+    test = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["test"], labels)
     if prev and "cnn_head" not in blob:  # an older run folder kept no CNN head: take its CNN scores as they were
-        for part, res in (("val", val),):
+        for part, res in (("val", val), ("test", test)):
             res |= {k: v for k, v in prev[part].items() if k.startswith("cnn/")}
     # the speech input is chosen on validation actors only (mean WA over clean and live-like versions);
     # the paper's CNN stays the speech branch, so the choice is CNN alone or CNN + Whisper states
     choice = max(("cnn", "both"), key=lambda m: val[f"{m}/clean"]["native"]["wa"] + val[f"{m}/aug"]["native"]["wa"])
-    test = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["test"], labels)
-    if prev and "cnn_head" not in blob:
-        test |= {k: v for k, v in prev["test"].items() if k.startswith("cnn/")}
     for key, rep in test.items():
         print(format_report(rep["native"], f"test actors {a.test_actors}, {key}, 8 classes"), flush=True)
     rep = test[f"{choice}/clean"]

@@ -70,13 +70,6 @@ class WhisperStates:
         return np.stack([features.pool_whisper_states(s, len(a)) for s, a in zip(states, audios)])
 
 
-def load_clip(path: str) -> np.ndarray:
-    import soundfile as sf
-
-    audio, sr = sf.read(path, dtype="float32", always_2d=True)
-    return features.resample(audio.mean(axis=1), sr)
-
-
 def build(corpus: Corpus, clips: Sequence[int], n_aug: dict[int, int], cache_dir: str | Path, seed: int = 0,
           babble_clips: Sequence[int] = (), whisper: WhisperStates | None = None, batch: int = 4) -> SpeechFeatures:
     """Features of `clips` (clean + n_aug[clip] augmented versions each), from the cache when there.
@@ -92,12 +85,12 @@ def build(corpus: Corpus, clips: Sequence[int], n_aug: dict[int, int], cache_dir
             return SpeechFeatures(z["clip"], z["variant"], mels, z["whisper"])
     whisper = whisper or WhisperStates()
     rng_b = np.random.default_rng(seed + 7)
-    babble = [augment.trim_silence(load_clip(corpus.utterances[i].audio)) for i in
+    babble = [augment.trim_silence(features.load_audio(corpus.utterances[i].audio)) for i in
               rng_b.choice(list(babble_clips), size=min(40, len(babble_clips)), replace=False)] if len(babble_clips) else []
     clip_ids, variants, audios = [], [], []
     for i in tqdm(clips, desc=f"augment {corpus.kind}", unit="clip", leave=False):
         rng = np.random.default_rng([seed, i])
-        clean = augment.trim_silence(load_clip(corpus.utterances[i].audio), margin_s=float(rng.uniform(0.1, 0.35)))
+        clean = augment.trim_silence(features.load_audio(corpus.utterances[i].audio), margin_s=float(rng.uniform(0.1, 0.35)))
         clip_ids.append(i); variants.append(0); audios.append(clean)
         for v in range(1, n_aug.get(i, 0) + 1):
             clip_ids.append(i); variants.append(v); audios.append(augment.live_like(clean, rng, babble))
