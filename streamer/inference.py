@@ -56,12 +56,17 @@ def whisper_inputs(model: EmotionModel, asr: object,
 
 
 def transcribe_and_encode(model: EmotionModel, asr: SpeechToText, audios: list[np.ndarray],
-                          contexts: Sequence[Sequence[str]]) -> tuple[list[Transcript], list[EncodedUtterance], float, float]:
+                          contexts: Sequence[Sequence[str]], words: Sequence[bool] | None = None,
+                          ) -> tuple[list[Transcript], list[EncodedUtterance], float, float]:
     """Whisper, then the model's utterance features from the transcripts, Whisper's pooled states and
     each utterance's context: (transcripts, encoded, ASR seconds, encoding seconds). The inference
-    thread and remote workers both call this, so an utterance is encoded the same way in either."""
+    thread and remote workers both call this, so an utterance is encoded the same way in either.
+    `words`: per utterance, whether its transcript should carry word timings (Transcript.words)."""
     t0 = time.perf_counter()
-    transcripts = asr.transcribe(audios)
+    if words is not None and any(words):
+        transcripts = asr.transcribe(audios, words=list(words))
+    else:
+        transcripts = asr.transcribe(audios)
     t1 = time.perf_counter()
     encoded = model.encode_utterances([t.text for t in transcripts], audios,
                                       whisper=whisper_inputs(model, asr, transcripts), contexts=[list(c) for c in contexts])
@@ -73,7 +78,10 @@ class Overloaded(RuntimeError):
 
 
 class SpeechToText(Protocol):
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]: ...
+    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+        """One Transcript per utterance. An ASR that can time words also takes `words=[bool, ...]`
+        (per utterance); it is only passed when some utterance asks for them."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,15 @@ SESSION_ENDED = "session.ended"
 SESSION_RESUMED = "session.resumed"  # a dropped source reconnected within the grace period
 ALERT = "alert"  # an alert rule fired (calls): rule, severity, speaker, message
 CALL_SUMMARY = "call.summary"  # just before session.ended: per-speaker distribution, timeline, peaks, alerts
+# interim results (opt-in: `"interim": true` in start, `interim=1` on /v1/subscribe): while someone is
+# still speaking, the text so far and, for long utterances, an emotion from the speech so far. Each is
+# superseded by the utterance's final `transcript` / `emotion`; they are not stored or replayed.
+TRANSCRIPT_PARTIAL = "transcript.partial"
+EMOTION_PARTIAL = "emotion.partial"
+INTERIM_TYPES = (TRANSCRIPT_PARTIAL, EMOTION_PARTIAL)
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
-    SESSION_RESUMED, ALERT, CALL_SUMMARY,
+    SESSION_RESUMED, ALERT, CALL_SUMMARY, TRANSCRIPT_PARTIAL, EMOTION_PARTIAL,
 )
 
 # error codes (the `code` of an `error` event)
@@ -79,16 +85,18 @@ class StartMessage:
     metadata: dict[str, Any] = field(default_factory=dict)
     speakers: list[str] | None = None  # one name per channel: channels are kept apart, not downmixed
     after_seq: int | None = None  # resume: reattach to a dropped session_id, replaying events after this seq
+    interim: bool = False  # also send transcript.partial / emotion.partial while someone speaks
+    word_timestamps: bool = False  # final transcripts carry `words` (start_s, end_s, probability each)
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"type": START, **asdict(self)}
-        return json.dumps({k: v for k, v in d.items() if v is not None and v != {}})
+        return json.dumps({k: v for k, v in d.items() if v is not None and v != {} and v is not False})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StartMessage":
         """Validate the shape of a start message; raises ValueError with a readable reason."""
         unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata", "speakers",
-                            "after_seq"}
+                            "after_seq", "interim", "word_timestamps"}
         if unknown:
             raise ValueError(f"unknown start fields: {sorted(unknown)}")
         rate, enc, ch = d.get("sample_rate"), d.get("encoding", "pcm_s16le"), d.get("channels", 1)
@@ -116,8 +124,12 @@ class StartMessage:
         after = d.get("after_seq")
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < -1 or sid is None):
             raise ValueError("after_seq must be an integer >= -1, sent with the session_id to resume")
+        flags = {k: d.get(k, False) for k in ("interim", "word_timestamps")}
+        for k, v in flags.items():
+            if not isinstance(v, bool):
+                raise ValueError(f"{k} must be true or false")
         return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta,
-                   speakers=speakers, after_seq=after)
+                   speakers=speakers, after_seq=after, **flags)
 
 
 STOP_MESSAGE = json.dumps({"type": STOP})
