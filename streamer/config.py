@@ -62,7 +62,11 @@ class AsrConfig:
     compute_type: str | None = None  # None: int8 on CPU, float16 on CUDA
     beam_size: int = 1  # live use: greedy
     language: str = "en"
-    cpu_threads: int = 2
+    # decoders run in parallel (CTranslate2 replicas, one inference thread each); 0: 2 on a CPU with
+    # 2+ cores, 1 on CUDA. On 2 cores two 1-thread decoders finish 4 utterances in 0.32 s where one
+    # 2-thread decoder takes 0.45 s (docs/latency.md)
+    workers: int = 0
+    cpu_threads: int = 0  # threads per decoder; 0: the CPU's cores / workers
     max_batch: int = 8  # utterances decoded together (across sessions) on a GPU
     cpu_batch: int = 2  # ... on a CPU, where a batch costs about the sum of its parts: small batches publish sooner
     max_new_tokens: int = 128
@@ -72,6 +76,10 @@ class AsrConfig:
     no_speech_threshold: float = 0.6  # with a low log-prob: the decode is treated as empty
     logprob_threshold: float = -1.0
 
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.cpu_threads < 0 or self.cpu_batch < 1 or self.max_batch < 1:
+            raise ValueError("need workers >= 0, cpu_threads >= 0 (0: auto), cpu_batch >= 1, max_batch >= 1")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
@@ -80,7 +88,11 @@ class InferenceConfig:
     max_batch: int = 16  # model requests per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for company once the first request is in
     queue_size: int = 256  # pending requests (ASR + model) before new utterances are refused
-    torch_threads: int = 0  # 0: leave torch's default
+    # an utterance that would wait longer than this for a decoder is refused (error `overloaded`), so
+    # latency stays bounded past capacity; speculative decodes stop already past `speculate_max_wait_s`
+    max_queue_s: float = 3.0
+    speculate_max_wait_s: float = 0.5
+    torch_threads: int = 0  # 0: cores / decoding threads when there are several (8 synchronised streams: p95 1.52 -> 1.22 s), else torch's default
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
     # which modalities the model scores: "both"; "speech" drops each utterance's sentence vector,
@@ -96,6 +108,8 @@ class InferenceConfig:
             raise ValueError(f"inference URL must start with redis://, rediss:// or unix://, got {self.remote!r}")
         if self.remote_timeout_s <= 0 or self.queue_size < 1:
             raise ValueError("remote_timeout_s must be > 0 and queue_size >= 1")
+        if self.max_queue_s <= 0 or self.speculate_max_wait_s < 0:
+            raise ValueError("max_queue_s must be > 0 and speculate_max_wait_s >= 0")
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
 
@@ -135,6 +149,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (tests)
     max_sessions: int = 64
+    # admission: a new session is refused (error `overloaded`, close 1013) while the decoders were busy
+    # more than `admit_max_load` of the last 10 s or an utterance queued now would wait > `admit_max_wait_s`
+    admit_max_load: float = 0.85
+    admit_max_wait_s: float = 1.0
+    # interim results (sessions that ask): a transcript.partial every this much new speech, at most
+    # (skipped while no decoder is idle), and an emotion.partial with it every `interim_emotion_every_s`
+    interim_every_s: float = 0.75
+    interim_emotion_every_s: float = 2.0
     subscriber_queue: int = 512  # events buffered per subscriber before it is dropped (close 1013)
     max_incoming_queue: int = 32  # websockets' max_queue: frames buffered per connection
     session_audio_queue: int = 256  # audio chunks waiting for a session's segmenter

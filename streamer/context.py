@@ -12,6 +12,7 @@ predicted rather than scored from nothing; Scored.fallback says so.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 
 from model import Dialogue, EmotionModel, EncodedUtterance, Prediction
@@ -72,6 +73,14 @@ class DialogueContext:
         if self.revise and index - 1 >= self.dialogue.first_index:
             requests.append((self.dialogue, index - 1))
         return requests
+
+    def peek(self, encoded: EncodedUtterance) -> list[tuple[Dialogue, int]]:
+        """A predict request for `encoded` as the next utterance, made on a copy of the dialogue
+        (an interim emotion: the utterance is not finished, so nothing is added)."""
+        encoded, _ = select_modalities(encoded, self.modalities)
+        d = self.dialogue
+        copy = Dialogue(d.max_len, deque(d.utterances), d.first_index)
+        return [(copy, copy.append(encoded))]
 
     def scored(self, predictions: list[Prediction]) -> Scored:
         """Turn the predictions for add()'s requests into a Scored result."""

@@ -1,30 +1,40 @@
-"""One inference thread that owns Whisper and the emotion model, fed by a micro-batching queue.
+"""The inference threads that own Whisper and the emotion model, fed by micro-batching queues.
 
-Sessions submit two kinds of jobs from the event loop and await asyncio futures:
-- analyze(audio, context): Whisper transcript + the model's cached utterance features (text +
-  speech), encoded with the session's earlier transcripts and Whisper's pooled encoder states;
+Sessions submit jobs from the event loop and await asyncio futures:
+- analyze(audio, context, words=...): Whisper transcript + the model's cached utterance features
+  (text + speech), encoded with the session's earlier transcripts and Whisper's pooled encoder states;
+- interim(audio, context): the same for the speech so far of an utterance still being spoken, only
+  when a decoder is idle (None otherwise): interim work never makes a final wait in a queue;
 - predict(context, utterance_id, encoded): append to the session's dialogue, predict it (and
-  re-score the previous utterance).
-The thread takes the first job, waits at most `max_wait_ms` for company, then runs the batch:
-predictions first (cheap, and someone is waiting on them), then all analyses in one ASR call and
-one encoder call. Jobs abandoned before they run (speech resumed after a speculative decode)
-are skipped.
+  re-score the previous utterance); peek(context, encoded): predict an unfinished utterance
+  without adding it.
+Analyses run on `workers` decoding threads (AsrConfig.workers; each its own CTranslate2 replica):
+a thread takes the first job, waits at most `max_wait_ms` for company up to the ASR's batch size,
+then runs one ASR call and one encoder call. Predictions run on one head thread of their own, so
+they never queue behind a decode; it alone touches the sessions' dialogue contexts. Jobs
+abandoned before they run (speech resumed after a speculative decode) are skipped.
+
+Load: the engine keeps how long a decode takes per utterance and how busy the decoders were over
+the last LOAD_WINDOW_S; wait_estimate_s() and load() feed the admission policy (server.py) and
+the per-utterance bound `max_queue_s` (beyond it a new utterance is refused with Overloaded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from model import EmotionModel, EncodedUtterance
+from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import SAMPLE_RATE, InferenceConfig
 from streamer.context import DialogueContext, Scored
 from streamer.metrics import Metrics
@@ -114,6 +124,8 @@ class _Job:
 class _AnalyzeJob(_Job):
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: list[str] = field(default_factory=list)  # earlier transcripts of the session, most recent first
+    words: bool = False  # the transcript should carry word timings
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -121,102 +133,195 @@ class _PredictJob(_Job):
     context: DialogueContext | None = None
     utterance_id: int = 0
     encoded: EncodedUtterance | None = None
+    peek: bool = False  # predict `encoded` as the next utterance without adding it (interim)
+
+
+LOAD_WINDOW_S = 10.0  # load() looks this far back
 
 
 class InferenceEngine:
-    """Owns the models; everything that touches them runs on its single worker thread."""
+    """Owns the models; Whisper and the encoders run on `workers` decoding threads, the prediction
+    head on one thread of its own."""
 
     def __init__(self, model: EmotionModel, asr: SpeechToText, config: InferenceConfig, metrics: Metrics) -> None:
         self.model = model
         self.asr = asr
         self.config = config
         self.metrics = metrics
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.queue_size)
-        self._thread = threading.Thread(target=self._run, name="emostream-inference", daemon=True)
+        self.workers = max(1, int(getattr(asr, "workers", 1) or 1))
+        self._queue: queue.Queue[_AnalyzeJob | None] = queue.Queue(maxsize=config.queue_size)
+        self._predicts: queue.Queue[_PredictJob | None] = queue.Queue(maxsize=config.queue_size)
+        self._threads = [self._analysis_thread(i) for i in range(self.workers)]
+        self._head = threading.Thread(target=self._run_head, name="emostream-head", daemon=True)
+        self._lock = threading.Lock()  # guards the load bookkeeping below
+        self._restart_lock = threading.Lock()
+        self._busy = 0  # decoding threads inside a batch
+        self._job_s = 0.3  # running mean of one utterance's decode + encode time on one thread (s)
+        self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent batches, for load()
         self._started = False
         self._stopping = False
         self.batches = 0
         self.restarts = 0
 
+    def _analysis_thread(self, i: int) -> threading.Thread:
+        return threading.Thread(target=self._run, name=f"emostream-inference-{i}", daemon=True)
+
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + self._predicts.qsize()
 
     def start(self) -> None:
         if not self._started:
-            if self.config.torch_threads > 0:
+            threads = self.config.torch_threads or (max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else 0)
+            if threads > 0:  # several decoding threads each run the encoders: one core's worth each
                 import torch
 
-                torch.set_num_threads(self.config.torch_threads)
-            self._thread.start()
+                torch.set_num_threads(threads)
+            for t in self._threads:
+                t.start()
+            self._head.start()
             self._started = True
 
     def warmup(self) -> float:
-        """Run one tiny utterance through Whisper and the model before serving, so the first real
-        utterance does not pay for lazy initialisation (~0.5 s on CPU). Call before start()."""
+        """Run one tiny utterance per decoder through Whisper and the model before serving, so the
+        first real utterances do not pay for lazy initialisation (~0.5 s on CPU). Call before start()."""
         t0 = time.perf_counter()
         audio = np.zeros(SAMPLE_RATE, dtype=np.float32)
+
+        def one() -> None:
+            transcribe_and_encode(self.model, self.asr, [audio], [["warm up"]])
+
+        helpers = [threading.Thread(target=one) for _ in range(self.workers - 1)]
+        for t in helpers:
+            t.start()
         _, encoded, _, _ = transcribe_and_encode(self.model, self.asr, [audio], [["warm up"]])
+        for t in helpers:
+            t.join()
         dialogue = self.model.new_dialogue()
         self.model.predict([(dialogue, dialogue.append(encoded[0]))])
         return time.perf_counter() - t0
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued jobs, then end the thread."""
+        """Finish queued jobs, then end the threads."""
         self._stopping = True
-        if self._started and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
+        if not self._started:
+            return
+        for t in self._threads:
+            if t.is_alive():
+                self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout)
+        if self._head.is_alive():
+            self._predicts.put(None)
+            self._head.join(timeout)
 
     def new_context(self) -> DialogueContext:
         return DialogueContext(self.model, revise=self.config.revise, modalities=self.config.modalities)
 
+    # ---- load ----
+    def wait_estimate_s(self) -> float:
+        """How long an utterance queued now would wait before a decoder starts on it."""
+        with self._lock:
+            ahead = self._queue.qsize() + max(0, self._busy - self.workers + 1)
+            return ahead * self._job_s / self.workers
+
+    def idle(self) -> bool:
+        """Nothing queued and a decoder free: an interim decode may run without delaying a final
+        (with several decoders one is always left free for finals)."""
+        with self._lock:
+            spare = self.workers - self._busy
+        return self._queue.empty() and (spare >= 2 or (self.workers == 1 and spare == 1))
+
+    def load(self) -> float:
+        """Fraction of the decoders' time spent decoding over the last LOAD_WINDOW_S (0..1)."""
+        now = time.monotonic()
+        lo = now - LOAD_WINDOW_S
+        with self._lock:
+            while self._spans and self._spans[0][1] < lo:
+                self._spans.popleft()
+            busy = sum(end - max(start, lo) for start, end in self._spans)
+        return min(1.0, busy / (LOAD_WINDOW_S * self.workers))
+
     # ---- event-loop side ----
-    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob:
+    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
+                max_wait_s: float | None = None) -> _AnalyzeJob:
         """Queue an utterance for ASR + encoding; await job.future for an Analysis. `context`: the
-        session's earlier transcripts, most recent first (copied: the caller's list may change)."""
+        session's earlier transcripts, most recent first (copied: the caller's list may change).
+        Raises Overloaded when the queue is full or the wait would exceed `max_wait_s` (default
+        InferenceConfig.max_queue_s)."""
+        limit = self.config.max_queue_s if max_wait_s is None else max_wait_s
+        wait = self.wait_estimate_s()
+        if wait > limit:
+            raise Overloaded(f"decoders are {wait:.1f} s behind (limit {limit:g} s)")
         loop = asyncio.get_running_loop()
-        job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context))
-        self._put(job)
+        job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context), words=words)
+        self._put(self._queue, job)
         return job
+
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob | None:
+        """analyze() for the speech so far of an unfinished utterance, or None when no decoder is
+        idle (interim results are skipped, never queued behind or ahead of final ones)."""
+        if not self.idle():
+            return None
+        try:
+            return self.analyze(audio, context)
+        except Overloaded:
+            return None
 
     async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
         loop = asyncio.get_running_loop()
         job = _PredictJob(loop, loop.create_future(), context=context, utterance_id=utterance_id, encoded=encoded)
-        self._put(job)
+        self._put(self._predicts, job)
         return await job.future
 
-    def _ensure_worker(self) -> None:
-        """Restart the worker thread if something killed it (it serves every session)."""
-        if self._started and not self._thread.is_alive():
-            self._replace_worker()
+    async def peek(self, context: DialogueContext, encoded: EncodedUtterance) -> Prediction:
+        """The prediction `encoded` would get as the session's next utterance; the dialogue is unchanged."""
+        loop = asyncio.get_running_loop()
+        job = _PredictJob(loop, loop.create_future(), context=context, encoded=encoded, peek=True)
+        self._put(self._predicts, job)
+        return await job.future
 
-    def _replace_worker(self) -> None:
-        if self._stopping:
+    def _ensure_workers(self) -> None:
+        """Restart any thread something killed (they serve every session; called on every put)."""
+        if not self._started or self._stopping:
             return
-        log.error("inference worker thread died; starting a new one")
+        with self._restart_lock:
+            self._restart_dead()
+
+    def _restart_dead(self) -> None:
+        for i, t in enumerate(self._threads):
+            if not t.is_alive():
+                self._restarted(t.name)
+                self._threads[i] = self._analysis_thread(i)
+                self._threads[i].start()
+        if not self._head.is_alive():
+            self._restarted(self._head.name)
+            self._head = threading.Thread(target=self._run_head, name="emostream-head", daemon=True)
+            self._head.start()
+
+    def _restarted(self, name: str) -> None:
+        log.error("inference thread %s died; starting a new one", name)
         self.restarts += 1
         self.metrics.inc("emostream_worker_restarts_total")
-        self._thread = threading.Thread(target=self._run, name="emostream-inference", daemon=True)
-        self._thread.start()
 
-    def _put(self, job: _Job) -> None:
-        self._ensure_worker()
+    def _put(self, q: queue.Queue[Any], job: _Job) -> None:
+        self._ensure_workers()
         try:
-            self._queue.put_nowait(job)
+            q.put_nowait(job)
         except queue.Full:
             raise Overloaded(f"inference queue full ({self.config.queue_size} jobs)") from None
 
-    # ---- worker thread ----
+    # ---- decoding threads ----
     def _run(self) -> None:
+        size = max(1, min(self.config.max_batch, int(getattr(self.asr, "batch_size", self.config.max_batch) or 1)))
         while True:
             first = self._queue.get()
             if first is None:
                 return
-            batch: list[_Job] = [first]
+            batch: list[_AnalyzeJob] = [first]
             stop = False
             deadline = time.monotonic() + self.config.max_wait_ms / 1000
-            while len(batch) < self.config.max_batch:
+            while len([j for j in batch if not j.abandoned]) < size:
                 remaining = deadline - time.monotonic()
                 try:
                     job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -226,66 +331,49 @@ class InferenceEngine:
                     stop = True
                     break
                 batch.append(job)
+            with self._lock:
+                self._busy += 1
+            t0 = time.monotonic()
             try:
                 self._process(batch)
             except BaseException as e:  # a bug in the worker itself: fail this batch, never hang it
                 for j in batch:
                     j.resolve(error=RuntimeError(f"inference worker failed: {type(e).__name__}: {e}"))
                 if not isinstance(e, Exception):
-                    self._replace_worker()  # queued jobs go on at once on a fresh thread
+                    self._end_batch(t0, 0)
+                    self._ensure_workers_soon()
                     raise
                 log.exception("inference batch failed")
-            self.batches += 1
+            self._end_batch(t0, sum(not j.abandoned for j in batch))
             if stop:
-                self._drain()
                 return
 
-    def _drain(self) -> None:
-        rest: list[_Job] = []
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                rest.append(job)
-        if rest:
-            self._process(rest)
+    def _ensure_workers_soon(self) -> None:
+        """From a dying thread: start its replacement once it has ended (queued jobs go on)."""
+        me = threading.current_thread()
 
-    def _process(self, batch: list[_Job]) -> None:
-        predicts = [j for j in batch if isinstance(j, _PredictJob)]
-        analyses = [j for j in batch if isinstance(j, _AnalyzeJob) and not j.abandoned]
+        def replace() -> None:
+            me.join()
+            self._ensure_workers()
+
+        threading.Thread(target=replace, daemon=True).start()
+
+    def _end_batch(self, t0: float, jobs: int) -> None:
+        t1 = time.monotonic()
+        with self._lock:
+            self._busy -= 1
+            self._spans.append((t0, t1))
+            if jobs:
+                self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / jobs
+        self.batches += 1
+
+    def _process(self, batch: list[_AnalyzeJob]) -> None:
+        analyses = [j for j in batch if not j.abandoned]
         for j in batch:
-            if isinstance(j, _AnalyzeJob) and j.abandoned:
+            if j.abandoned:
                 j.loop.call_soon_threadsafe(j.future.cancel)
-        if predicts:
-            self._predict(predicts)
         if analyses:
             self._analyze(analyses)
-
-    def _predict(self, jobs: list[_PredictJob]) -> None:
-        t0 = time.perf_counter()
-        per_job: list[list[Any]] = []
-        for j in jobs:
-            assert j.context is not None and j.encoded is not None
-            per_job.append(j.context.add(j.utterance_id, j.encoded))
-        try:
-            preds = self.model.predict([r for reqs in per_job for r in reqs])
-        except Exception:  # one bad request must not fail the other sessions' jobs: retry each alone
-            log.exception("batched predict failed; retrying job by job")
-            for j, reqs in zip(jobs, per_job):
-                try:
-                    assert j.context is not None
-                    j.resolve(j.context.scored(self.model.predict(reqs)))
-                except Exception as e:
-                    j.resolve(error=e)
-            return
-        self.metrics.model_seconds.observe(time.perf_counter() - t0)
-        k = 0
-        for j, reqs in zip(jobs, per_job):
-            assert j.context is not None
-            j.resolve(j.context.scored(preds[k : k + len(reqs)]))
-            k += len(reqs)
 
     def _analyze(self, jobs: list[_AnalyzeJob]) -> None:
         step = max(1, int(getattr(self.asr, "batch_size", len(jobs))))
@@ -295,7 +383,7 @@ class InferenceEngine:
             return
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
-                self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs])
+                self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs], [j.words for j in jobs])
         except Exception as e:  # see _predict: only the utterance that fails gets an error
             if len(jobs) == 1:
                 log.exception("analyze failed")
@@ -310,3 +398,56 @@ class InferenceEngine:
         self.metrics.batch_size.observe(len(jobs))
         for j, tr, enc in zip(jobs, transcripts, encoded):
             j.resolve(Analysis(tr, enc, asr_s, enc_s))
+
+    # ---- head thread ----
+    def _run_head(self) -> None:
+        while True:
+            first = self._predicts.get()
+            if first is None:
+                return
+            batch: list[_PredictJob] = [first]
+            stop = False
+            while len(batch) < self.config.max_batch:
+                try:
+                    job = self._predicts.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            try:
+                self._predict(batch)
+            except Exception as e:  # a bug: fail this batch, keep serving
+                log.exception("predict batch failed")
+                for j in batch:
+                    j.resolve(error=RuntimeError(f"inference head failed: {type(e).__name__}: {e}"))
+            if stop:
+                return
+
+    def _predict(self, jobs: list[_PredictJob]) -> None:
+        t0 = time.perf_counter()
+        per_job: list[list[Any]] = []
+        for j in jobs:
+            assert j.context is not None and j.encoded is not None
+            per_job.append(j.context.peek(j.encoded) if j.peek else j.context.add(j.utterance_id, j.encoded))
+        try:
+            preds = self.model.predict([r for reqs in per_job for r in reqs])
+        except Exception:  # one bad request must not fail the other sessions' jobs: retry each alone
+            log.exception("batched predict failed; retrying job by job")
+            for j, reqs in zip(jobs, per_job):
+                try:
+                    j.resolve(self._result(j, self.model.predict(reqs)))
+                except Exception as e:
+                    j.resolve(error=e)
+            return
+        self.metrics.model_seconds.observe(time.perf_counter() - t0)
+        k = 0
+        for j, reqs in zip(jobs, per_job):
+            j.resolve(self._result(j, preds[k : k + len(reqs)]))
+            k += len(reqs)
+
+    @staticmethod
+    def _result(job: _PredictJob, preds: list[Prediction]) -> Scored | Prediction:
+        assert job.context is not None
+        return preds[0] if job.peek else job.context.scored(preds)

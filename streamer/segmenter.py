@@ -167,6 +167,12 @@ class Segmenter:
     def in_utterance(self) -> bool:
         return self._frames is not None
 
+    def open_audio(self) -> tuple[int, np.ndarray] | None:
+        """(index, audio so far) of the utterance being spoken, once it has started; else None."""
+        if self._frames is None or not self._started or not self._frames:
+            return None
+        return self._next_index, np.concatenate(self._frames)
+
     def feed(self, audio: np.ndarray) -> list[SegmentEvent]:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         buf = np.concatenate([self._pending, audio]) if self._pending.size else audio

@@ -30,7 +30,7 @@ from streamer import auth
 from streamer import protocol as P
 from streamer.alerts import AlertEngine, load_rules
 from streamer.bus import BusError, LocalBus, RedisBus, make_bus
-from streamer.config import AppConfig
+from streamer.config import SAMPLE_RATE, AppConfig
 from streamer.inference import CONTEXT_TRANSCRIPTS, Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.remote import RemoteInferenceEngine
 from streamer.metrics import Metrics
@@ -55,6 +55,7 @@ class Subscriber:
         self.queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue(maxsize)
         self.metrics = metrics
         self.dropped = False
+        self.interim = False  # also wants transcript.partial / emotion.partial (start flag, ?interim=1)
         self.held: list[str | tuple[int, str]] | None = None  # live events wait here during a bus replay
         self.after: int | None = None  # then: live events with seq <= this were replayed already
         self.task = asyncio.create_task(self._write())
@@ -165,6 +166,15 @@ class Hub:
         self.bus.publish(ev, text)  # to other instances; never waits
         self.deliver(ev, text)
 
+    def publish_interim(self, ev: dict[str, Any]) -> None:
+        """An interim event: to this instance's subscribers that asked for them, now; not stored,
+        not kept for resume, not sent over the bus (the final events supersede it)."""
+        text = json.dumps(ev)
+        for key in (ev["session_id"], P.ALL_SESSIONS):
+            for sub in list(self.subs.get(key, ())):
+                if sub.interim:
+                    sub.offer(text)
+
     def deliver(self, ev: dict[str, Any], text: str) -> None:
         """Keep for resume and fan out locally: this instance's events, and other instances' (bus)."""
         sid = ev["session_id"]
@@ -206,6 +216,17 @@ class _Pending:
     utterance_id: int
 
 
+@dataclass(eq=False)
+class _Interim:
+    """Interim results of one channel's open utterance (SessionRunner.interim)."""
+
+    index: int  # the segmenter's utterance index
+    utterance_id: int
+    next_s: float  # stream position from which the next interim decode is due
+    emotion_s: float  # ... from which it also gives an emotion.partial
+    busy: bool = False  # a decode for it is in flight
+
+
 class SessionRunner:
     """Drives one Session (one or more channels): segment events -> inference jobs -> events, in
     the order utterances end. Publishes alerts and, at the end, a call summary."""
@@ -232,6 +253,10 @@ class SessionRunner:
         self._close_task: asyncio.Task[None] | None = None
         self._grace: asyncio.Task[None] | None = None  # running while a dropped source may resume
         self.closing = False
+        self.interim = False  # start flag: transcript.partial / emotion.partial while someone speaks
+        self.words = False  # start flag: final transcripts carry word timings
+        self._open: dict[int, _Interim] = {}  # channel -> its open utterance's interim state
+        self._interim_tasks: set[asyncio.Task[None]] = set()
 
     def publish(self, type_: str, **fields: Any) -> None:
         ev = self.session.event(type_, **fields)
@@ -244,6 +269,9 @@ class SessionRunner:
                 if self.app.webhook is not None:
                     self.app.webhook.send({"type": P.ALERT, "session_id": self.session.session_id, **alert})
 
+    def publish_interim(self, type_: str, **fields: Any) -> None:
+        self.app.hub.publish_interim(self.session.event(type_, **fields))
+
     def error(self, code: str, message: str) -> None:
         self.app.metrics.inc("emostream_errors_total")
         self.publish(P.ERROR, **P.error_fields(code, message))
@@ -254,6 +282,55 @@ class SessionRunner:
             return
         ch = self.channels[channel]
         self._handle(ch.session.feed(samples), ch)
+        if self.interim:
+            self._maybe_interim(ch)
+
+    def _maybe_interim(self, ch: Channel) -> None:
+        """Start an interim decode of the open utterance when one is due and a decoder is idle."""
+        st = self._open.get(ch.number)
+        seg = ch.session.segmenter
+        if st is None or st.busy or seg.position_s < st.next_s:
+            return
+        opened = seg.open_audio()
+        if opened is None or opened[0] != st.index:
+            return
+        job = self.app.engine.interim(opened[1], context=list(self.recent))
+        if job is None:  # decoders busy: try again with the next chunk
+            self.app.metrics.inc("emostream_interim_skipped_total")
+            return
+        sc = self.app.config.server
+        emotion = seg.position_s >= st.emotion_s
+        st.busy, st.next_s = True, seg.position_s + sc.interim_every_s
+        if emotion:
+            st.emotion_s = seg.position_s + sc.interim_emotion_every_s
+        self.app.metrics.inc("emostream_interim_total")
+        task = asyncio.create_task(self._interim_result(ch, st, job, emotion, len(opened[1]) / SAMPLE_RATE))
+        self._interim_tasks.add(task)
+        task.add_done_callback(self._interim_tasks.discard)
+
+    async def _interim_result(self, ch: Channel, st: _Interim, job: Any, emotion: bool, audio_s: float) -> None:
+        """Publish an interim decode's results unless the utterance has ended meanwhile (its final
+        events supersede them, so a partial never follows them)."""
+        try:
+            analysis: Analysis = await job.future
+            if self._open.get(ch.number) is not st:
+                return
+            who = {**self._who(ch), "audio_s": round(audio_s, 2)}
+            self.publish_interim(P.TRANSCRIPT_PARTIAL, utterance_id=st.utterance_id, text=analysis.transcript.text, **who)
+            if not emotion:
+                return
+            pred = await self.app.engine.peek(self.context, analysis.encoded)
+            if self._open.get(ch.number) is not st:
+                return
+            self.publish_interim(P.EMOTION_PARTIAL, utterance_id=st.utterance_id, label=pred.label, scores=pred.scores,
+                                 modality_weights=pred.modality_weights, text=analysis.transcript.text, **who)
+        except asyncio.CancelledError:
+            if not job.future.cancelled():
+                raise
+        except Exception:  # best effort: the final events follow anyway
+            log.exception("interim result of %s failed", self.session.session_id)
+        finally:
+            st.busy = False
 
     def _who(self, ch: Channel) -> dict[str, Any]:
         return {"speaker": ch.speaker, "channel": ch.number} if self.multi else {}
@@ -271,19 +348,25 @@ class SessionRunner:
             uid = self._uid(ch, ev.index)
             if isinstance(ev, SpeechStarted):
                 self.publish(P.UTTERANCE_STARTED, utterance_id=uid, start_s=round(ev.start_s, 3), **self._who(ch))
+                if self.interim:
+                    sc = self.app.config.server
+                    self._open[ch.number] = _Interim(ev.index, uid, ev.start_s + sc.interim_every_s,
+                                                     ev.start_s + sc.interim_emotion_every_s)
             elif isinstance(ev, SpeechPaused):
                 try:
-                    job = engine.analyze(ev.audio, context=list(self.recent))
+                    job = engine.analyze(ev.audio, context=list(self.recent), words=self.words,
+                                         max_wait_s=self.app.config.inference.speculate_max_wait_s)
                     self._speculative[(ch.number, ev.index)] = (len(ev.audio), job)
                     metrics.inc("emostream_speculative_decodes_total")
                 except Overloaded:
-                    pass  # the decode will be requested again when the utterance ends
+                    pass  # decoders behind: the decode is requested when the utterance ends
             elif isinstance(ev, SpeechResumed):
                 spec = self._speculative.pop((ch.number, ev.index), None)
                 if spec is not None:
                     spec[1].abandoned = True
                     metrics.inc("emostream_speculative_wasted_total")
             elif isinstance(ev, SpeechEnded):
+                self._open.pop(ch.number, None)  # interim results of it still in flight are dropped
                 metrics.inc("emostream_utterances_total")
                 self.session.utterances += 1
                 self.publish(
@@ -297,8 +380,9 @@ class SessionRunner:
                     if spec is not None:
                         spec[1].abandoned = True
                     try:
-                        job = engine.analyze(ev.audio, context=list(self.recent))
+                        job = engine.analyze(ev.audio, context=list(self.recent), words=self.words)
                     except Overloaded as e:
+                        metrics.inc("emostream_overloaded_total")
                         self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
                         continue
                 self._finish.put_nowait(_Pending(ev, job, ch, uid))
@@ -326,7 +410,11 @@ class SessionRunner:
         ev, uid, who = item.end, item.utterance_id, self._who(item.channel)
         try:
             analysis: Analysis = await item.job.future
-            self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **who)
+            words = getattr(analysis.transcript, "words", None)
+            timed = {"words": [{"word": w.word, "start_s": round(ev.start_s + w.start_s, 3),
+                                "end_s": round(ev.start_s + w.end_s, 3), "probability": round(w.probability, 3)}
+                               for w in words]} if self.words and words is not None else {}
+            self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **timed, **who)
             if analysis.transcript.text.strip():
                 self.recent.appendleft(analysis.transcript.text)
             scored = await self.app.engine.predict(self.context, uid, analysis.encoded)
@@ -389,6 +477,9 @@ class SessionRunner:
             self._handle(ch.session.flush(), ch)
         self._finish.put_nowait(None)
         await self._finisher
+        for task in list(self._interim_tasks):  # the utterances ended: their interim results are moot
+            task.cancel()
+        await asyncio.gather(*self._interim_tasks, return_exceptions=True)
         self.session.ended = True
         summary = self.summary.to_dict()
         self.publish(P.CALL_SUMMARY, **{k: v for k, v in summary.items() if k != "session_id"})
@@ -593,6 +684,7 @@ class App:
                 await self._twilio(ws, sub)
             else:
                 query = parse_qs(url.query)
+                sub.interim = query.get("interim", ["0"])[0].lower() in ("1", "true", "yes")
                 await self._subscribe(ws, sub, query.get("session", [P.ALL_SESSIONS])[0], query.get("after_seq", [None])[0])
         finally:
             self.connections.discard(sub)
@@ -760,23 +852,28 @@ class App:
                         reply_error(P.E_SESSION_EXISTS, f"session {sid!r} is live already; pick another session_id "
                                     "(a dropped source resumes with its session_id and after_seq)")
                         continue
-                    if live is None and (len(self.sessions) >= sc.max_sessions or self._shutdown is not None):
-                        reply_error(P.E_OVERLOADED, f"{len(self.sessions)} sessions live (limit {sc.max_sessions})")
-                        sub.finish(P.CLOSE_TRY_AGAIN, "too many sessions")
+                    refused = self.admission_problem() if live is None else None
+                    if refused is not None:
+                        self.metrics.inc("emostream_overloaded_total")
+                        reply_error(P.E_OVERLOADED, refused)
+                        sub.finish(P.CLOSE_TRY_AGAIN, "too many sessions" if "sessions live" in refused else "overloaded")
                         break
                     decoder = PcmDecoder(start.sample_rate, start.channels)
                     if start.speakers:  # channels kept apart: one decoder and segmenter each
                         split = [PcmDecoder(start.sample_rate, 1) for _ in start.speakers]
                     received_s, t_start = 0.0, self.clock()
+                    sub.interim = start.interim
                     if live is not None:  # resume: the same pipeline, the events it missed, then live ones
                         runner = live
                         runner.reattach()
+                        runner.interim, runner.words = start.interim, start.word_timestamps
                         self._attach(sub, sid, start.after_seq)
                         runner.publish(P.SESSION_RESUMED, after_seq=start.after_seq, sample_rate=start.sample_rate,
                                        channels=start.channels)
                         continue
                     self.hub.add(sid, sub)
                     runner = self._new_runner(sid, seq, "websocket", start.speakers)
+                    runner.interim, runner.words = start.interim, start.word_timestamps
                     runner.publish(
                         P.SESSION_STARTED, sample_rate=start.sample_rate, encoding=start.encoding,
                         channels=start.channels, language=start.language, metadata=start.metadata, protocol=P.VERSION,
@@ -808,6 +905,20 @@ class App:
                 sub.finish(P.CLOSE_NORMAL, "session ended" if runner is not None else "")
             await sub.task
 
+    def admission_problem(self) -> str | None:
+        """Why a new session is refused now (None: admitted). Past capacity the service refuses new
+        sessions before the live ones' latency runs away: see ServerConfig.admit_*."""
+        sc = self.config.server
+        if self._shutdown is not None:
+            return "shutting down"
+        if len(self.sessions) >= sc.max_sessions:
+            return f"{len(self.sessions)} sessions live (limit {sc.max_sessions})"
+        load, wait = self.engine.load(), self.engine.wait_estimate_s()
+        if load > sc.admit_max_load or wait > sc.admit_max_wait_s:
+            return (f"at capacity: decoders busy {load:.0%} of the last 10 s (limit {sc.admit_max_load:.0%}), "
+                    f"a new utterance would wait {wait:.1f} s (limit {sc.admit_max_wait_s:g} s); try again later")
+        return None
+
     def _check_format(self, start: P.StartMessage) -> str | None:
         lim = self.config.limits
         if start.encoding not in lim.encodings:
@@ -828,12 +939,15 @@ class App:
 
     # ---- internal sources (microphone, files) ----
     def add_source(self, session_id: str, chunks: AsyncIterator[np.ndarray], source: str,
-                   speakers: list[str] | None = None) -> asyncio.Task[None]:
+                   speakers: list[str] | None = None, interim: bool = False,
+                   word_timestamps: bool = False) -> asyncio.Task[None]:
         """Run a server-side session fed by `chunks` (16 kHz float32); subscribers see it via '*'.
-        With `speakers`, chunks are (channels, n) and each channel is its own speaker."""
+        With `speakers`, chunks are (channels, n) and each channel is its own speaker; `interim` and
+        `word_timestamps` as in a start message."""
 
         async def run() -> None:
             runner = self._new_runner(session_id, SeqCounter(), source, speakers)
+            runner.interim, runner.words = interim, word_timestamps
             runner.publish(P.SESSION_STARTED, sample_rate=16_000, encoding="float32", channels=len(speakers or [0]),
                            source=source, protocol=P.VERSION, **({"speakers": speakers} if speakers else {}))
             try:
