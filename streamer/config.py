@@ -92,6 +92,9 @@ class InferenceConfig:
     # latency stays bounded past capacity; speculative decodes stop already past `speculate_max_wait_s`
     max_queue_s: float = 3.0
     speculate_max_wait_s: float = 0.5
+    # interim decodes (sessions that ask for interim results) run only on an idle decoder, and use at
+    # most this share of one decoder's time, so that a burst of finals rarely finds one busy with them
+    interim_share: float = 0.5
     torch_threads: int = 0  # 0: cores / decoding threads when there are several (8 synchronised streams: p95 1.52 -> 1.22 s), else torch's default
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
@@ -108,8 +111,8 @@ class InferenceConfig:
             raise ValueError(f"inference URL must start with redis://, rediss:// or unix://, got {self.remote!r}")
         if self.remote_timeout_s <= 0 or self.queue_size < 1:
             raise ValueError("remote_timeout_s must be > 0 and queue_size >= 1")
-        if self.max_queue_s <= 0 or self.speculate_max_wait_s < 0:
-            raise ValueError("max_queue_s must be > 0 and speculate_max_wait_s >= 0")
+        if self.max_queue_s <= 0 or self.speculate_max_wait_s < 0 or not 0 < self.interim_share <= 1:
+            raise ValueError("need max_queue_s > 0, speculate_max_wait_s >= 0 and 0 < interim_share <= 1")
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
 

@@ -125,7 +125,7 @@ class _AnalyzeJob(_Job):
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: list[str] = field(default_factory=list)  # earlier transcripts of the session, most recent first
     words: bool = False  # the transcript should carry word timings
-    queued_at: float = field(default_factory=time.monotonic)
+    interim: bool = False  # an unfinished utterance's speech so far (not counted as load)
 
 
 @dataclass(eq=False)
@@ -158,6 +158,7 @@ class InferenceEngine:
         self._busy = 0  # decoding threads inside a batch
         self._job_s = 0.3  # running mean of one utterance's decode + encode time on one thread (s)
         self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent batches, for load()
+        self._interim_after = 0.0  # no interim decode starts before this (monotonic s): see interim_share
         self._started = False
         self._stopping = False
         self.batches = 0
@@ -244,7 +245,7 @@ class InferenceEngine:
 
     # ---- event-loop side ----
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None) -> _AnalyzeJob:
+                max_wait_s: float | None = None, interim: bool = False) -> _AnalyzeJob:
         """Queue an utterance for ASR + encoding; await job.future for an Analysis. `context`: the
         session's earlier transcripts, most recent first (copied: the caller's list may change).
         Raises Overloaded when the queue is full or the wait would exceed `max_wait_s` (default
@@ -254,17 +255,19 @@ class InferenceEngine:
         if wait > limit:
             raise Overloaded(f"decoders are {wait:.1f} s behind (limit {limit:g} s)")
         loop = asyncio.get_running_loop()
-        job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context), words=words)
+        job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context), words=words,
+                          interim=interim)
         self._put(self._queue, job)
         return job
 
     def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob | None:
         """analyze() for the speech so far of an unfinished utterance, or None when no decoder is
-        idle (interim results are skipped, never queued behind or ahead of final ones)."""
-        if not self.idle():
+        idle or interim work has used its share of one decoder's time (InferenceConfig.interim_share)
+        lately: interim results are skipped, never queued behind or ahead of final ones."""
+        if time.monotonic() < self._interim_after or not self.idle():
             return None
         try:
-            return self.analyze(audio, context)
+            return self.analyze(audio, context, interim=True)
         except Overloaded:
             return None
 
@@ -340,11 +343,11 @@ class InferenceEngine:
                 for j in batch:
                     j.resolve(error=RuntimeError(f"inference worker failed: {type(e).__name__}: {e}"))
                 if not isinstance(e, Exception):
-                    self._end_batch(t0, 0)
+                    self._end_batch(t0, batch)
                     self._ensure_workers_soon()
                     raise
                 log.exception("inference batch failed")
-            self._end_batch(t0, sum(not j.abandoned for j in batch))
+            self._end_batch(t0, batch)
             if stop:
                 return
 
@@ -358,13 +361,19 @@ class InferenceEngine:
 
         threading.Thread(target=replace, daemon=True).start()
 
-    def _end_batch(self, t0: float, jobs: int) -> None:
+    def _end_batch(self, t0: float, batch: list[_AnalyzeJob]) -> None:
+        """Load bookkeeping: interim decodes only fill idle time, so they count as neither load nor cost."""
         t1 = time.monotonic()
+        jobs = sum(not j.abandoned for j in batch)
         with self._lock:
             self._busy -= 1
-            self._spans.append((t0, t1))
-            if jobs:
-                self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / jobs
+            if all(j.interim for j in batch):  # rest so that interim work keeps within its share
+                share = self.config.interim_share
+                self._interim_after = t1 + (t1 - t0) * (1 - share) / share
+            else:
+                self._spans.append((t0, t1))
+                if jobs:
+                    self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / jobs
         self.batches += 1
 
     def _process(self, batch: list[_AnalyzeJob]) -> None:

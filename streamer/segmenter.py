@@ -167,6 +167,11 @@ class Segmenter:
     def in_utterance(self) -> bool:
         return self._frames is not None
 
+    @property
+    def pausing(self) -> bool:
+        """Silence began after started speech: the utterance may end (and want a decoder) soon."""
+        return self._frames is not None and self._started and self._silence_run > 0
+
     def open_audio(self) -> tuple[int, np.ndarray] | None:
         """(index, audio so far) of the utterance being spoken, once it has started; else None."""
         if self._frames is None or not self._started or not self._frames:

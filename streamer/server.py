@@ -225,6 +225,7 @@ class _Interim:
     next_s: float  # stream position from which the next interim decode is due
     emotion_s: float  # ... from which it also gives an emotion.partial
     busy: bool = False  # a decode for it is in flight
+    text: str = ""  # the last transcript.partial sent (an unchanged text is not sent again)
 
 
 class SessionRunner:
@@ -294,7 +295,9 @@ class SessionRunner:
         opened = seg.open_audio()
         if opened is None or opened[0] != st.index:
             return
-        job = self.app.engine.interim(opened[1], context=list(self.recent))
+        # a channel in a pause may need a decoder for its final within 0.25 s: interim work waits then
+        # (an interim decode takes about that long, so it rarely overlaps a final's decode)
+        job = None if self.app.finals_imminent() else self.app.engine.interim(opened[1], context=list(self.recent))
         if job is None:  # decoders busy: try again with the next chunk
             self.app.metrics.inc("emostream_interim_skipped_total")
             return
@@ -316,7 +319,10 @@ class SessionRunner:
             if self._open.get(ch.number) is not st:
                 return
             who = {**self._who(ch), "audio_s": round(audio_s, 2)}
-            self.publish_interim(P.TRANSCRIPT_PARTIAL, utterance_id=st.utterance_id, text=analysis.transcript.text, **who)
+            text = analysis.transcript.text
+            if text and text != st.text:  # nothing recognised yet, or no change: nothing to show
+                st.text = text
+                self.publish_interim(P.TRANSCRIPT_PARTIAL, utterance_id=st.utterance_id, text=text, **who)
             if not emotion:
                 return
             pred = await self.app.engine.peek(self.context, analysis.encoded)
@@ -348,10 +354,10 @@ class SessionRunner:
             uid = self._uid(ch, ev.index)
             if isinstance(ev, SpeechStarted):
                 self.publish(P.UTTERANCE_STARTED, utterance_id=uid, start_s=round(ev.start_s, 3), **self._who(ch))
-                if self.interim:
-                    sc = self.app.config.server
-                    self._open[ch.number] = _Interim(ev.index, uid, ev.start_s + sc.interim_every_s,
-                                                     ev.start_s + sc.interim_emotion_every_s)
+                if self.interim:  # the first partial once there is interim_every_s of speech after the pre-roll
+                    sc, lead = self.app.config.server, self.app.config.segmenter.pre_roll_s
+                    self._open[ch.number] = _Interim(ev.index, uid, ev.start_s + lead + sc.interim_every_s,
+                                                     ev.start_s + lead + sc.interim_emotion_every_s)
             elif isinstance(ev, SpeechPaused):
                 try:
                     job = engine.analyze(ev.audio, context=list(self.recent), words=self.words,
@@ -904,6 +910,10 @@ class App:
             if self._shutdown is None:
                 sub.finish(P.CLOSE_NORMAL, "session ended" if runner is not None else "")
             await sub.task
+
+    def finals_imminent(self) -> bool:
+        """Some channel of some session is in a pause after speech: its utterance may end soon."""
+        return any(ch.session.segmenter.pausing for r in self.sessions.values() for ch in r.channels)
 
     def admission_problem(self) -> str | None:
         """Why a new session is refused now (None: admitted). Past capacity the service refuses new
