@@ -53,15 +53,19 @@ async def stream_audio(
     timeout_s: float = 120.0,
     speakers: list[str] | None = None,
     token: str | None = None,
+    interim: bool = False,
+    word_timestamps: bool = False,
 ) -> StreamResult:
     """Send `audio` (float32 mono at `sample_rate`; or (channels, n) with one name per channel in
     `speakers`) as pcm_s16le to url + /v1/stream, then stop; return every event up to
-    session.ended and the close code."""
+    session.ended and the close code. `interim` / `word_timestamps` are the start message's flags
+    (transcript.partial / emotion.partial while someone speaks; per-word timings on transcripts)."""
     result = StreamResult()
     channels = len(speakers) if speakers else 1
     if audio.ndim != (2 if speakers else 1) or (speakers and audio.shape[0] != channels):
         raise ValueError(f"audio of shape {audio.shape} does not match speakers {speakers}")
-    start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers)
+    start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers,
+                           interim=interim, word_timestamps=word_timestamps)
     total = audio.shape[-1]
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX, additional_headers=headers,
