@@ -7,10 +7,13 @@ from every front-end):
 - jobs: `emostream:infer:jobs`, group `emostream:infer:workers`; fields j (job id), r (the
   front-end's reply stream), f ("s16" int16 PCM or "f32"), a (16 kHz mono audio), d (deadline, unix s),
   c (the session's earlier transcripts, most recent first: a JSON list of strings, bounded by
-  inference.bounded_context; a job without it, from an older front-end, has no context).
+  inference.bounded_context; a job without it, from an older front-end, has no context), and
+  w ("1": time the transcript's words; absent, from an older front-end or when not wanted: don't).
 - replies: `emostream:infer:r:{instance}` per front-end; fields j, ok ("1"/"0"), and either the
   transcript (text, nsp, lp), the cached vectors (tv: 384-d sentence vector, sv: speech-CNN
   embedding, float32 bytes, empty when absent), timings (asr, enc) and the worker (w), or err.
+  A job that asked for word timings gets wd too: a JSON list of [word, start_s, end_s, probability]
+  (seconds from the utterance's start; [] when there is no text); without wd, Transcript.words is None.
 A worker acknowledges (XACK) a job only in the transaction that writes its reply; a job whose
 worker died stays pending and is taken over (XAUTOCLAIM) by another worker after `claim_idle_s`.
 The front-end fails a job nobody answered within `remote_timeout_s` (the utterance gets an error
@@ -31,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import EmotionModel, EncodedUtterance
+from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import InferenceConfig
 from streamer.context import DialogueContext, Scored
 from streamer.inference import Analysis, InferenceEngine, Overloaded, bounded_context
 from streamer.metrics import Metrics
-from streamer.transcriber import Transcript
+from streamer.transcriber import Transcript, Word
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +90,18 @@ def _vec(data: bytes, device: torch.device) -> torch.Tensor | None:
 
 
 def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float,
-               context: Sequence[str] | None = None) -> dict[str, Any]:
+               context: Sequence[str] | None = None, words: bool = False) -> dict[str, Any]:
     fmt, data = encode_audio(audio)
-    return {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline),
-            "c": json.dumps(bounded_context(context), ensure_ascii=False)}
+    fields: dict[str, Any] = {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline),
+                              "c": json.dumps(bounded_context(context), ensure_ascii=False)}
+    if words:
+        fields["w"] = b"1"
+    return fields
+
+
+def wants_words(fields: dict[bytes, bytes]) -> bool:
+    """Whether a job asks for word timings (field w; absent from older front-ends)."""
+    return fields.get(b"w") == b"1"
 
 
 def decode_context(fields: dict[bytes, bytes]) -> list[str]:
@@ -105,11 +116,29 @@ def decode_context(fields: dict[bytes, bytes]) -> list[str]:
     return bounded_context(value)
 
 
+def encode_words(words: Sequence[Word]) -> str:
+    return json.dumps([[w.word, w.start_s, w.end_s, w.probability] for w in words], ensure_ascii=False)
+
+
+def decode_words(raw: bytes | None) -> tuple[Word, ...] | None:
+    """A reply's word timings (field wd); None when absent. Raises ValueError when malformed."""
+    if raw is None:
+        return None
+    value = json.loads(raw.decode())
+    if not isinstance(value, list) or not all(isinstance(w, list) and len(w) == 4 and isinstance(w[0], str)
+                                              for w in value):
+        raise ValueError("word timings must be a JSON list of [word, start_s, end_s, probability]")
+    return tuple(Word(w, float(start), float(end), float(p)) for w, start, end, p in value)
+
+
 def reply_fields(job_id: bytes, transcript: Transcript, encoded: EncodedUtterance, asr_s: float, enc_s: float,
                  worker: str) -> dict[str, Any]:
-    return {"j": job_id, "ok": "1", "text": transcript.text, "nsp": repr(transcript.no_speech_prob),
-            "lp": repr(transcript.avg_logprob), "tv": _vec_bytes(encoded.text_vec), "sv": _vec_bytes(encoded.speech_vec),
-            "asr": repr(asr_s), "enc": repr(enc_s), "w": worker}
+    fields = {"j": job_id, "ok": "1", "text": transcript.text, "nsp": repr(transcript.no_speech_prob),
+              "lp": repr(transcript.avg_logprob), "tv": _vec_bytes(encoded.text_vec), "sv": _vec_bytes(encoded.speech_vec),
+              "asr": repr(asr_s), "enc": repr(enc_s), "w": worker}
+    if transcript.words is not None:
+        fields["wd"] = encode_words(transcript.words)
+    return fields
 
 
 def error_fields(job_id: bytes, message: str, worker: str) -> dict[str, Any]:
@@ -122,7 +151,8 @@ def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, 
     if fields.get(b"ok") != b"1":
         worker = fields.get(b"w", b"?").decode(errors="replace")
         return job_id, RemoteError(f"inference worker {worker}: {fields.get(b'err', b'').decode(errors='replace')}")
-    tr = Transcript(text=fields[b"text"].decode(), no_speech_prob=float(fields[b"nsp"]), avg_logprob=float(fields[b"lp"]))
+    tr = Transcript(text=fields[b"text"].decode(), no_speech_prob=float(fields[b"nsp"]), avg_logprob=float(fields[b"lp"]),
+                    words=decode_words(fields.get(b"wd")))
     enc = EncodedUtterance(text_vec=_vec(fields[b"tv"], device), speech_vec=_vec(fields[b"sv"], device))
     return job_id, Analysis(tr, enc, float(fields[b"asr"]), float(fields[b"enc"]))
 
@@ -243,16 +273,21 @@ class RemoteInferenceEngine:
         return {"kind": "remote", "instance": self.instance, "connected": self.connected, "outstanding": len(self._jobs)}
 
     # ---- event-loop side ----
-    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob:
+    def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
+                max_wait_s: float | None = None) -> RemoteJob:
         """Queue an utterance for a remote worker; await job.future for an Analysis. `context`: the
-        session's earlier transcripts, most recent first (sent with the job)."""
+        session's earlier transcripts, most recent first (sent with the job); `words`: the
+        transcript should carry word timings (Transcript.words). `max_wait_s` is accepted for the
+        in-process engine's interface: the workers' queue is not visible here, so outstanding jobs
+        are bounded by queue_size and each by remote_timeout_s instead."""
         if len(self._jobs) >= self.config.queue_size:
             raise Overloaded(f"{len(self._jobs)} inference jobs outstanding (limit {self.config.queue_size})")
         assert self._outbox is not None, "start() first"
         loop = asyncio.get_running_loop()
         self._n += 1
         job = RemoteJob(self, f"{self.instance}:{self._n}", loop.create_future(), time.perf_counter())
-        fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s, context)
+        fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s, context,
+                            words=words)
         job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
         self._jobs[job.job_id] = job
         self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs
@@ -260,6 +295,26 @@ class RemoteInferenceEngine:
 
     async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
         return await self.local.predict(context, utterance_id, encoded)
+
+    async def peek(self, context: DialogueContext, encoded: EncodedUtterance) -> Prediction:
+        return await self.local.peek(context, encoded)
+
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob | None:
+        """An interim analyze job, only while no job of this front-end is outstanding (the workers'
+        load is not visible from here; this keeps interim work from queueing ahead of finals)."""
+        if self._jobs:
+            return None
+        try:
+            return self.analyze(audio, context)
+        except Overloaded:
+            return None
+
+    def load(self) -> float:
+        """Remote workers scale on their own: admission here is bounded by max_sessions and queue_size."""
+        return 0.0
+
+    def wait_estimate_s(self) -> float:
+        return 0.0
 
     def _finish(self, job: RemoteJob) -> bool:
         """Take `job` out of the outstanding set; False when it was already finished."""

