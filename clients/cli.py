@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,9 @@ from typing import IO
 
 from clients.client import DEFAULT_URL, Event
 from clients.render import Renderer, jsonl
+from streamer import protocol as P
+
+CLEAR_LINE = "\r\033[2K"  # back to the start of the line and erase it
 
 
 def add_output_args(ap: argparse.ArgumentParser) -> None:
@@ -26,24 +30,61 @@ def add_output_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-revisions", dest="revisions", action="store_false", help="hide emotion.revised")
 
 
+def add_result_args(ap: argparse.ArgumentParser, words: bool = True) -> None:
+    """--interim (and, for sources, --words): what the session or the watcher asks the server for."""
+    ap.add_argument("--interim", action="store_true",
+                    help="also show the text so far (and a provisional emotion) while someone is still speaking; "
+                         "on a terminal the interim line is rewritten in place until the final result replaces it")
+    if words:
+        ap.add_argument("--words", action="store_true",
+                        help="word timings: each final transcript carries every word's start and end (s)")
+
+
 class Printer:
-    """Prints events human-readably (or as JSONL) and optionally saves them."""
+    """Prints events human-readably (or as JSONL) and optionally saves them. On a terminal, interim
+    results (transcript.partial, emotion.partial) share one status line that is rewritten in place
+    and cleared before the final lines; elsewhere (a pipe, a file, --jsonl) every partial is a line."""
 
     def __init__(self, args: argparse.Namespace, out: IO[str] = sys.stdout) -> None:
         self.as_jsonl = args.jsonl
-        self.renderer = Renderer(colour=args.colour and out.isatty(), show_revisions=args.revisions)
+        self.tty = out.isatty()
+        self.renderer = Renderer(colour=args.colour and self.tty, show_revisions=args.revisions)
         self.out = out
         self.save = open(args.save, "a", encoding="utf-8") if args.save else None
+        self.status = ""  # the interim line on screen (terminals only)
 
     def __call__(self, ev: Event) -> None:
-        lines = [jsonl(ev)] if self.as_jsonl else self.renderer.render(ev)
-        for line in lines:
-            print(line, file=self.out, flush=True)
+        if self.as_jsonl:
+            print(jsonl(ev), file=self.out, flush=True)
+        elif self.tty:
+            width = shutil.get_terminal_size().columns
+            self.renderer.width = width
+            lines = self.renderer.render(ev)
+            self._redraw([] if ev.type in P.INTERIM_TYPES else lines, self.renderer.interim_line(width - 1))
+        else:
+            for line in self.renderer.render(ev):
+                print(line, file=self.out, flush=True)
         if self.save is not None:
             self.save.write(json.dumps(ev.data, ensure_ascii=False) + "\n")
             self.save.flush()
 
+    def _redraw(self, lines: list[str], status: str) -> None:
+        """Final lines above, then the interim status line (no newline: the next redraw erases it)."""
+        if not lines and status == self.status:
+            return
+        if self.status:
+            self.out.write(CLEAR_LINE)
+        for line in lines:
+            self.out.write(line + "\n")
+        self.out.write(status)
+        self.status = status
+        self.out.flush()
+
     def close(self) -> None:
+        if self.status:  # interrupted while someone was speaking: leave the line clean
+            self.out.write(CLEAR_LINE)
+            self.out.flush()
+            self.status = ""
         if self.save is not None:
             self.save.close()
 

@@ -73,6 +73,9 @@ class StreamClient:
     """A source session: `start`, binary PCM frames, `stop`; its own events come back on the socket.
     After a dropped connection, a new StreamClient with the same `session_id` and `after_seq` (the
     last seq received) resumes the session within the server's grace period, missing nothing.
+    `interim=True` also brings transcript.partial / emotion.partial events while someone speaks (each
+    superseded by its utterance's final transcript / emotion); `word_timestamps=True` gives every
+    final transcript a `words` list (word, start_s, end_s, probability).
 
         async with StreamClient(url, sample_rate=16000) as c:
             await c.send_audio(pcm_bytes)
@@ -85,11 +88,11 @@ class StreamClient:
                  session_id: str | None = None, language: str | None = None,
                  metadata: dict[str, Any] | None = None, speakers: list[str] | None = None,
                  token: str | None = None, ssl: Any = None, after_seq: int | None = None,
-                 open_timeout: float = 10.0) -> None:
+                 open_timeout: float = 10.0, interim: bool = False, word_timestamps: bool = False) -> None:
         self.url = _base(url) + P.STREAM_PATH
         self.start_message = P.StartMessage(sample_rate=sample_rate, channels=channels, session_id=session_id,
                                             language=language, metadata=metadata or {}, speakers=speakers,
-                                            after_seq=after_seq)
+                                            after_seq=after_seq, interim=interim, word_timestamps=word_timestamps)
         self.open_timeout = open_timeout
         self.headers = _auth_headers(token)
         self.ssl = ssl
@@ -156,7 +159,8 @@ P_MAX_EVENT_BYTES = 1 << 20
 
 class Subscriber:
     """Watch one session (or `*`, all of them). Reconnects with back-off when the connection drops
-    and never yields the same (session_id, seq) twice.
+    and never yields the same (session_id, seq) twice. `interim=True` asks for the partial events
+    too (`&interim=1`); they are never replayed after a reconnect, only the final events are.
 
         async for ev in Subscriber(url, session="*"):
             ...
@@ -164,9 +168,10 @@ class Subscriber:
 
     def __init__(self, url: str = DEFAULT_URL, session: str = P.ALL_SESSIONS, *, reconnect: bool = True,
                  max_retries: int = 10, backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 token: str | None = None, ssl: Any = None, open_timeout: float = 10.0) -> None:
-        self.session = session
-        self.url = f"{_base(url)}{P.SUBSCRIBE_PATH}?session={quote(session, safe='*')}"
+                 token: str | None = None, ssl: Any = None, open_timeout: float = 10.0,
+                 interim: bool = False) -> None:
+        self.session, self.interim = session, interim
+        self.url = f"{_base(url)}{P.SUBSCRIBE_PATH}?session={quote(session, safe='*')}" + ("&interim=1" if interim else "")
         self.reconnect, self.max_retries = reconnect, max_retries
         self.backoff_s, self.max_backoff_s, self.open_timeout = backoff_s, max_backoff_s, open_timeout
         self.headers, self.ssl = _auth_headers(token), ssl
@@ -177,7 +182,9 @@ class Subscriber:
         return self._run()
 
     def _resume_url(self) -> str:
-        """After a reconnect to one session, ask for the events after the last one seen."""
+        """After a reconnect to one session, ask for the events after the last one seen. That may be
+        a partial's seq: partials are numbered like every event but never replayed, and the server
+        replays the final events numbered after it, so nothing final is missed or repeated."""
         if self.session != P.ALL_SESSIONS and self.session in self.last_seq:
             return f"{self.url}&after_seq={self.last_seq[self.session]}"
         return self.url

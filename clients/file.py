@@ -1,6 +1,6 @@
 """Stream an audio file (wav, flac, mp3, ogg, ...) to the service and print its events.
 
-    python -m clients.file recording.wav [--url ws://127.0.0.1:8765] [--fast] [--jsonl] [--save out.jsonl]
+    python -m clients.file recording.wav [--url ws://127.0.0.1:8765] [--fast] [--interim] [--words] [--jsonl] [--save out.jsonl]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from clients.audio import SAMPLE_RATE, decode, paced_chunks
-from clients.cli import Printer, add_output_args, connection_args, run_cli
+from clients.cli import Printer, add_output_args, add_result_args, connection_args, run_cli
 from clients.client import StreamClient, run_source
 
 
@@ -24,13 +24,13 @@ async def stream_file(args: argparse.Namespace, printer: Printer) -> int:
     channels = len(speakers) if speakers else 1
     async with StreamClient(args.url, sample_rate=SAMPLE_RATE, channels=channels, speakers=speakers,
                             session_id=args.session_id, metadata={"source": "clients.file", "file": args.path},
-                            **connection_args(args)) as client:
+                            interim=args.interim, word_timestamps=args.words, **connection_args(args)) as client:
         chunks = paced_chunks(audio, SAMPLE_RATE * channels, realtime=not args.fast)
         events = await run_source(client, chunks, printer)
     return 0 if any(e.type == "session.ended" for e in events) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m clients.file", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="audio file")
@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-id", help="ask for this session id")
     ap.add_argument("--speakers", metavar="A,B", help="multi-channel file: one speaker per channel, e.g. agent,customer "
                     "(a call recording with the agent left and the customer right); default: downmix to mono")
+    add_result_args(ap)
     add_output_args(ap)
-    return run_cli(stream_file, ap.parse_args(argv))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(stream_file, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Desktop microphone session: talk, and watch each utterance's transcript and emotion appear.
 
-    python -m clients.mic [--url ws://127.0.0.1:8765] [--device N|NAME] [--list-devices] [--save session.jsonl]
+    python -m clients.mic [--url ws://127.0.0.1:8765] [--device N|NAME] [--list-devices] [--interim] [--words]
+                          [--save session.jsonl]
+
+With --interim the words appear while you speak (grey, rewritten in place) and the final result
+replaces them; --words adds each word's timing under the transcript.
 
 Ctrl-C stops capturing, waits for the last utterance's result, prints the emotion timeline and
 exits; a second Ctrl-C exits at once.
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from clients.audio import CHUNK_S
-from clients.cli import Printer, add_output_args, connection_args, run_cli
+from clients.cli import Printer, add_output_args, add_result_args, connection_args, run_cli
 from clients.client import StreamClient, run_source
 
 
@@ -81,22 +85,28 @@ async def session(args: argparse.Namespace, printer: Printer) -> int:
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id,
-                            metadata={"source": "clients.mic"}, **connection_args(args)) as client:
+    async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id, metadata={"source": "clients.mic"},
+                            interim=args.interim, word_timestamps=args.words, **connection_args(args)) as client:
+        extras = [x for x, on in (("interim results", args.interim), ("word timings", args.words)) if on]
         print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
-              f"→ {args.url} (Ctrl-C to stop)", file=sys.stderr)
+              f"→ {args.url}{' with ' + ' and '.join(extras) if extras else ''} (Ctrl-C to stop)", file=sys.stderr)
         await run_source(client, capture(device, rate, stop), printer, stop_when=stop)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m clients.mic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", help="input device index or name (see --list-devices)")
     ap.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     ap.add_argument("--session-id", help="ask for this session id")
+    add_result_args(ap)
     add_output_args(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.list_devices:
         print(list_devices())
         return 0

@@ -5,6 +5,7 @@
     python -m streamer                        # serve on 127.0.0.1:8765 until Ctrl-C
     python -m streamer --mic [DEVICE]         # serve + the desktop microphone as session "mic"
     python -m streamer --file talk.mp3 --fast # serve + stream a file as fast as possible
+    python -m streamer --demo --interim --words  # + the text so far while speaking, and word timings
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -70,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True, help="pace files in real time (default)")
     pace.add_argument("--fast", dest="realtime", action="store_false", help="send files as fast as possible")
     p.add_argument("--json", action="store_true", help="print raw JSON events instead of readable lines")
+    p.add_argument("--interim", action="store_true",
+                   help="with --demo/--file/--mic: also show the text so far (and a provisional emotion) while someone "
+                        "speaks; on a terminal that line is rewritten in place until the final result replaces it")
+    p.add_argument("--words", action="store_true",
+                   help="with --demo/--file/--mic: word timings on every final transcript")
     sec = p.add_argument_group("security (docs/protocol.md#authentication)")
     sec.add_argument("--token", action="append", default=[], metavar="TOKEN",
                      help="API token with the admin role (repeatable; also $EMOSTREAM_TOKEN)")
@@ -120,28 +127,61 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     return replace(config, store=StoreConfig(path=a.store), bus=BusConfig(url=a.bus))
 
 
-def _printer(as_json: bool):  # type: ignore[no-untyped-def]
-    from streamer.client import format_event
-
-    def show(ev: dict[str, Any]) -> None:
-        line = json.dumps(ev) if as_json else format_event(ev)
-        if line:
-            print(line, flush=True)
-
-    return show
+CLEAR_LINE = "\r\033[2K"  # back to the start of the line and erase it
 
 
-async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str | None = None) -> None:
+class _Printer:
+    """Prints events (format_event, or raw JSON with --json). On a terminal an interim result
+    (transcript.partial / emotion.partial) is a status line rewritten in place, erased when the next
+    line is printed (the final results replace it); elsewhere every partial is a line of its own."""
+
+    def __init__(self, as_json: bool, out: Any = None) -> None:
+        self.as_json, self.out = as_json, out if out is not None else sys.stdout
+        self.tty = not as_json and self.out.isatty()
+        self.status = False  # an interim line is on screen
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        from streamer.client import format_event
+
+        line = json.dumps(ev) if self.as_json else format_event(ev)
+        if not line:
+            return
+        if not self.tty:
+            print(line, file=self.out, flush=True)
+            return
+        if self.status:
+            self.out.write(CLEAR_LINE)
+        if ev["type"] in P.INTERIM_TYPES:
+            width = shutil.get_terminal_size().columns - 1
+            if len(line) > width:  # one screen line, or the next rewrite could not erase it: keep the newest words
+                cut = line.find("): ") + 3 if ev["type"] == P.TRANSCRIPT_PARTIAL else line.rfind(" | ") + 3
+                line = (line[:cut] + "…" + line[-(width - cut - 1):]) if 2 < cut < width - 10 else line[: width - 1] + "…"
+            self.out.write(f"\033[2;3m{line}\033[0m")  # dim italic: provisional
+            self.status = True
+        else:
+            first, *rest = line.split("\n")  # a transcript's word timings: dim, under it
+            self.out.write(first + "\n" + "".join(f"\033[2m{r}\033[0m\n" for r in rest))
+            self.status = False
+        self.out.flush()
+
+
+def _extras(a: argparse.Namespace) -> str:
+    """', interim results, word timings' for the console lines that say what is streamed."""
+    return "".join(f", {x}" for x, on in (("interim results", a.interim), ("word timings", a.words)) if on)
+
+
+async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str | None = None,
+                               interim: bool = False) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
     from streamer.client import tls_for
 
-    show = _printer(as_json)
+    show = _Printer(as_json)
     try:
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session={session}", additional_headers=headers,
-                           ssl=tls_for(url)) as ws:
+        async with connect(f"{url}{P.SUBSCRIBE_PATH}?session={session}{'&interim=1' if interim else ''}",
+                           additional_headers=headers, ssl=tls_for(url)) as ws:
             async for msg in ws:
                 show(json.loads(msg))
     except ConnectionClosed:
@@ -192,11 +232,11 @@ async def run(a: argparse.Namespace) -> int:
         from websockets.exceptions import ConnectionClosed
 
         name = "the bundled recording" if a.demo else str(a.file)
-        print(f"streaming {name} ({audio.shape[-1] / 16000:.1f} s, {'real time' if a.realtime else 'fast'}) "
+        print(f"streaming {name} ({audio.shape[-1] / 16000:.1f} s, {'real time' if a.realtime else 'fast'}{_extras(a)}) "
               f"through {app.url}{P.STREAM_PATH}", flush=True)
         try:
-            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_printer(a.json), speakers=speakers,
-                                        token=own_token,
+            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_Printer(a.json), speakers=speakers,
+                                        token=own_token, interim=a.interim, word_timestamps=a.words,
                                         timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
             lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
             if lat and not a.json:
@@ -211,13 +251,13 @@ async def run(a: argparse.Namespace) -> int:
     elif a.mic is not None:
         try:
             mic = Microphone(a.mic or None)
-            app.add_source("mic", mic.chunks(), "microphone")
+            app.add_source("mic", mic.chunks(), "microphone", interim=a.interim, word_timestamps=a.words)
         except SourceError as e:
             print(f"error: {e}", file=sys.stderr)
             await app.shutdown()
             return 2
-        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json, own_token))
-        print("listening to the microphone (session 'mic'); Ctrl-C to stop", flush=True)
+        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json, own_token, interim=a.interim))
+        print(f"listening to the microphone (session 'mic'{_extras(a)}); Ctrl-C to stop", flush=True)
         await app.wait_closed()
         printer.cancel()
     else:

@@ -127,7 +127,9 @@ def tls_for(url: str):  # type: ignore[no-untyped-def]
 
 
 def format_event(ev: dict[str, Any]) -> str | None:
-    """One human-readable line for the events a person watching wants; None for the rest."""
+    """Human-readable line(s) for the events a person watching wants; None for the rest. Interim
+    results (transcript.partial, emotion.partial) are one line marked `… interim`; a transcript
+    with word timings gets a second line `0.00–0.76 And · 0.76–1.02 so …` (seconds of the stream)."""
     t, uid = ev["type"], ev.get("utterance_id")
     if ev.get("speaker") and t != P.ALERT:
         uid = f"{uid} {ev['speaker']}"
@@ -136,7 +138,18 @@ def format_event(ev: dict[str, Any]) -> str | None:
     if t == P.UTTERANCE_ENDED:
         return f"[{ev['start_s']:7.2f} - {ev['end_s']:7.2f} s] utterance {uid} ended ({ev.get('reason', '')})"
     if t == P.TRANSCRIPT:
-        return f"    #{uid} transcript: {ev['text']!r}" if ev["text"] else f"    #{uid} transcript: (nothing recognised; text masked)"
+        line = f"    #{uid} transcript: {ev['text']!r}" if ev["text"] else f"    #{uid} transcript: (nothing recognised; text masked)"
+        if ev.get("words"):
+            line += "\n        " + " · ".join(f"{w['start_s']:.2f}–{w['end_s']:.2f} {str(w['word']).strip()}"
+                                             for w in ev["words"])
+        return line
+    if t == P.TRANSCRIPT_PARTIAL:
+        return f"    #{uid} … interim transcript ({ev.get('audio_s', 0.0):.1f} s): {ev['text']!r}"
+    if t == P.EMOTION_PARTIAL:
+        w = ev["modality_weights"]
+        return (f"    #{uid} … interim emotion ({ev.get('audio_s', 0.0):.1f} s): {ev['label'].upper()}? "
+                f"{ev['scores'][ev['label']]:.2f} | speech {w['speech']:.2f} / text {w['text']:.2f}"
+                + (f" | {ev['text']!r}" if ev.get("text") else ""))
     if t == P.EMOTION:
         top = sorted(ev["scores"].items(), key=lambda kv: -kv[1])[:3]
         w = ev["modality_weights"]

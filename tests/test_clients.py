@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -19,7 +20,7 @@ from clients.render import Renderer
 from streamer import protocol as P
 from tests.conftest import SPEECH
 from tests.service import running_service
-from tests.stream_util import wer
+from tests.stream_util import WAIT_S, emotion_model, load, served, wer, whisper  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -153,3 +154,65 @@ def test_subscriber_reconnects_and_never_repeats_an_event():
 
     assert asyncio.run(asyncio.wait_for(go(), 30)) == [0, 1, 2, 3]
     assert connections == 2
+
+
+def test_file_cli_words_shows_word_timings(service):
+    res = run_cli("clients.file", str(SPEECH / "LJ001-0008.wav"), "--url", service.url, "--fast", "--no-colour",
+                  "--words", "--interim")
+    assert res.returncode == 0, res.stderr
+    timed = [line for line in res.stdout.splitlines() if re.match(r"^    \d+\.\d\d–\d+\.\d\d \S", line)]
+    assert timed, res.stdout  # under the emotion line: `    0.31–0.62 has · ...`
+    words = [w.split(" ", 1)[1] for line in timed for w in line.strip().split(" · ")]
+    assert "surpassed" in " ".join(words).lower(), words
+    assert "\r" not in res.stdout  # not a terminal: partials, if any, are plain lines
+
+
+def test_interim_results_and_word_timings_through_the_clients_api(emotion_model, whisper):  # noqa: F811
+    """jfk.flac in real time from a StreamClient asking for interim results and word timings, with a
+    Subscriber that asks for the partials and one that does not."""
+    from tests.test_interim_clients import Terminal, printer_args
+    from clients.cli import Printer
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with served(emotion_model, whisper, interim_emotion_every_s=1.0) as app:  # JFK's utterances: 1.5-2.6 s
+            watchers = {"interim": Subscriber(app.url, "jfk", interim=True, reconnect=False),
+                        "finals": Subscriber(app.url, "jfk", reconnect=False)}
+            seen: dict[str, list[Event]] = {k: [] for k in watchers}
+
+            async def watch(name: str) -> None:
+                async for e in watchers[name]:
+                    seen[name].append(e)
+
+            tasks = [asyncio.create_task(watch(k)) for k in watchers]
+            while sum(len(g) for g in app.hub.subs.values()) < 2:  # both registered before the session starts
+                await asyncio.sleep(0.01)
+            async with StreamClient(app.url, session_id="jfk", interim=True, word_timestamps=True) as client:
+                events = await run_source(client, paced_chunks(load("jfk.flac"), realtime=True))
+            await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+            return events, seen
+
+    events, seen = asyncio.run(go())
+    assert events[-1].type == P.SESSION_ENDED
+    partials = [e for e in events if e.type == P.TRANSCRIPT_PARTIAL]
+    assert partials and all(e["text"] and e["audio_s"] > 0 for e in partials)
+    assert any(e.type == P.EMOTION_PARTIAL and e["label"] in e["scores"] for e in events)
+    started, finished = set(), set()
+    for e in events:  # every partial after its utterance.started and before its final transcript
+        if e.type == P.UTTERANCE_STARTED:
+            started.add(e.utterance_id)
+        elif e.type == P.TRANSCRIPT:
+            finished.add(e.utterance_id)
+            assert e["words"] and " ".join(w["word"] for w in e["words"]).split() == e["text"].split()
+        elif e.type in P.INTERIM_TYPES:
+            assert e.utterance_id in started and e.utterance_id not in finished, e
+    assert [e.seq for e in seen["interim"]] == [e.seq for e in events]
+    assert [e.seq for e in seen["finals"]] == [e.seq for e in events if e.type not in P.INTERIM_TYPES]
+    # a terminal ends up with only the final lines: every interim line was replaced
+    term = Terminal()
+    printer = Printer(printer_args(colour=False), term)
+    for e in events:
+        printer(e)
+    lines, current = term.screen()
+    assert current == "" and not any("interim" in line for line in lines)
+    assert sum(line.startswith("[00:") for line in lines) == len(finished) >= 3
+    assert any(re.match(r"^    \d+\.\d\d–\d+\.\d\d ", line) for line in lines)

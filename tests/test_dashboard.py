@@ -1,5 +1,6 @@
 """The browser dashboard in a real headless Chromium (Debian's; no browser download): its
-microphone is fed from a real speech wav, and utterances with transcripts and emotions must appear.
+microphone is fed from a real speech wav, and utterances with transcripts and emotions must appear,
+the utterance being spoken first as interim text (grey italics) with a provisional emotion chip.
 A screenshot is saved to artifacts/dashboard.png."""
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LABELS = {"neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"}
 pytestmark = pytest.mark.slow
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# Before the page's own script: record what the page sends and where it connects, and every interim
+# text / provisional chip ever shown (the final results replace them within a second or two).
+SPY = """
+window.__spy = { urls: [], sent: [], interim: [], provisional: [] };
+const NativeWebSocket = window.WebSocket;
+window.WebSocket = class extends NativeWebSocket {
+  constructor(url, protocols) { super(url, protocols); window.__spy.urls.push(String(url)); }
+  send(data) { if (typeof data === "string") window.__spy.sent.push(JSON.parse(data)); return super.send(data); }
+};
+new MutationObserver(() => {
+  for (const t of document.querySelectorAll("li.utt .text.interim")) {
+    const st = getComputedStyle(t);
+    window.__spy.interim.push({ text: t.textContent, italic: st.fontStyle, colour: st.color,
+                                 final: getComputedStyle(t.closest("li").querySelector(".meta")).color });
+  }
+  for (const c of document.querySelectorAll("li.utt .chip.provisional")) window.__spy.provisional.push(c.textContent);
+}).observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
+"""
 
 
 def test_static_files_are_served(tiny_checkpoint):
@@ -33,6 +54,8 @@ def test_static_files_are_served(tiny_checkpoint):
             body = r.read()
             assert r.headers["Content-Type"].startswith("application/javascript")
             assert b"/v1/subscribe" in body and b"audioWorklet" in body and b"import " not in body
+            assert b"transcript.partial" in body and b"emotion.partial" in body and b"&interim=1" in body
+        assert b'<input type="checkbox" id="interim" checked>' in html and b"Interim results" in html
         for bad in ("/static/../server.py", "/static/nope.js"):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(base + bad, timeout=10)
@@ -53,8 +76,7 @@ def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcrip
     ARTIFACTS.mkdir(exist_ok=True)
     with running_service(tiny_checkpoint) as app, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
+            *CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}",
         ])
@@ -62,6 +84,7 @@ def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcrip
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_init_script(SPY)
             page.goto(f"http://127.0.0.1:{app.port}/?mic=1")
             page.wait_for_function("document.querySelector('#mic').classList.contains('on')", timeout=30_000)
             # the first sentence's emotion (bars drawn) and transcript must appear
@@ -73,6 +96,10 @@ def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcrip
                                               " text: e.querySelector('.text').textContent, bars: e.querySelectorAll('.bar').length,"
                                               " weights: e.querySelector('.weights').textContent}))")
             session = page.eval_on_selector("#session", "s => s.value")
+            spy = page.evaluate("window.__spy")
+            # the finished utterances show only the final results
+            left = page.eval_on_selector_all("li.utt", "els => els.filter(e => e.querySelector('.bars').children.length)"
+                                             ".map(e => e.querySelectorAll('.text.interim, .chip.provisional').length)")
         finally:
             browser.close()
     assert not errors, errors
@@ -81,6 +108,15 @@ def test_dashboard_microphone_to_emotions_in_chromium(tiny_checkpoint, transcrip
     heard = " ".join(i["text"] for i in done).lower()
     assert "printed" in heard or "surpassed" in heard or "block" in heard, heard
     assert session not in ("*", ""), "the page switched to watching its own microphone session"
+    # "Interim results" is ticked by default: the microphone's start asks for them, so does the watcher
+    start = next(m for m in spy["sent"] if m.get("type") == "start")
+    assert start["interim"] is True and start["metadata"] == {"source": "dashboard"}
+    assert any(f"/v1/subscribe?session={session}&interim=1" in u for u in spy["urls"]), spy["urls"]
+    # the utterance being spoken showed its text so far in grey italics, and a provisional emotion
+    assert spy["interim"] and all(i["italic"] == "italic" and i["colour"] == i["final"] for i in spy["interim"]), spy
+    assert any(i["text"].strip() for i in spy["interim"])
+    assert spy["provisional"] and all(c.endswith("?") and c[:-1] in LABELS for c in spy["provisional"]), spy
+    assert left and not any(left), "final transcript and emotion replaced the interim text and chip"
 
 
 def test_dashboard_calls_view_shows_each_side_and_alerts(tiny_checkpoint, tmp_path):
@@ -133,3 +169,35 @@ def test_dashboard_calls_view_shows_each_side_and_alerts(tiny_checkpoint, tmp_pa
     assert set(sides) == {"customer", "agent"}
     assert all(any(lab in text for lab in LABELS) for text in sides.values()), sides
     assert row["alerts"].startswith("1") and "customer" in row["alerts"]
+
+
+def test_dashboard_interim_checkbox_sets_the_subscription(tiny_checkpoint):
+    """Unticking "Interim results" re-subscribes without `interim=1` (and `?interim=0` starts unticked);
+    nothing else in the page changes."""
+    from playwright.sync_api import sync_playwright
+
+    with running_service(tiny_checkpoint) as app, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_init_script(SPY)
+            base = f"http://127.0.0.1:{app.port}"
+            page.goto(base + "/")
+            page.wait_for_function("window.emostream.sub && window.emostream.sub.readyState === 1", timeout=30_000)
+            page.uncheck("#interim")
+            page.wait_for_function("window.__spy.urls.length === 2 && window.emostream.sub.readyState === 1",
+                                   timeout=30_000)
+            page.check("#interim")
+            page.wait_for_function("window.__spy.urls.length === 3", timeout=30_000)
+            urls = page.evaluate("window.__spy.urls")
+            page.goto(base + "/?interim=0")
+            page.wait_for_function("window.emostream.sub && window.emostream.sub.readyState === 1", timeout=30_000)
+            unticked = page.evaluate("[document.querySelector('#interim').checked, window.__spy.urls]")
+        finally:
+            browser.close()
+    assert not errors, errors
+    paths = [u.removeprefix(base.replace("http", "ws")) for u in urls]
+    assert paths == ["/v1/subscribe?session=*&interim=1", "/v1/subscribe?session=*", "/v1/subscribe?session=*&interim=1"]
+    assert unticked[0] is False and unticked[1][-1].endswith("/v1/subscribe?session=*")

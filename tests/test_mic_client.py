@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_mic_client_live_view_save_and_clean_ctrl_c(tiny_checkpoint, transcripts, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--interim", "--words")], ids=["plain", "interim-words"])
+def test_mic_client_live_view_save_and_clean_ctrl_c(tiny_checkpoint, transcripts, tmp_path, flags):
+    """With --interim --words the partials arrive before the final transcript, which has word timings."""
     saved = tmp_path / "session.jsonl"
     with VirtualMic(tmp_path) as mic, running_service(tiny_checkpoint) as app:
         proc = subprocess.Popen([sys.executable, "-m", "clients.mic", "--url", app.url, "--device", "pulse", "--jsonl",
-                                 "--save", str(saved)], cwd=ROOT, env=env(**mic.env, PYTHONPATH=str(ROOT)),
+                                 "--save", str(saved), *flags], cwd=ROOT, env=env(**mic.env, PYTHONPATH=str(ROOT)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
@@ -50,3 +52,11 @@ def test_mic_client_live_view_save_and_clean_ctrl_c(tiny_checkpoint, transcripts
     assert wer(transcripts["LJ001-0004.wav"], text) <= 0.3, text
     assert [json.loads(line) for line in saved.read_text().splitlines()] == events
     assert "finishing the last utterance" in err
+    partials = [i for i, e in enumerate(events) if e["type"] in P.INTERIM_TYPES]
+    timed = [e for e in events if e["type"] == P.TRANSCRIPT and e.get("words")]
+    if flags:
+        assert "with interim results and word timings" in err
+        first_final = next(i for i, e in enumerate(events) if e["type"] == P.TRANSCRIPT)
+        assert partials and partials[0] < first_final and timed, events
+    else:
+        assert not partials and not timed

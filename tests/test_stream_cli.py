@@ -57,6 +57,29 @@ def test_demo_prints_transcripts_and_emotions(tiny_checkpoint, transcripts) -> N
     assert "session" in out and "ended" in out
 
 
+@pytest.mark.slow
+def test_file_with_interim_and_words_prints_partials_and_word_timings(tiny_checkpoint, transcripts) -> None:
+    """`python -m streamer --file X --interim --words`, piped: every partial is a plain line before
+    its utterance's final transcript, and each transcript has its word timings under it."""
+    r = subprocess.run(streamer_cmd("--file", str(SPEECH / "LJ001-0004.wav"), "--interim", "--words",
+                                    "--checkpoint", str(tiny_checkpoint)), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "real time, interim results, word timings) through" in out
+    assert "\r" not in out and "\x1b" not in out  # not a terminal: nothing is rewritten in place
+    lines = out.splitlines()
+    partial = [i for i, line in enumerate(lines) if re.match(r"^    #\d+ … interim transcript \(\d+\.\d s\): '.+'$", line)]
+    final = [i for i, line in enumerate(lines) if re.search(r"#\d+ transcript: '.*'$", line)]
+    assert partial and final and partial[0] < final[0], out
+    texts = [ast.literal_eval(re.search(r"transcript: ('.*'|\".*\")$", lines[i]).group(1)) for i in final]
+    assert wer(transcripts["LJ001-0004.wav"], " ".join(texts)) <= 0.3, texts
+    for i in final:  # `        0.00–0.42 Produced · 0.42–0.61 the · ...`, the words of the transcript above
+        timed = lines[i + 1].strip().split(" · ")
+        assert lines[i + 1].startswith("        ") and all(re.match(r"^\d+\.\d\d–\d+\.\d\d \S", w) for w in timed)
+        assert [w.split(" ", 1)[1] for w in timed] == texts[final.index(i)].split()
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     r = subprocess.run(streamer_cmd("--demo", "--checkpoint", str(tmp_path / "nope.pt")), cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=120)
@@ -122,14 +145,16 @@ def test_sigterm_on_an_idle_server_exits_0(tiny_checkpoint) -> None:
 
 # ---- the microphone, through a PulseAudio null sink --------------------------------------------
 @pytest.mark.slow
-def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [(), ("--interim", "--words")], ids=["plain", "interim-words"])
+def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, tmp_path: Path, flags) -> None:
     """`python -m streamer --mic pulse`: speech played into the null sink comes out as session
-    'mic' events to a `*` subscriber, and --json lines on stdout."""
+    'mic' events to a `*` subscriber, and --json lines on stdout. With --interim --words the
+    printed events include the partials, and the transcripts (also the subscriber's) word timings."""
     with VirtualMic(tmp_path) as mic:
 
         async def scenario():  # type: ignore[no-untyped-def]
             proc, url = await start_server("--port", "0", "--checkpoint", str(tiny_checkpoint), "--mic", "pulse",
-                                           "--json", **mic.env)
+                                           "--json", *flags, **mic.env)
             try:
                 async with connect(f"{url}{P.SUBSCRIBE_PATH}?session=*") as sub:
                     player = mic.play(SPEECH / "LJ001-0004.wav")
@@ -151,4 +176,12 @@ def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, 
     assert {e["session_id"] for e in got} == {"mic"}
     text = " ".join(e["text"] for e in got if e["type"] == P.TRANSCRIPT)
     assert wer(transcripts["LJ001-0004.wav"], text) <= 0.3, text
-    assert any(json.loads(line)["type"] == P.EMOTION for line in printed.splitlines() if line.startswith("{"))
+    shown = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    assert any(e["type"] == P.EMOTION for e in shown)
+    assert not [e for e in got if e["type"] in P.INTERIM_TYPES]  # that subscriber did not ask for them
+    if flags:
+        assert "interim results, word timings" in printed
+        assert any(e["type"] == P.TRANSCRIPT_PARTIAL for e in shown), shown
+        assert all(e["words"] for e in got + shown if e["type"] == P.TRANSCRIPT and e["text"])
+    else:
+        assert not [e for e in shown if e["type"] in P.INTERIM_TYPES or "words" in e]

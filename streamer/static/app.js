@@ -6,21 +6,30 @@ const COLOURS = { neutral: "#a7b0bc", joy: "#ffd23f", surprise: "#2ec4e8", anger
   sadness: "#3f7fff", disgust: "#7cb518", fear: "#a663cc", boredom: "#6c757d" };
 const LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"];
 const wsBase = (location.protocol === "https:" ? "wss://" : "ws://") + location.host;
-const token = new URLSearchParams(location.search).get("token");
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
 const withToken = (url) => token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
 
 const $ = (id) => document.getElementById(id);
-const state = { utterances: new Map(), order: [], sessions: new Set(["*"]), sub: null, mic: null, events: 0, calls: new Map() };
+const state = { utterances: new Map(), order: [], sessions: new Set(["*"]), sub: null, mic: null, events: 0, calls: new Map(),
+  watching: "*", lastSeq: new Map(), partials: 0 };
 window.emostream = state; // for tests and the curious
 
 function colour(label) { return COLOURS[label] || "#d0d0d0"; }
 function setStatus(text, cls) { const s = $("status"); s.textContent = text; s.className = "status " + (cls || ""); }
 
+// interim results (transcript.partial / emotion.partial while someone speaks): asked for by the
+// microphone's start message and by the watcher subscription while the checkbox is ticked
+const interimOn = () => $("interim").checked;
+
 // ---- subscription -------------------------------------------------------------------------
-function subscribe(session) {
+function subscribe(session, resume) {
   if (state.sub) { state.sub.onclose = null; state.sub.close(); }
-  const ws = new WebSocket(withToken(wsBase + "/v1/subscribe?session=" + encodeURIComponent(session)));
-  state.sub = ws;
+  let url = wsBase + "/v1/subscribe?session=" + encodeURIComponent(session) + (interimOn() ? "&interim=1" : "");
+  // re-subscribing to the same session (the checkbox changed): continue after the last event seen
+  if (resume && session !== "*" && state.lastSeq.has(session)) url += "&after_seq=" + state.lastSeq.get(session);
+  const ws = new WebSocket(withToken(url));
+  state.sub = ws; state.watching = session;
   ws.onopen = () => setStatus("connected · watching " + (session === "*" ? "all sessions" : session), "ok");
   ws.onmessage = (m) => handle(JSON.parse(m.data));
   ws.onclose = () => { setStatus("disconnected — retrying", "bad"); setTimeout(() => { if (state.sub === ws) subscribe(session); }, 1500); };
@@ -40,12 +49,12 @@ function utteranceEl(ev) {
   if (!u) {
     const li = document.createElement("li");
     li.className = "utt";
-    li.innerHTML = '<div><div class="label">…</div><div class="meta"></div></div>' +
+    li.innerHTML = '<div><div class="label">…</div><div class="provisional"></div><div class="meta"></div></div>' +
       '<div><div class="text pending">listening…</div><div class="weights"></div><div class="revised"></div></div>' +
       '<div class="bars"></div>';
     $("utterances").prepend(li);
     $("empty").style.display = "none";
-    u = { key, li, session: ev.session_id, label: null, start: null, speaker: ev.speaker || null };
+    u = { key, li, session: ev.session_id, label: null, start: null, speaker: ev.speaker || null, final: false };
     state.utterances.set(key, u);
     state.order.push(u);
     $("count").textContent = state.order.length;
@@ -53,9 +62,32 @@ function utteranceEl(ev) {
   return u;
 }
 
+// the utterance still being spoken: its text so far in grey italics, and a provisional emotion chip;
+// the final transcript / emotion replace them (a partial never follows its utterance's final)
+function showPartial(u, ev) {
+  if (u.final) return;
+  state.partials++;
+  if (ev.text) {
+    const t = u.li.querySelector(".text");
+    t.textContent = ev.text;
+    t.classList.remove("pending"); t.classList.add("interim");
+  }
+  if (u.start == null && ev.audio_s != null) {
+    u.li.querySelector(".meta").textContent =
+      `${ev.session_id}${ev.speaker ? " · " + ev.speaker : ""} · speaking · ${ev.audio_s.toFixed(1)} s`;
+  }
+  if (ev.type === "emotion.partial" && !u.label) {
+    const chip = document.createElement("span");
+    chip.className = "chip provisional"; chip.style.setProperty("--c", colour(ev.label));
+    chip.title = "provisional: from the speech so far"; chip.textContent = ev.label + "?";
+    u.li.querySelector(".provisional").replaceChildren(chip);
+  }
+}
+
 function showScores(u, ev) {
   const label = ev.label;
   u.label = label;
+  u.li.querySelector(".provisional").replaceChildren();
   u.li.style.setProperty("--c", colour(label));
   u.li.querySelector(".label").textContent = label;
   const bars = u.li.querySelector(".bars");
@@ -108,6 +140,7 @@ function callEvent(ev) {
 function handle(ev) {
   state.events++;
   addSession(ev.session_id);
+  if (ev.session_id && ev.seq >= 0) state.lastSeq.set(ev.session_id, ev.seq);
   callEvent(ev);
   switch (ev.type) {
     case "utterance.started": { utteranceEl(ev); break; }
@@ -118,10 +151,14 @@ function handle(ev) {
         `${ev.session_id}${ev.speaker ? " · " + ev.speaker : ""} · ${ev.start_s.toFixed(1)}–${ev.end_s.toFixed(1)} s`;
       break;
     }
+    case "transcript.partial":
+    case "emotion.partial": showPartial(utteranceEl(ev), ev); break;
     case "transcript": {
-      const t = utteranceEl(ev).li.querySelector(".text");
+      const u = utteranceEl(ev);
+      u.final = true;
+      const t = u.li.querySelector(".text");
       t.textContent = ev.text || "(no words)";
-      t.classList.remove("pending");
+      t.classList.remove("pending", "interim");
       break;
     }
     case "emotion": showScores(utteranceEl(ev), ev); break;
@@ -182,7 +219,7 @@ async function startMic() {
   const chunk = Math.round(ctx.sampleRate / 10); // 100 ms
   let buf = new Float32Array(0), started = false;
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate, encoding: "pcm_s16le", channels: 1,
-    metadata: { source: "dashboard" } }));
+    metadata: { source: "dashboard" }, ...(interimOn() ? { interim: true } : {}) }));
   ws.onmessage = (m) => {
     const ev = JSON.parse(m.data);
     if (ev.type === "session.started") {
@@ -217,7 +254,9 @@ function stopMic() {
 
 $("mic").onclick = () => (state.mic ? stopMic() : startMic().catch((e) => setStatus("microphone: " + e.message, "bad")));
 $("session").onchange = (e) => subscribe(e.target.value);
+$("interim").onchange = () => subscribe(state.watching, true);
+if (params.get("interim") === "0") $("interim").checked = false;
 $("legend").innerHTML = LABELS.map((l) => `<span style="--c:${colour(l)}">${l}</span>`).join("");
 drawTimeline();
-subscribe(new URLSearchParams(location.search).get("session") || "*");
-if (new URLSearchParams(location.search).get("mic") === "1") startMic().catch((e) => setStatus("microphone: " + e.message, "bad"));
+subscribe(params.get("session") || "*");
+if (params.get("mic") === "1") startMic().catch((e) => setStatus("microphone: " + e.message, "bad"));
