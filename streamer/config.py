@@ -63,8 +63,8 @@ class AsrConfig:
     beam_size: int = 1  # live use: greedy
     language: str = "en"
     # decoders run in parallel (CTranslate2 replicas, one inference thread each); 0: 2 on a CPU with
-    # 2+ cores, 1 on CUDA. On 2 cores two 1-thread decoders finish 4 utterances in 0.32 s where one
-    # 2-thread decoder takes 0.45 s (docs/latency.md)
+    # 2+ cores, 1 on CUDA. On 2 cores two 1-thread decoders finish 4 utterances in 0.34 s where one
+    # 2-thread decoder takes 0.49 s (bench/decoder_bench.py, docs/latency.md)
     workers: int = 0
     cpu_threads: int = 0  # threads per decoder; 0: the CPU's cores / workers
     max_batch: int = 8  # utterances decoded together (across sessions) on a GPU
