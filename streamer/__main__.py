@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score both modalities, or speech / text alone (an utterance lacking it keeps the other)")
     p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
     p.add_argument("--asr-beam", type=int, default=1)
+    p.add_argument("--asr-workers", type=int, default=0,
+                   help="Whisper decoders run in parallel, one thread each on a CPU (0: 2 on a multi-core CPU, 1 on CUDA)")
     p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")
     p.add_argument("--trailing-silence", type=float, default=None, metavar="S", help="silence that ends an utterance (0.5)")
     src = p.add_mutually_exclusive_group()
@@ -110,7 +112,7 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
         seg = replace(seg, trailing_silence_s=a.trailing_silence,
                       early_decode_s=min(seg.early_decode_s, a.trailing_silence),
                       tail_pad_s=min(seg.tail_pad_s, a.trailing_silence))
-    asr = AsrConfig(device=a.device, beam_size=a.asr_beam)
+    asr = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=a.asr_workers)
     if a.asr_model:
         asr = replace(asr, model=a.asr_model)
     inf = InferenceConfig(device=a.device, remote=a.inference, modalities=a.modalities)
