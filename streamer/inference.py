@@ -139,6 +139,24 @@ class _PredictJob(_Job):
 LOAD_WINDOW_S = 10.0  # load() looks this far back
 
 
+def _collect(q: queue.Queue[Any], first: Any, size: int, wait_s: float,
+             live: Any = len) -> tuple[list[Any], bool]:
+    """A batch: `first`, then what arrives within `wait_s` until `live(batch)` reaches `size`; and
+    whether the stop sentinel (None) was taken meanwhile (the thread ends after this batch)."""
+    batch = [first]
+    deadline = time.monotonic() + wait_s
+    while live(batch) < size:
+        remaining = deadline - time.monotonic()
+        try:
+            job = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
+        except queue.Empty:
+            break
+        if job is None:
+            return batch, True
+        batch.append(job)
+    return batch, False
+
+
 class InferenceEngine:
     """Owns the models; Whisper and the encoders run on `workers` decoding threads, the prediction
     head on one thread of its own."""
@@ -321,19 +339,8 @@ class InferenceEngine:
             first = self._queue.get()
             if first is None:
                 return
-            batch: list[_AnalyzeJob] = [first]
-            stop = False
-            deadline = time.monotonic() + self.config.max_wait_ms / 1000
-            while len([j for j in batch if not j.abandoned]) < size:
-                remaining = deadline - time.monotonic()
-                try:
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
+            batch, stop = _collect(self._queue, first, size, self.config.max_wait_ms / 1000,
+                                   live=lambda b: sum(not j.abandoned for j in b))
             with self._lock:
                 self._busy += 1
             t0 = time.monotonic()
@@ -414,17 +421,7 @@ class InferenceEngine:
             first = self._predicts.get()
             if first is None:
                 return
-            batch: list[_PredictJob] = [first]
-            stop = False
-            while len(batch) < self.config.max_batch:
-                try:
-                    job = self._predicts.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
+            batch, stop = _collect(self._predicts, first, self.config.max_batch, 0.0)
             try:
                 self._predict(batch)
             except Exception as e:  # a bug: fail this batch, keep serving
