@@ -89,8 +89,9 @@ class InferenceConfig:
     max_wait_ms: float = 5.0  # how long a batch waits for company once the first request is in
     queue_size: int = 256  # pending requests (ASR + model) before new utterances are refused
     # an utterance that would wait longer than this for a decoder is refused (error `overloaded`), so
-    # latency stays bounded past capacity; speculative decodes stop already past `speculate_max_wait_s`
-    max_queue_s: float = 3.0
+    # latency stays bounded past capacity (a file sent faster than real time can queue up to this much
+    # work); speculative decodes stop already past `speculate_max_wait_s`
+    max_queue_s: float = 10.0
     speculate_max_wait_s: float = 0.5
     # interim decodes (sessions that ask for interim results) run only on an idle decoder, and use at
     # most this share of one decoder's time, so that a burst of finals rarely finds one busy with them

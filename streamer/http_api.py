@@ -19,6 +19,7 @@ EVENTS_SUFFIX = "/events"
 DEFAULT_SESSIONS = 100
 DEFAULT_EVENTS = 1000
 MAX_LIMIT = 10_000  # rows per response; page with offset / after_seq
+MAX_SQL_INT = 2**63 - 1  # SQLite's INTEGER: a larger offset / after_seq / run cannot be bound
 
 
 class _BadQuery(ValueError):
@@ -39,16 +40,16 @@ def api_response(app: Any, connection: ServerConnection, request: Request) -> Re
     try:
         if path in (SESSIONS_PATH, SESSIONS_PATH + "/"):
             limit = _int(query, "limit", DEFAULT_SESSIONS, 1, MAX_LIMIT)
-            offset = _int(query, "offset", 0, 0, None)
+            offset = _int(query, "offset", 0, 0, MAX_SQL_INT)
             return _json(connection, HTTPStatus.OK, store.sessions(limit=limit, offset=offset))
         raw = path[len(SESSIONS_PATH) + 1:]
         if not raw.endswith(EVENTS_SUFFIX) or "/" in raw[: -len(EVENTS_SUFFIX)] or raw == EVENTS_SUFFIX:
             return _json(connection, HTTPStatus.NOT_FOUND, {
                 "error": "no_route", "message": f"no route {path}; use {SESSIONS_PATH} or {SESSIONS_PATH}/ID/events"})
         session_id = unquote(raw[: -len(EVENTS_SUFFIX)])  # ids may hold any character, %-encoded
-        after_seq = _int(query, "after_seq", -1, -1, None)
+        after_seq = _int(query, "after_seq", -1, -1, MAX_SQL_INT)
         limit = _int(query, "limit", DEFAULT_EVENTS, 1, MAX_LIMIT)
-        run = _int(query, "run", None, 1, None)
+        run = _int(query, "run", None, 1, MAX_SQL_INT)
     except _BadQuery as e:
         return _json(connection, HTTPStatus.BAD_REQUEST, {"error": "bad_query", "message": str(e)})
     session = store.session(session_id, run)
@@ -59,7 +60,7 @@ def api_response(app: Any, connection: ServerConnection, request: Request) -> Re
     return _respond(connection, HTTPStatus.OK, "[" + ",".join(texts) + "]\n")  # events exactly as sent
 
 
-def _int(query: dict[str, list[str]], name: str, default: int | None, low: int, high: int | None) -> Any:
+def _int(query: dict[str, list[str]], name: str, default: int | None, low: int, high: int) -> Any:
     values = query.get(name)
     if not values:
         return default
@@ -67,8 +68,8 @@ def _int(query: dict[str, list[str]], name: str, default: int | None, low: int, 
         v = int(values[-1])
     except ValueError:
         raise _BadQuery(f"{name} must be an integer, got {values[-1]!r}") from None
-    if v < low or (high is not None and v > high):
-        raise _BadQuery(f"{name} must be {f'in {low}..{high}' if high is not None else f'>= {low}'}, got {v}")
+    if v < low or v > high:
+        raise _BadQuery(f"{name} must be in {low}..{high}, got {v}")
     return v
 
 

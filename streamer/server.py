@@ -24,6 +24,7 @@ import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from model import EmotionModel, load_checkpoint
 from streamer import auth
@@ -35,7 +36,7 @@ from streamer.inference import CONTEXT_TRANSCRIPTS, Analysis, InferenceEngine, O
 from streamer.remote import RemoteInferenceEngine
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
-from streamer.http_api import api_response
+from streamer.http_api import MAX_SQL_INT, api_response
 from streamer.static_files import set_header, static_response
 from streamer.store import EventStore
 from streamer.summary import CallSummary
@@ -636,7 +637,17 @@ class App:
 
     # ---- HTTP ----
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        protocol = connection.protocol
+        if protocol.state is State.CONNECTING and protocol.eof_sent:  # bytes after the request (a body, a
+            protocol.state = State.CLOSING  # pipelined request): websockets read them as frames and failed the
+            return connection.respond(HTTPStatus.BAD_REQUEST, "")  # connection; a response would assert: none
+        try:
+            path = urlsplit(request.path).path
+        except ValueError:  # e.g. "//[": an unclosed IPv6 host in the request target
+            return connection.respond(HTTPStatus.BAD_REQUEST, "malformed request target\n")
+        for name in ("Authorization", "Origin"):  # Headers.get() raises on a repeated header
+            if len(request.headers.get_all(name)) > 1:
+                return connection.respond(HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
         refused = auth.check(self.config.auth, request.path, request.headers.get("Authorization"),
                              request.headers.get("Origin"))
         if refused is not None:  # before any data flows
@@ -644,6 +655,10 @@ class App:
             resp = connection.respond(refused[0], refused[1] + "\n")
             if refused[0] == HTTPStatus.UNAUTHORIZED:
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="emostream"'
+            return resp
+        if request.method != "GET":  # every route is read-only (WebSocket handshakes are GETs too)
+            resp = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} is not allowed; use GET\n")
+            resp.headers["Allow"] = "GET"
             return resp
         if path == P.HEALTH_PATH:
             resp = connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
@@ -753,7 +768,7 @@ class App:
                 after = int(after_seq)
             except ValueError:
                 after = None
-            if after is None or key == P.ALL_SESSIONS or after < -1:
+            if after is None or key == P.ALL_SESSIONS or not -1 <= after <= MAX_SQL_INT:  # the store's INTEGER
                 sub.offer(json.dumps(P.event(P.ERROR, key, -1, **P.error_fields(
                     P.E_BAD_REQUEST, "after_seq must be an integer >= -1 and needs a single session"))))
                 sub.finish(P.CLOSE_POLICY, "bad after_seq")

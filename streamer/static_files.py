@@ -26,8 +26,12 @@ def static_response(connection: ServerConnection, path: str) -> Response | None:
         name = path[len("/static/"):]
     else:
         return None
-    file = (STATIC_DIR / name).resolve()
-    if STATIC_DIR not in file.parents or not file.is_file() or file.suffix not in CONTENT_TYPES:
+    try:
+        file = (STATIC_DIR / name).resolve()
+        found = STATIC_DIR in file.parents and file.is_file() and file.suffix in CONTENT_TYPES
+    except (OSError, ValueError):  # a NUL byte (ValueError), a name too long for the file system (OSError)
+        found = False
+    if not found:
         return connection.respond(HTTPStatus.NOT_FOUND, f"no file {path}\n")
     resp = connection.respond(HTTPStatus.OK, "")
     body = file.read_bytes()
