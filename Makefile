@@ -5,7 +5,7 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup.sh
 demo: setup
-	$(PY) -m streamer --demo
+	.venv/bin/emostream demo
 test:
 	$(PY) -m pytest
 bench:
