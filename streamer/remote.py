@@ -18,6 +18,8 @@ A worker acknowledges (XACK) a job only in the transaction that writes its reply
 worker died stays pending and is taken over (XAUTOCLAIM) by another worker after `claim_idle_s`.
 The front-end fails a job nobody answered within `remote_timeout_s` (the utterance gets an error
 event, the session goes on) and bounds its outstanding jobs by `queue_size` (then Overloaded).
+Shutting down while Redis is unreachable, outstanding jobs fail at once (begin_shutdown) and each
+Redis call of the clean-up gets 2 s, so a dead or hung Redis never holds shutdown up.
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ class RemoteInferenceEngine:
         self._side: set[asyncio.Task[Any]] = set()  # fire-and-forget XDELs
         self._n = 0
         self.connected = False
+        self._closing = False  # begin_shutdown() was called
         metrics.gauge("emostream_remote_jobs_outstanding", "analyze jobs sent to inference workers, not yet answered",
                       lambda: len(self._jobs))
 
@@ -248,23 +251,41 @@ class RemoteInferenceEngine:
         """Finish queued predictions, end the head's thread (blocking; see aclose for Redis)."""
         self.local.stop(timeout)
 
-    async def aclose(self) -> None:
-        """Fail what is still outstanding, stop the Redis tasks, drop our reply stream, disconnect."""
+    def begin_shutdown(self) -> None:
+        """The service is shutting down: from now on, while Redis is unreachable, outstanding jobs
+        fail at once instead of waiting out remote_timeout_s (no reply can arrive; the sessions'
+        last utterances get their error events and shutdown goes on)."""
+        self._closing = True
+        if not self.connected:
+            self._fail_outstanding("inference queue unreachable while shutting down")
+
+    def _fail_outstanding(self, why: str) -> None:
         for job in list(self._jobs.values()):
-            self._fail(job, RemoteError("service shutting down"))
-        for t in self._tasks:
+            self._fail(job, RemoteError(why))
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Fail what is still outstanding, stop the Redis tasks, drop our reply stream, disconnect.
+        Bounded: each Redis call here gets `timeout_s` (Redis may hang or be gone; the reply stream
+        then expires on its own after the workers' reply_ttl_s)."""
+        self._closing = True
+        self._fail_outstanding("service shutting down")
+        for t in (*self._tasks, *self._side):  # a pending withdrawal (XDEL) is moot: workers skip expired jobs
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._side, return_exceptions=True)
+        tasks = [*self._tasks, *self._side]
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=timeout_s)
+            if stuck:
+                log.warning("inference: %d Redis tasks did not stop within %g s", len(stuck), timeout_s)
         self._tasks = []
         try:
-            await self.redis.delete(self.reply_key)
-        except Exception as e:  # Redis down at shutdown: the stream expires on its own (reply_ttl_s)
-            log.warning("inference: could not delete reply stream %s: %s", self.reply_key, e)
+            await asyncio.wait_for(self.redis.delete(self.reply_key), timeout_s)
+        except (Exception, asyncio.TimeoutError) as e:  # Redis down at shutdown: the stream expires on its own
+            log.warning("inference: could not delete reply stream %s: %s", self.reply_key, str(e) or type(e).__name__)
         for r in (self.redis, self.reader_redis):
             try:
-                await r.aclose()
-            except Exception as e:
-                log.warning("inference: closing the Redis client failed: %s", e)
+                await asyncio.wait_for(r.aclose(), timeout_s)
+            except (Exception, asyncio.TimeoutError) as e:
+                log.warning("inference: closing the Redis client failed: %s", str(e) or type(e).__name__)
 
     def new_context(self) -> DialogueContext:
         return self.local.new_context()
@@ -291,6 +312,8 @@ class RemoteInferenceEngine:
         job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
         self._jobs[job.job_id] = job
         self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs
+        if self._closing and not self.connected:
+            self._fail(job, RemoteError("inference queue unreachable while shutting down"))
         return job
 
     async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
@@ -429,3 +452,5 @@ class RemoteInferenceEngine:
         self.metrics.inc("emostream_remote_errors_total")
         (log.error if self.connected else log.warning)("inference: %s: %s: %s", what, type(e).__name__, e)
         self.connected = False
+        if self._closing:  # no reply will come before the service is gone: see begin_shutdown
+            self._fail_outstanding(f"inference queue unreachable while shutting down: {type(e).__name__}: {e}")

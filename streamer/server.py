@@ -606,6 +606,8 @@ class App:
         assert self.server is not None
         self.hub.end_close = (P.CLOSE_GOING_AWAY, "server shutting down")
         self.server.close(close_connections=False)  # no new connections from here on
+        if isinstance(self.engine, RemoteInferenceEngine):
+            self.engine.begin_shutdown()  # with Redis gone, jobs in flight fail now rather than after remote_timeout_s
         for t in list(self._tasks):  # internal sources (microphone) stop producing
             t.cancel()
         runners = [r.close() for r in list(self.sessions.values())]
@@ -681,13 +683,15 @@ class App:
         return None
 
     def health(self) -> dict[str, Any]:
+        degraded = self.store is not None and self.store.failing  # events go out live but are not stored
         return {
-            "status": "ok" if self._shutdown is None else "shutting_down",
+            "status": "shutting_down" if self._shutdown is not None else "degraded" if degraded else "ok",
             "protocol": P.VERSION,
             "sessions": len(self.sessions),
             "subscribers": len(self.connections),
             "inference_queue": self.engine.depth,
             "bus": self.bus.status(),
+            **({"store": self.store.status()} if self.store is not None else {}),
             "model": {"labels": list(self.model.config.labels), "device": str(self.model.device)},
             "uptime_s": round(self.clock() - self.started_at, 1),
         }

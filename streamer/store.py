@@ -6,6 +6,12 @@ the -wal file (no fsync): it survives `kill -9` of the process (the pages are in
 a power cut of the last moments. A background thread checkpoints the WAL into the database file, so
 the fsync a checkpoint needs never runs on the event loop.
 
+A write that fails (disk full: SQLITE_FULL / EFBIG, an I/O error) never stops the service: the
+event is still delivered live; the failure is logged (once per streak), counted in
+emostream_store_errors_total and shown by /health (store.ok false, status "degraded") until an
+append succeeds again. Events published meanwhile are missing from the log: the guarantee above
+is suspended for them, and holds again from the first event stored after the disk has room.
+
 A session id may be used again once its session ended (the microphone's "mic" after a restart,
 a client's own ids), and its seq restarts at 0. Each use is a *run* (sessions.run): queries by
 session id read the newest run unless a run is named.
@@ -72,7 +78,8 @@ class EventStore:
         self.metrics = metrics
         self.clock = clock
         self.errors = 0  # failed appends (also emostream_store_errors_total)
-        self._failing = False
+        self.last_error: str | None = None  # the last failed append's error (status(), /health)
+        self._failing = False  # the last append failed: events are delivered but not stored
         self._live: dict[str, int] = {}  # session id -> its open run, for sessions of this process
         self._lock = threading.Lock()  # created on one thread, used on the loop's: never at once
         self._stop = threading.Event()
@@ -126,14 +133,25 @@ class EventStore:
         db.execute("UPDATE sessions SET interrupted = 1 WHERE ended = 0 AND interrupted = 0")
 
     # ---- writing (event loop) ----
+    @property
+    def failing(self) -> bool:
+        """The last append failed (disk full, I/O error): events go out live but are not stored."""
+        return self._failing
+
+    def status(self) -> dict[str, Any]:
+        """For /health: whether events are being stored now, and the failures so far."""
+        return {"path": str(self.path), "ok": not self._failing, "errors": self.errors, "last_error": self.last_error}
+
     def append(self, ev: dict[str, Any], text: str) -> None:
-        """Commit one event (its wire text `text`). A failure is logged and counted, never raised:
-        the event is still published, only its durable copy is missing."""
+        """Commit one event (its wire text `text`). A failure (disk full: SQLITE_FULL, EFBIG; an I/O
+        error) is logged, counted and shown in status(), never raised: the event is still published
+        live, only its durable copy is missing. The next append that succeeds clears the failure."""
         try:
             with self._lock:
                 self._append(ev, text)
         except sqlite3.Error as e:
             self.errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
             if self.metrics is not None:
                 self.metrics.inc("emostream_store_errors_total")
             if not self._failing or self.errors % 1000 == 0:  # a full disk fails every event: don't flood the log
@@ -152,6 +170,8 @@ class EventStore:
         if sid is None:
             return  # an error on a socket before any session: not part of the log
         now = self.clock()
+        if db.in_transaction:  # a failed write whose ROLLBACK failed too (disk full): start clean
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         try:
             run = self._live.get(sid)
@@ -189,12 +209,19 @@ class EventStore:
         except sqlite3.Error:
             log.exception("event store %s: checkpoint thread cannot open the database", self.path)
             return
+        failed = 0
         try:
             while not self._stop.wait(interval_s):
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as e:
-                    log.warning("event store %s: checkpoint failed (will retry): %s", self.path, e)
+                    failed += 1
+                    if failed == 1 or failed % 600 == 0:  # a full disk fails every second: don't flood the log
+                        log.warning("event store %s: checkpoint failed %d times (will retry): %s", self.path, failed, e)
+                    continue
+                if failed:
+                    log.warning("event store %s: checkpoint works again after %d failures", self.path, failed)
+                    failed = 0
         finally:
             db.close()
 
