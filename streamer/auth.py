@@ -46,11 +46,11 @@ class AuthConfig:
 
     def roles(self, token: str | None) -> tuple[str, ...] | None:
         """The token's roles, or None for an unknown token (constant-time comparison)."""
-        if not token:
+        if not isinstance(token, str) or not token:  # e.g. a Twilio customParameters token that is not a string
             return None
         found = None
         for known, roles in self.tokens:
-            if hmac.compare_digest(known.encode(), token.encode()):
+            if hmac.compare_digest(known.encode(), token.encode("utf-8", "surrogatepass")):  # JSON may carry lone surrogates
                 found = roles
         return found
 

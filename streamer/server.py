@@ -34,6 +34,7 @@ from streamer.bus import BusError, LocalBus, RedisBus, make_bus
 from streamer.config import SAMPLE_RATE, AppConfig
 from streamer.inference import CONTEXT_TRANSCRIPTS, Analysis, InferenceEngine, Overloaded, SpeechToText
 from streamer.remote import RemoteInferenceEngine
+from streamer.memory import tune_allocator
 from streamer.metrics import Metrics
 from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
 from streamer.http_api import MAX_SQL_INT, api_response
@@ -512,6 +513,7 @@ class App:
     ) -> None:
         self.config = config
         self.clock = clock
+        tune_allocator()  # before the inference threads allocate: keeps RSS flat over days (streamer/memory.py)
         self.metrics = Metrics()
         self.engine: InferenceEngine | RemoteInferenceEngine
         if config.inference.remote:  # Whisper + text encoder live in streamer.worker processes

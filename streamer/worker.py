@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from model import EmotionModel
+from streamer.memory import tune_allocator
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
 from streamer.inference import SpeechToText, transcribe_and_encode
 from streamer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields, wants_words
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()  # a long-running process: streamer/memory.py
     try:
         config = WorkerConfig(url=a.bus, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, claim_idle_s=a.claim_idle)
     except ValueError as e:
