@@ -92,7 +92,7 @@ def main() -> int:
                 enc, [list(tr.prompt)], beam_size=1, max_length=len(tr.prompt) + 128)), a.reps)
             split[name] = {"window_frames": int(feats.shape[-1]), "encoder_s": round(enc_s, 4), "decoder_s": round(gen_s, 4)}
             print(f"{name:22s} one utterance: encoder {enc_s * 1000:.0f} ms, decoder {gen_s * 1000:.0f} ms", flush=True)
-        del tr
+
     report = {
         "what": "Whisper tiny.en int8 decode wall time for a burst of N 3 s utterances, by decoder layout and batch",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},

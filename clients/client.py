@@ -1,6 +1,6 @@
 """Async Python client for protocol v1: stream audio as a source, or subscribe to sessions.
 
-Only `streamer.protocol` (standard library only) and `websockets` are needed.
+Only `streamer.protocol` (standard library only), `streamer.pcm` (numpy) and `websockets` are needed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer import protocol as P
+from streamer.pcm import pcm16
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -47,13 +48,6 @@ class Event:
         if not isinstance(d, dict) or "type" not in d:
             raise ValueError(f"not a protocol event: {str(text)[:200]}")
         return cls(type=d["type"], session_id=str(d.get("session_id", "")), seq=int(d.get("seq", -1)), data=d)
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    """float audio in [-1, 1] (or int16) -> little-endian PCM s16 bytes."""
-    if audio.dtype == np.int16:
-        return audio.astype("<i2").tobytes()
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 def _base(url: str) -> str:

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
+from streamer.pcm import paced_chunks, pcm16
 from streamer.config import SAMPLE_RATE
 
 
@@ -36,8 +37,7 @@ class StreamResult:
         return self.sent[-1][1]
 
 
-def to_pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+to_pcm16 = pcm16  # the name the benches and tests use
 
 
 async def stream_audio(
@@ -66,7 +66,6 @@ async def stream_audio(
         raise ValueError(f"audio of shape {audio.shape} does not match speakers {speakers}")
     start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers,
                            interim=interim, word_timestamps=word_timestamps)
-    total = audio.shape[-1]
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX, additional_headers=headers,
                        ssl=tls_for(url)) as ws:
@@ -81,19 +80,14 @@ async def stream_audio(
 
         recv = asyncio.create_task(receive())
         await ws.send(start.to_json())
-        n = max(1, int(round(chunk_s * sample_rate)))
-        t0 = clock()
-        for k, i in enumerate(range(0, total, n)):
-            if realtime:
-                delay = t0 + k * chunk_s - clock()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # pacing to the audio's own clock
+        pos = 0
+        async for chunk in paced_chunks(audio, sample_rate, realtime=realtime, chunk_s=chunk_s, clock=clock):
             try:
-                chunk = audio[..., i : i + n]
-                await ws.send(to_pcm16(chunk.T.reshape(-1) if speakers else chunk))  # frames interleaved
+                await ws.send(pcm16(chunk.T.reshape(-1) if speakers else chunk))  # frames interleaved
             except ConnectionClosed:
                 break  # the server closed (e.g. shutting down): collect what it sent
-            result.sent.append((min(total, i + n) / sample_rate, clock()))
+            pos += chunk.shape[-1]
+            result.sent.append((pos / sample_rate, clock()))
         else:
             try:
                 await ws.send(P.STOP_MESSAGE)

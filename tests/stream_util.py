@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
+
+from streamer import protocol as P
+from streamer.pcm import pcm16 as to_pcm16
 
 SPEECH = Path(__file__).resolve().parent / "fixtures" / "speech"
 WAIT_S = 60.0  # upper bound on any single wait in these tests (never a fixed sleep)
@@ -115,3 +121,122 @@ def check_session_events(events: list[dict[str, Any]]) -> None:
             assert 0.0 <= e["latency_ms"] < 60_000
         if e["type"] == P.EMOTION_REVISED:
             assert e["utterance_id"] < e["revised_with"]
+
+
+class ErrorLog(logging.Handler):
+    """Collects ERROR records (a crashed connection handler, a failed utterance) from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def report(self, since: int = 0) -> str:
+        return "\n".join(self.format(r) for r in self.records[since:])
+
+
+class ServiceThread:
+    """A real App with its event loop in a thread of its own, ERROR logs collected; tests (plain
+    functions, e.g. hypothesis ones) submit coroutines to that loop with call()."""
+
+    def __init__(self, name: str) -> None:
+        self.errors = ErrorLog()
+        logging.getLogger().addHandler(self.errors)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+        self.app: Any = None
+
+    def serve(self, app: Any) -> Any:
+        self.app = app
+        self.call(app.start())
+        return app
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = WAIT_S) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self.app.shutdown()
+
+        try:
+            if self.app is not None:
+                self.call(shutdown())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            logging.getLogger().removeHandler(self.errors)
+
+
+# ---- a healthy session beside fuzz or hostile traffic --------------------------------------------
+HEALTHY = "healthy"  # the well-behaved sessions are healthy-0, healthy-1, ... (one per test)
+HEALTHY_FILE = "LJ001-0004.wav"
+
+
+async def healthy_source(url: str, session_id: str, done: asyncio.Event,
+                         headers: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], int, int | None]:
+    """LJ001-0004 then 1 s of silence, at real-time pace, repeated until `done` (at least once);
+    then stop. Returns (every event, repetitions sent, close code)."""
+    rep = np.concatenate([load(HEALTHY_FILE), np.zeros(16_000, np.float32)])
+    chunk = 1_600  # 100 ms
+    events: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    async with connect(url + P.STREAM_PATH, additional_headers=headers) as ws:
+
+        async def receive() -> None:
+            async for msg in ws:
+                events.append(json.loads(msg))
+
+        reader = asyncio.create_task(receive())
+        await ws.send(P.StartMessage(session_id=session_id).to_json())
+        t0, sent, reps = loop.time(), 0, 0
+        while reps == 0 or not done.is_set():
+            for i in range(0, len(rep), chunk):
+                delay = t0 + sent / 16_000 - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing to the audio's own clock
+                await ws.send(to_pcm16(rep[i : i + chunk]))
+                sent += len(rep[i : i + chunk])
+            reps += 1
+        await ws.send(P.STOP_MESSAGE)
+        await asyncio.wait_for(reader, WAIT_S)
+        return events, reps, ws.close_code
+
+
+@contextmanager
+def healthy_session(h: Any, reference: str, headers: dict[str, str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Runs a healthy real-speech session for the duration of the block beside fuzz traffic on
+    `h` (a ServiceThread counting its fuzz `connections`), then checks it got exactly its normal
+    events. Yields the list its events end up in."""
+    session_id = h.live = f"{HEALTHY}-{h.healthy_runs}"
+    h.healthy_runs += 1
+    done = asyncio.Event()
+    fut = asyncio.run_coroutine_threadsafe(healthy_source(h.url, session_id, done, headers), h.loop)
+    out: list[dict[str, Any]] = []
+    connections_before = h.connections
+    try:
+        yield out
+    except BaseException:
+        h.loop.call_soon_threadsafe(done.set)
+        with suppress(Exception):
+            fut.result(WAIT_S)  # let it finish before the service goes; the body's failure is the news
+        raise
+    h.loop.call_soon_threadsafe(done.set)
+    events, reps, code = fut.result(WAIT_S * 2)
+    out.extend(events)
+    assert h.connections > connections_before, "no fuzz traffic ran during the healthy session"
+    assert code == P.CLOSE_NORMAL
+    assert not [e for e in events if e["type"] == P.ERROR], [e for e in events if e["type"] == P.ERROR]
+    check_session_events(events)
+    assert [e["seq"] for e in events] == list(range(len(events)))  # gap-free from 0
+    assert {e["type"] for e in events} <= {P.SESSION_STARTED, P.UTTERANCE_STARTED, P.UTTERANCE_ENDED, P.TRANSCRIPT,
+                                           P.EMOTION, P.EMOTION_REVISED, P.CALL_SUMMARY, P.SESSION_ENDED}
+    texts = [e["text"] for e in events if e["type"] == P.TRANSCRIPT]
+    assert len(texts) == reps, texts  # one utterance per repetition: nothing split, merged or lost
+    for text in texts:
+        assert wer(reference, text) <= 0.3, text
+    assert len([e for e in events if e["type"] == P.EMOTION_REVISED]) == reps - 1
+    assert all(e["reason"] == "silence" for e in events if e["type"] == P.UTTERANCE_ENDED)

@@ -16,15 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
-import threading
 import urllib.request
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,14 +30,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamer import protocol as P
 from streamer.client import to_pcm16
 
-from tests.stream_util import WAIT_S, app_config, check_session_events, emotion_model, load, wer, whisper  # noqa: F401
+from tests.stream_util import (  # noqa: F401
+    HEALTHY, HEALTHY_FILE, WAIT_S, ServiceThread, app_config, check_session_events, emotion_model, healthy_session, load,
+    whisper,
+)
 
 pytestmark = pytest.mark.slow
 
 GRACE_S = 0.3  # resume grace of a dropped source: short, so vanished sessions end within the test
-HEALTHY = "healthy"  # the well-behaved sessions are healthy-0, healthy-1, ... (one per test)
 LIVE = "@live"  # in fuzzed ids and queries: replaced by the live healthy session's id when sent
-HEALTHY_FILE = "LJ001-0004.wav"
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CLEAN_CLOSES = {P.CLOSE_NORMAL, P.CLOSE_POLICY, P.CLOSE_TOO_BIG, P.CLOSE_TRY_AGAIN}
@@ -49,58 +46,25 @@ INVALID_UTF8 = 1007  # websockets' own close for a text frame that is not UTF-8
 
 
 # ---- the service on a background loop ---------------------------------------------------------
-class _Errors(logging.Handler):
-    """Collects ERROR records (a crashed connection handler, a failed utterance) from any thread."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def report(self) -> str:
-        return "\n".join(self.format(r) for r in self.records)
-
-
-class Harness:
+class Harness(ServiceThread):
     """One real App on port 0, its event loop in a thread; tests submit coroutines to that loop."""
 
     def __init__(self, model: Any, asr: Any) -> None:
         from streamer.server import create_app
 
-        self.errors = _Errors()
-        self.errors.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logging.getLogger().addHandler(self.errors)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-service", daemon=True)
-        self.thread.start()
-        self.app = create_app(app_config(resume_grace_s=GRACE_S), model=model, asr=asr)
-        self.call(self.app.start())
+        super().__init__("fuzz-service")
+        self.serve(create_app(app_config(resume_grace_s=GRACE_S), model=model, asr=asr))
         self.url = self.app.url
         self.limit = self.app.config.limits.max_message_bytes
         self.connections = 0  # fuzz connections made (so a test can show it really ran concurrently)
         self.healthy_runs = 0
         self.live = ""  # the healthy session running now
 
-    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = WAIT_S) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def healthz(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.app.port}{P.HEALTH_PATH}", timeout=10) as r:
             assert r.status == 200
             return json.loads(r.read())
 
-    def close(self) -> None:
-        async def shutdown() -> None:
-            await self.app.shutdown()
-
-        try:
-            self.call(shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            logging.getLogger().removeHandler(self.errors)
 
 
 @pytest.fixture(scope="module")
@@ -113,70 +77,6 @@ def harness(emotion_model, whisper) -> Iterator[Harness]:  # noqa: F811
 
 
 # ---- the healthy session ----------------------------------------------------------------------
-async def healthy_source(url: str, session_id: str, done: asyncio.Event) -> tuple[list[dict[str, Any]], int, int | None]:
-    """LJ001-0004 then 1 s of silence, at real-time pace, repeated until `done` (at least once);
-    then stop. Returns (every event, repetitions sent, close code)."""
-    rep = np.concatenate([load(HEALTHY_FILE), np.zeros(16_000, np.float32)])
-    chunk = 1_600  # 100 ms
-    events: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    async with connect(url + P.STREAM_PATH) as ws:
-
-        async def receive() -> None:
-            async for msg in ws:
-                events.append(json.loads(msg))
-
-        reader = asyncio.create_task(receive())
-        await ws.send(P.StartMessage(session_id=session_id).to_json())
-        t0, sent, reps = loop.time(), 0, 0
-        while reps == 0 or not done.is_set():
-            for i in range(0, len(rep), chunk):
-                delay = t0 + sent / 16_000 - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # pacing to the audio's own clock
-                await ws.send(to_pcm16(rep[i : i + chunk]))
-                sent += len(rep[i : i + chunk])
-            reps += 1
-        await ws.send(P.STOP_MESSAGE)
-        await asyncio.wait_for(reader, WAIT_S)
-        return events, reps, ws.close_code
-
-
-@contextmanager
-def healthy_session(h: Harness, reference: str) -> Iterator[list[dict[str, Any]]]:
-    """Runs a healthy real-speech session for the duration of the block, then checks it got
-    exactly its normal events. Yields the list its events end up in."""
-    session_id = h.live = f"{HEALTHY}-{h.healthy_runs}"
-    h.healthy_runs += 1
-    done = asyncio.Event()
-    fut = asyncio.run_coroutine_threadsafe(healthy_source(h.url, session_id, done), h.loop)
-    out: list[dict[str, Any]] = []
-    connections_before = h.connections
-    try:
-        yield out
-    except BaseException:
-        h.loop.call_soon_threadsafe(done.set)
-        with suppress(Exception):
-            fut.result(WAIT_S)  # let it finish before the service goes; the body's failure is the news
-        raise
-    h.loop.call_soon_threadsafe(done.set)
-    events, reps, code = fut.result(WAIT_S * 2)
-    out.extend(events)
-    assert h.connections > connections_before, "no fuzz traffic ran during the healthy session"
-    assert code == P.CLOSE_NORMAL
-    assert not [e for e in events if e["type"] == P.ERROR], [e for e in events if e["type"] == P.ERROR]
-    check_session_events(events)
-    assert [e["seq"] for e in events] == list(range(len(events)))  # gap-free from 0
-    assert {e["type"] for e in events} <= {P.SESSION_STARTED, P.UTTERANCE_STARTED, P.UTTERANCE_ENDED, P.TRANSCRIPT,
-                                           P.EMOTION, P.EMOTION_REVISED, P.CALL_SUMMARY, P.SESSION_ENDED}
-    texts = [e["text"] for e in events if e["type"] == P.TRANSCRIPT]
-    assert len(texts) == reps, texts  # one utterance per repetition: nothing split, merged or lost
-    for text in texts:
-        assert wer(reference, text) <= 0.3, text
-    assert len([e for e in events if e["type"] == P.EMOTION_REVISED]) == reps - 1
-    assert all(e["reason"] == "silence" for e in events if e["type"] == P.UTTERANCE_ENDED)
-
-
 def server_is_fine(h: Harness) -> None:
     """Up, nothing left behind, and no handler crashed."""
     health = h.healthz()

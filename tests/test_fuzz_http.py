@@ -24,13 +24,11 @@ import asyncio
 import base64
 import functools
 import json
-import logging
 import os
 import re
-import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,10 +42,13 @@ from websockets.asyncio.client import connect
 
 from streamer import auth
 from streamer import protocol as P
-from streamer.client import stream_audio, to_pcm16
+from streamer.client import stream_audio
 from streamer.static_files import CONTENT_TYPES, STATIC_DIR
 
-from tests.stream_util import WAIT_S, app_config, check_session_events, emotion_model, load, wer, whisper  # noqa: F401
+from tests.stream_util import (  # noqa: F401
+    HEALTHY, HEALTHY_FILE, WAIT_S, ServiceThread, app_config, emotion_model, load, whisper,
+)
+from tests.stream_util import healthy_session as shared_healthy_session  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,6 @@ SRC, SUB, ADMIN = "src-token-123", "sub-token-456", "admin-token-789"
 TOKENS = ((SRC, (auth.SOURCE,)), (SUB, (auth.SUBSCRIBER,)), (ADMIN, (auth.ADMIN,)))
 ROLES = {SRC: (auth.SOURCE,), SUB: (auth.SUBSCRIBER,), ADMIN: (auth.ADMIN,)}
 ORIGIN = "https://ops.example.com"
-HEALTHY = "healthy"
-HEALTHY_FILE = "LJ001-0004.wav"
 LIVE = "@live"  # in a fuzzed session id: replaced by the live healthy session's id when sent
 STORED = ("desk/3 ü", "desk/3 ü", "plain")  # ended sessions in the store (one id used twice: two runs)
 READ_S = 5.0  # a response (or the close) must come within this; the server's open_timeout is 10 s
@@ -66,21 +65,7 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False
 
 
 # ---- the service on a background loop ---------------------------------------------------------
-class _Errors(logging.Handler):
-    """Collects ERROR records (process_request failed, a crashed handler) from any thread."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def report(self, since: int = 0) -> str:
-        return "\n".join(self.format(r) for r in self.records[since:])
-
-
-class Harness:
+class Harness(ServiceThread):
     """The service with tokens, an Origin allow-list and a store that already holds STORED; its
     event loop runs in a thread, tests submit coroutines to it."""
 
@@ -88,19 +73,13 @@ class Harness:
         from streamer.config import StoreConfig
         from streamer.server import create_app
 
-        self.errors = _Errors()
-        self.errors.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logging.getLogger().addHandler(self.errors)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-http-service", daemon=True)
-        self.thread.start()
+        super().__init__("fuzz-http-service")
         store = StoreConfig(path=db)
         first = replace(app_config(), store=store)  # an earlier run of the service writes STORED
         self.call(self._fill(create_app(replace(first, inference=replace(first.inference, warmup=False)),
                                         model=model, asr=asr)))
         cfg = replace(app_config(), store=store, auth=auth.AuthConfig(tokens=TOKENS, allowed_origins=(ORIGIN,)))
-        self.app = create_app(cfg, model=model, asr=asr)
-        self.call(self.app.start())
+        self.serve(create_app(cfg, model=model, asr=asr))
         self.url = self.app.url
         self.port = self.app.port
         self.known = self.call(self._snapshot())  # session id -> run -> its events, as stored
@@ -128,19 +107,6 @@ class Harness:
             out.setdefault(s["id"], {})[s["run"]] = store.events(s["id"], run=s["run"])
         return out
 
-    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = WAIT_S) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            await self.app.shutdown()
-
-        try:
-            self.call(shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            logging.getLogger().removeHandler(self.errors)
 
 
 @pytest.fixture(scope="module")
@@ -152,65 +118,9 @@ def harness(emotion_model, whisper, tmp_path_factory) -> Iterator[Harness]:  # n
         h.close()
 
 
-# ---- the healthy session (as in test_fuzz.py, with a source token) ------------------------------
-async def healthy_source(url: str, session_id: str, done: asyncio.Event) -> tuple[list[dict[str, Any]], int, int | None]:
-    """LJ001-0004 then 1 s of silence at real-time pace, repeated until `done` (at least once)."""
-    rep = np.concatenate([load(HEALTHY_FILE), np.zeros(16_000, np.float32)])
-    chunk = 1_600
-    events: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    async with connect(url + P.STREAM_PATH, additional_headers={"Authorization": f"Bearer {SRC}"}) as ws:
-
-        async def receive() -> None:
-            async for msg in ws:
-                events.append(json.loads(msg))
-
-        reader = asyncio.create_task(receive())
-        await ws.send(P.StartMessage(session_id=session_id).to_json())
-        t0, sent, reps = loop.time(), 0, 0
-        while reps == 0 or not done.is_set():
-            for i in range(0, len(rep), chunk):
-                delay = t0 + sent / 16_000 - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await ws.send(to_pcm16(rep[i : i + chunk]))
-                sent += len(rep[i : i + chunk])
-            reps += 1
-        await ws.send(P.STOP_MESSAGE)
-        await asyncio.wait_for(reader, WAIT_S)
-        return events, reps, ws.close_code
-
-
-@contextmanager
-def healthy_session(h: Harness, reference: str) -> Iterator[list[dict[str, Any]]]:
-    """A healthy real-speech session for the duration of the block; afterwards it must have got
-    exactly its normal events."""
-    session_id = h.live = f"{HEALTHY}-{h.healthy_runs}"
-    h.healthy_runs += 1
-    done = asyncio.Event()
-    fut = asyncio.run_coroutine_threadsafe(healthy_source(h.url, session_id, done), h.loop)
-    out: list[dict[str, Any]] = []
-    connections_before = h.connections
-    try:
-        yield out
-    except BaseException:
-        h.loop.call_soon_threadsafe(done.set)
-        with suppress(Exception):
-            fut.result(WAIT_S)
-        raise
-    h.loop.call_soon_threadsafe(done.set)
-    events, reps, code = fut.result(WAIT_S * 2)
-    out.extend(events)
-    assert h.connections > connections_before, "no fuzz traffic ran during the healthy session"
-    assert code == P.CLOSE_NORMAL
-    assert not [e for e in events if e["type"] == P.ERROR], [e for e in events if e["type"] == P.ERROR]
-    check_session_events(events)
-    assert [e["seq"] for e in events] == list(range(len(events)))
-    texts = [e["text"] for e in events if e["type"] == P.TRANSCRIPT]
-    assert len(texts) == reps, texts
-    for text in texts:
-        assert wer(reference, text) <= 0.3, text
-    assert all(e["reason"] == "silence" for e in events if e["type"] == P.UTTERANCE_ENDED)
+# ---- the healthy session (stream_util's, with a source token) -----------------------------------
+def healthy_session(h: Harness, reference: str) -> Any:
+    return shared_healthy_session(h, reference, headers={"Authorization": f"Bearer {SRC}"})
 
 
 def server_is_fine(h: Harness) -> None:

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamer import auth
 from streamer import protocol as P
-from tests.stream_util import WAIT_S, app_config, emotion_model  # noqa: F401
+from tests.stream_util import WAIT_S, ErrorLog, app_config, emotion_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -64,20 +64,11 @@ def test_non_string_tokens_are_unknown_tokens(token: object) -> None:
     assert not auth.token_allows(cfg, token, auth.SOURCE)  # type: ignore[arg-type]
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_twilio_start_with_a_non_string_token_is_refused_not_crashed(emotion_model) -> None:  # noqa: F811
     from bench.soak import FakeAsr
     from streamer.server import create_app
 
-    errors = _Errors()
+    errors = ErrorLog()
     logging.getLogger().addHandler(errors)
 
     async def go() -> list[int | None]:

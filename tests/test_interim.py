@@ -111,10 +111,11 @@ def _order_ok(events: list[dict]) -> None:
 def test_interim_and_word_timings_end_to_end(emotion_model, whisper) -> None:  # noqa: F811
     """A real-time stream asking for interim results and word timings; a subscriber that asks for
     interim results sees the partials, one that does not sees exactly the final events."""
-    audio = load("jfk.flac")
+    # a 5.7 s sentence (room for several partials even on a loaded machine), a pause, a short one
+    audio = np.concatenate([load("LJ001-0006.wav"), np.zeros(16_000, np.float32), load("LJ001-0002.wav")])
 
     async def go():  # type: ignore[no-untyped-def]
-        async with served(emotion_model, whisper, interim_emotion_every_s=1.0) as app:  # JFK's utterances are 1.5-2.6 s
+        async with served(emotion_model, whisper, interim_emotion_every_s=1.0) as app:
             async with connect(f"{app.url}{P.SUBSCRIBE_PATH}?session=jfk&interim=1") as with_partials, \
                     connect(f"{app.url}{P.SUBSCRIBE_PATH}?session=jfk") as finals_only:
                 await asyncio.sleep(0)  # both registered before the session starts (same loop, in order)
@@ -134,7 +135,7 @@ def test_interim_and_word_timings_end_to_end(emotion_model, whisper) -> None:  #
     src, sub_interim, sub_final, plain = asyncio.run(go())
     check_session_events([e for e in src if e["type"] not in P.INTERIM_TYPES])
     partials = [e for e in src if e["type"] == P.TRANSCRIPT_PARTIAL]
-    assert partials, "an 11 s recording streamed in real time gets transcript.partial events"
+    assert partials, "a 5.7 s sentence streamed in real time gets transcript.partial events"
     assert any(e["type"] == P.EMOTION_PARTIAL for e in src), "utterances over 1 s (here) get an emotion.partial"
     assert all(e["text"] and e["audio_s"] > 0 for e in partials)
     _order_ok(src)

@@ -1,5 +1,5 @@
 """The module map's arrows (README): model imports no project package; training imports model;
-streamer imports model (inference only); clients import only streamer.protocol."""
+streamer imports model (inference only); clients import only streamer.protocol and streamer.pcm."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ALLOWED = {
     "model": {"model"},
     "training": {"training", "model"},
     "streamer": {"streamer", "model"},
-    "clients": {"clients", "streamer.protocol"},
+    "clients": {"clients", "streamer.protocol", "streamer.pcm"},
 }
 
 
