@@ -1,0 +1,69 @@
+"""The HTTP routes beside the WebSocket ones: /healthz, /metrics, /v1/sessions (http_api.py), the
+dashboard's files (static_files.py), 404 for anything else; auth and request sanity first."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from streamer import auth
+from streamer import protocol as P
+from streamer.http_api import api_response
+from streamer.static_files import set_header, static_response
+
+if TYPE_CHECKING:
+    from streamer.server import App
+
+
+def process_request(app: App, connection: ServerConnection, request: Request) -> Response | None:
+    """websockets' process_request hook: an HTTP response, or None to go on with the WebSocket
+    handshake of /v1/stream, /v1/subscribe or /v1/twilio. Checks come in this order: malformed
+    request, auth (before any data flows), method, then the route."""
+    protocol = connection.protocol
+    if protocol.state is State.CONNECTING and protocol.eof_sent:  # bytes after the request (a body, a
+        protocol.state = State.CLOSING  # pipelined request): websockets read them as frames and failed the
+        return connection.respond(HTTPStatus.BAD_REQUEST, "")  # connection; a response would assert: none
+    try:
+        path = urlsplit(request.path).path
+    except ValueError:  # e.g. "//[": an unclosed IPv6 host in the request target
+        return connection.respond(HTTPStatus.BAD_REQUEST, "malformed request target\n")
+    for name in ("Authorization", "Origin"):  # Headers.get() raises on a repeated header
+        if len(request.headers.get_all(name)) > 1:
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
+    refused = auth.check(app.config.auth, request.path, request.headers.get("Authorization"),
+                         request.headers.get("Origin"))
+    if refused is not None:  # before any data flows
+        app.metrics.inc("emostream_auth_refused_total")
+        resp = connection.respond(refused[0], refused[1] + "\n")
+        if refused[0] == HTTPStatus.UNAUTHORIZED:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="emostream"'
+        return resp
+    if request.method != "GET":  # every route is read-only (WebSocket handshakes are GETs too)
+        resp = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} is not allowed; use GET\n")
+        resp.headers["Allow"] = "GET"
+        return resp
+    if path == P.HEALTH_PATH:
+        resp = connection.respond(HTTPStatus.OK, json.dumps(app.health()) + "\n")
+        set_header(resp, "Content-Type", "application/json")
+        return resp
+    if path == P.METRICS_PATH:
+        resp = connection.respond(HTTPStatus.OK, app.metrics.render())
+        set_header(resp, "Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        return resp
+    api = api_response(app, connection, request)
+    if api is not None:  # /v1/sessions...
+        return api
+    static = static_response(connection, path)
+    if static is not None:  # the browser dashboard
+        return static
+    if path not in (P.STREAM_PATH, P.SUBSCRIBE_PATH, P.TWILIO_PATH):
+        return connection.respond(HTTPStatus.NOT_FOUND, f"no route {path}; see docs/protocol.md\n")
+    if app.shutting_down:
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+    return None
