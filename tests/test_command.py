@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,8 +43,14 @@ def test_the_wheel_carries_everything_the_demo_needs(tmp_path: Path) -> None:
     """`pip wheel .`, installed into an empty folder (not editable), run from outside the source
     tree: `emostream demo` finds the bundled checkpoint and demo recording and prints emotions;
     the dashboard files are inside the wheel."""
+    src = tmp_path / "src"  # a copy: setuptools builds in SOURCE/build, which must not go stale in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for pkg in ("streamer", "model", "training", "clients"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     wheel, = (tmp_path / "dist").glob("emostream-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
