@@ -67,7 +67,7 @@ def main() -> int:
     from faster_whisper.audio import pad_or_trim
 
     from streamer.sources import load_file
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     audio = load_file(AUDIO)
     clips = [audio[int(s * 16_000) : int((s + 3.0) * 16_000)] for s in STARTS_S]

@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
     import logging
     from dataclasses import replace
 
-    from streamer.auth import ADMIN, SUBSCRIBER, AuthConfig
+    from streamer.routes.auth import ADMIN, SUBSCRIBER, AuthConfig
     from streamer.config import AppConfig, AsrConfig, InferenceConfig, ServerConfig
     from streamer.server import create_app
 
@@ -152,7 +152,7 @@ async def _commands(app: Any, reader: asyncio.StreamReader) -> None:
     import gc
     from dataclasses import replace
 
-    from streamer.auth import AuthConfig
+    from streamer.routes.auth import AuthConfig
 
     while line := await reader.readline():
         cmd = line.decode().strip()

@@ -25,7 +25,7 @@ the truth, such as "none", are left out of the averages but predictions of them 
 A second report scores `emotion.revised` where the next clip revised it (the last clip keeps its
 `emotion`). Modality weights: mean/median speech weight and the share of clips where speech > text;
 `fallback_clips` counts clips scored on the other modality in a single-modality run (a text run
-with an empty transcript keeps the speech vector, see streamer/context.py).
+with an empty transcript keeps the speech vector, see streamer/pipeline/context.py).
 
 Writes bench/results/live_accuracy.json and live_accuracy.png (row-normalised confusion matrices
 of the runs side by side).

@@ -77,7 +77,7 @@ def pct(xs: list[float], q: float) -> float | None:
 async def run(a: argparse.Namespace, model: Any, asr: Any, audio: np.ndarray, config: AppConfig) -> dict[str, Any]:
     from streamer.server import create_app
 
-    from streamer.inference import InferenceEngine
+    from streamer.infer.engine import InferenceEngine
 
     app = create_app(config, model=model, asr=asr)
     await app.start()
@@ -335,7 +335,7 @@ def main() -> int:
 
     from model import load_checkpoint
     from streamer.sources import load_file
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     copy = load_file(a.audio)
     n = int(a.session_s * SAMPLE_RATE)

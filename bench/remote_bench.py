@@ -1,5 +1,5 @@
 """Remote inference benchmark: end-of-speech -> `emotion` latency with the models in the service
-process (default) vs in one `python -m streamer.worker` fed through Redis (--inference), for N
+process (default) vs in one `python -m streamer.infer.worker` fed through Redis (--inference), for N
 concurrent real-time streams of real noisy speech, in the same run on the same machine.
 
     .venv/bin/python bench/remote_bench.py                      # 1 and 4 streams, both placements
@@ -56,11 +56,11 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 class WorkerProc:
-    """`python -m streamer.worker` as a subprocess: started, waited for (bounded), stopped."""
+    """`python -m streamer.infer.worker` as a subprocess: started, waited for (bounded), stopped."""
 
     def __init__(self, url: str, checkpoint: Path, max_batch: int, max_wait_ms: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer.worker", "--bus", url, "--checkpoint", str(checkpoint), "--device", "cpu",
+            [sys.executable, "-m", "streamer.infer.worker", "--bus", url, "--checkpoint", str(checkpoint), "--device", "cpu",
              "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -155,14 +155,14 @@ def main() -> int:
 
     from model import load_checkpoint
     from streamer.sources import load_file
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     inf = InferenceConfig(device="cpu") if a.checkpoint is None else InferenceConfig(checkpoint=a.checkpoint, device="cpu")
     base = AppConfig(server=ServerConfig(port=0, max_sessions=64), inference=inf)
     audio = np.tile(load_file(a.audio)[: int(a.seconds * 16_000)], a.repeat)
     report: dict[str, Any] = {
         "what": "end-of-speech -> emotion latency, N concurrent real-time streams over /v1/stream (client-measured): "
-                "models in the service process vs in one remote worker (python -m streamer.worker) through Redis",
+                "models in the service process vs in one remote worker (python -m streamer.infer.worker) through Redis",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg(),
                     "note": "shared machine, other engineers' jobs may run concurrently; service, worker and "
                             "redis-server all run on these cores"},

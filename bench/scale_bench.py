@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from streamer import protocol as P  # noqa: E402
 from streamer.config import AppConfig, BusConfig, InferenceConfig, ServerConfig  # noqa: E402
-from streamer.transcriber import Transcript  # noqa: E402
+from streamer.infer.transcriber import Transcript  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 CLIPS = ["jfk.flac", "LJ001-0002.wav", "LJ001-0004.wav", "LJ001-0006.wav", "LJ001-0008.wav"]

@@ -68,7 +68,7 @@ class FakeAsr:
     """Stands in for Whisper: the same transcript for every utterance, instantly."""
 
     def transcribe(self, audios: list[np.ndarray]) -> list[Any]:
-        from streamer.transcriber import Transcript
+        from streamer.infer.transcriber import Transcript
 
         return [Transcript(text=FAKE_TEXT, no_speech_prob=0.0, avg_logprob=-0.1) for _ in audios]
 

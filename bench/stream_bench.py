@@ -123,7 +123,7 @@ def latency_knobs(cfg: AppConfig) -> dict[str, Any]:
 
 def count_utterances(audio: np.ndarray, copies: int) -> int:
     """Utterances the service's segmenter (default config) finds in `copies` copies back to back."""
-    from streamer.segmenter import Segmenter, SpeechEnded
+    from streamer.pipeline.segmenter import Segmenter, SpeechEnded
 
     seg = Segmenter(SegmenterConfig())
     events = seg.feed(np.tile(audio, copies)) + seg.flush()
@@ -204,7 +204,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     lag: list[float] = []  # event-loop lag: how late a 50 ms timer fires
     stop = asyncio.Event()
     vad_s = [0.0]  # time the event loop spent in the segmenters (the frame VADs run there)
-    from streamer.segmenter import Segmenter
+    from streamer.pipeline.segmenter import Segmenter
 
     real_feed = Segmenter.feed
 
@@ -457,7 +457,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from model import load_checkpoint
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     configs = variants(a.checkpoint)
     model = load_checkpoint(configs["emostream"].inference.checkpoint, device="cpu")

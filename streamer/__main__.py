@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
 from streamer.config import (MODALITIES, AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig,
                              ServerConfig, default_checkpoint)
@@ -94,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--webhook", default=None, metavar="URL", help="POST alerts and call summaries here")
     calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
     p.add_argument("--store", type=Path, default=None, metavar="PATH",
-                   help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.export")
+                   help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.events.export")
     p.add_argument("--bus", default=None, metavar="URL", type=_bus_url,
                    help="share events with other instances through Redis: redis://HOST:PORT/DB or unix:///path/redis.sock")
     p.add_argument("--inference", default=None, metavar="URL", type=_inference_url,
-                   help="run Whisper and the text encoder in `python -m streamer.worker` processes fed through this "
+                   help="run Whisper and the text encoder in `python -m streamer.infer.worker` processes fed through this "
                         "Redis (redis://HOST:PORT/DB or unix:///path/redis.sock); default: in this process")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -194,7 +194,7 @@ async def run(a: argparse.Namespace) -> int:
     from model import CheckpointError
     from streamer.server import create_app
     from streamer.sources import Microphone, SourceError, load_file
-    from streamer.transcriber import AsrModelError
+    from streamer.infer.transcriber import AsrModelError
 
     config = config_from_args(a)
     audio, speakers = None, None

@@ -3,8 +3,8 @@
     emostream serve [--mic | --file F | --demo] …   the service                  python -m streamer
     emostream demo                                  the service on the bundled recording
     emostream mic | file | subscribe …              the clients                  python -m clients.mic, …
-    emostream export …                              the durable event log        python -m streamer.export
-    emostream worker …                              a remote inference worker    python -m streamer.worker
+    emostream export …                              the durable event log        python -m streamer.events.export
+    emostream worker …                              a remote inference worker    python -m streamer.infer.worker
     emostream train | evaluate …                    training and scoring         python -m training train|evaluate
 
 The launcher imports a command's module by name only once it is chosen, so `emostream --help`
@@ -31,8 +31,8 @@ COMMANDS = {
     "mic": Command("clients.mic", (), "talk into this machine's microphone, watch each utterance's emotion"),
     "file": Command("clients.file", (), "stream an audio file to a service"),
     "subscribe": Command("clients.subscribe", (), "watch one session or all (*) of a service"),
-    "export": Command("streamer.export", (), "export sessions from the durable event log (--store)"),
-    "worker": Command("streamer.worker", (), "a remote inference worker (Whisper + encoders) fed through Redis"),
+    "export": Command("streamer.events.export", (), "export sessions from the durable event log (--store)"),
+    "worker": Command("streamer.infer.worker", (), "a remote inference worker (Whisper + encoders) fed through Redis"),
     "train": Command("training.__main__", ("train",), "train a model (paper defaults)"),
     "evaluate": Command("training.__main__", ("evaluate",), "score a checkpoint on a dataset split"),
 }

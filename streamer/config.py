@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamer.auth import AuthConfig
+from streamer.routes.auth import AuthConfig
 
 SAMPLE_RATE = 16_000  # Hz: everything inside the service is 16 kHz mono float32
 MODALITIES = ("both", "speech", "text")  # InferenceConfig.modalities, --modalities
@@ -100,10 +100,10 @@ class InferenceConfig:
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
     # which modalities the model scores: "both"; "speech" drops each utterance's sentence vector,
-    # "text" its speech embedding (an utterance lacking the kept one keeps the other: context.py)
+    # "text" its speech embedding (an utterance lacking the kept one keeps the other: pipeline/context.py)
     modalities: str = "both"
-    # --inference URL: Whisper and the text encoder run in `python -m streamer.worker` processes fed
-    # through Redis (streamer/remote.py); this process keeps only the cheap prediction head
+    # --inference URL: Whisper and the text encoder run in `python -m streamer.infer.worker` processes fed
+    # through Redis (streamer/infer/remote.py); this process keeps only the cheap prediction head
     remote: str | None = None  # redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock; None: in process
     remote_timeout_s: float = 30.0  # an analyze job no worker answered within this fails (error event)
 
@@ -120,7 +120,7 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """One remote inference worker (`python -m streamer.worker`): how it batches and recovers jobs."""
+    """One remote inference worker (`python -m streamer.infer.worker`): how it batches and recovers jobs."""
 
     url: str = "redis://127.0.0.1:6379/0"
     max_batch: int = 8  # jobs taken together (from every front-end) into one ASR + encoder pass
@@ -182,7 +182,7 @@ class CallsConfig:
 
     inbound_speaker: str = "customer"  # Twilio's inbound track: the caller
     outbound_speaker: str = "agent"  # Twilio's outbound track: what the platform sends to the caller
-    alert_rules: Path | None = None  # JSON file, see streamer/alerts.py
+    alert_rules: Path | None = None  # JSON file, see streamer/calls/alerts.py
     webhook_url: str | None = None  # alerts and call summaries are POSTed here (retried, non-blocking)
     webhook_retries: int = 4
     summaries_dir: Path | None = None  # one <session_id>.json call summary per ended session
@@ -197,7 +197,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class BusConfig:
-    """Event bus between service instances (streamer/bus.py). url None: in-process, one instance."""
+    """Event bus between service instances (streamer/events/bus.py). url None: in-process, one instance."""
 
     url: str | None = None  # --bus redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock
     queue_size: int = 10_000  # events waiting for Redis (it may be down) before new ones are dropped

@@ -1,5 +1,5 @@
 """Counters, gauges and histograms rendered as Prometheus text. Touched only from the event loop,
-except Histogram.observe, which the inference thread calls (guarded by a lock)."""
+except Histogram.observe, which the inference threads call (guarded by a lock)."""
 
 from __future__ import annotations
 

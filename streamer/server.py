@@ -23,24 +23,24 @@ import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from model import EmotionModel, load_checkpoint
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
-from streamer.alerts import AlertEngine, load_rules
-from streamer.bus import make_bus
+from streamer.calls.alerts import AlertEngine, load_rules
+from streamer.events.bus import make_bus
 from streamer.config import AppConfig
-from streamer.inference import InferenceEngine, SpeechToText
-from streamer.remote import RemoteInferenceEngine
+from streamer.infer.engine import InferenceEngine, SpeechToText
+from streamer.infer.remote import RemoteInferenceEngine
 from streamer.memory import tune_allocator
 from streamer.metrics import Metrics
-from streamer.http_routes import process_request
-from streamer.store import EventStore
-from streamer.webhook import WebhookSender
-from streamer.session import SeqCounter, Session
-from streamer.fanout import Hub, Subscriber
-from streamer.runner import SessionRunner
-from streamer.source import SourceConnection
-from streamer.twilio_route import twilio_connection
-from streamer.subscribe_route import subscriber_connection
+from streamer.routes.http import process_request
+from streamer.events.store import EventStore
+from streamer.calls.webhook import WebhookSender
+from streamer.pipeline.session import SeqCounter, Session
+from streamer.events.fanout import Hub, Subscriber
+from streamer.pipeline.runner import SessionRunner
+from streamer.routes.source import SourceConnection
+from streamer.routes.twilio import twilio_connection
+from streamer.routes.subscribe import subscriber_connection
 
 log = logging.getLogger("streamer")
 
@@ -61,7 +61,7 @@ class App:
         tune_allocator()  # before the inference threads allocate: keeps RSS flat over days (streamer/memory.py)
         self.metrics = Metrics()
         self.engine: InferenceEngine | RemoteInferenceEngine
-        if config.inference.remote:  # Whisper + text encoder live in streamer.worker processes
+        if config.inference.remote:  # Whisper + text encoder live in streamer.infer.worker processes
             if model is None:
                 model = load_checkpoint(config.inference.checkpoint, device=config.inference.device, load_encoder=False)
             self.model, self.asr = model, None
@@ -70,7 +70,7 @@ class App:
             if model is None:
                 model = load_checkpoint(config.inference.checkpoint, device=config.inference.device)
             if asr is None:
-                from streamer.transcriber import Transcriber
+                from streamer.infer.transcriber import Transcriber
 
                 asr = Transcriber(config.asr)
             self.model = model
@@ -90,7 +90,7 @@ class App:
         self._shutdown: asyncio.Task[None] | None = None
         self.metrics.gauge("emostream_sessions_active", "live sessions", lambda: len(self.sessions))
         self.metrics.gauge("emostream_subscribers", "open event sockets", lambda: len(self.connections))
-        self.metrics.gauge("emostream_inference_queue_depth", "jobs waiting for the inference thread", lambda: self.engine.depth)
+        self.metrics.gauge("emostream_inference_queue_depth", "jobs waiting for the inference threads", lambda: self.engine.depth)
         self.metrics.gauge("emostream_subscriber_queue_max", "events waiting in the fullest subscriber queue",
                            lambda: max((s.queue.qsize() for s in self.connections), default=0))
         self.metrics.gauge("emostream_utterances_pending", "ended utterances waiting for transcript + emotion",

@@ -50,7 +50,7 @@ def load(name: str, sr: int = 16_000) -> np.ndarray:
 def whisper():  # type: ignore[no-untyped-def]
     """The packaged Whisper tiny.en, loaded once for every service test."""
     from streamer.config import AsrConfig
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     return Transcriber(AsrConfig(device="cpu"))
 

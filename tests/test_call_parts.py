@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from streamer import protocol as P
-from streamer.alerts import AlertEngine, AlertRule, load_rules
-from streamer.summary import CallSummary
-from streamer.telephony import (MULAW_TO_PCM16, TwilioError, media_message, mulaw_decode, mulaw_encode, parse_media,
+from streamer.calls.alerts import AlertEngine, AlertRule, load_rules
+from streamer.calls.summary import CallSummary
+from streamer.calls.telephony import (MULAW_TO_PCM16, TwilioError, media_message, mulaw_decode, mulaw_encode, parse_media,
                                 parse_start)
-from streamer.webhook import WebhookSender
+from streamer.calls.webhook import WebhookSender
 
 
 # ---- μ-law -------------------------------------------------------------------------------------

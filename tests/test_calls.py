@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 
 from streamer import protocol as P
 from streamer.config import CallsConfig
-from streamer.telephony import media_message, mulaw_encode
+from streamer.calls.telephony import media_message, mulaw_encode
 from tests.stream_util import app_config, emotion_model, load, recv_until, wer, whisper  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent

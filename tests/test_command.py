@@ -34,6 +34,9 @@ def test_every_command_runs_its_entry_point() -> None:
         run = subprocess.run([str(SCRIPT), name, "--help"], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, (name, run.stderr[-2000:])
         assert "usage:" in run.stdout, (name, run.stdout[:500])
+    for module in ("streamer", "streamer.worker", "streamer.export", "clients.mic", "training"):  # python -m still works
+        run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "usage:" in run.stdout, (module, run.stderr[-2000:])
     version = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("emostream")
 

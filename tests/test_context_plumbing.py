@@ -19,9 +19,9 @@ from websockets.asyncio.client import connect
 from streamer import protocol as P
 from streamer.client import to_pcm16
 from streamer.config import InferenceConfig, WorkerConfig
-from streamer.inference import CONTEXT_CHARS, CONTEXT_TRANSCRIPTS, InferenceEngine
+from streamer.infer.engine import CONTEXT_CHARS, CONTEXT_TRANSCRIPTS, InferenceEngine
 from streamer.metrics import Metrics
-from streamer.transcriber import Transcript
+from streamer.infer.transcriber import Transcript
 from tests.stream_util import WAIT_S, check_session_events, load, recv_until, served
 from tests.test_bus import redis_server  # noqa: F401  (fixture)
 
@@ -175,7 +175,7 @@ def test_engine_bounds_the_context_it_keeps(ctx_model, monkeypatch) -> None:
 
 # ---- remote: the job's context field, and the worker's use of it -------------------------------
 def test_job_field_round_trips_the_context_and_old_jobs_have_none() -> None:
-    from streamer.remote import decode_context, job_fields
+    from streamer.infer.remote import decode_context, job_fields
 
     context = ["ça va? — oui", "", "first"]
     fields = redis_fields(job_fields("j1", "r", np.zeros(160, np.float32), time.time() + 5, context))
@@ -195,8 +195,8 @@ def test_worker_encodes_like_the_in_process_engine(ctx_model, monkeypatch) -> No
     """Jobs as a worker reads them: the context (or none, for an old front-end's job) and the
     Whisper states reach encode_utterances, the replies' vectors equal the in-process engine's,
     and a job with a malformed context gets an error reply (the others go on)."""
-    from streamer.remote import job_fields, parse_reply
-    from streamer.worker import Worker
+    from streamer.infer.remote import job_fields, parse_reply
+    from streamer.infer.worker import Worker
 
     rec = Recorder(ctx_model)
     monkeypatch.setattr(ctx_model, "encode_utterances", rec)
@@ -245,7 +245,7 @@ def test_remote_engine_sends_the_context_through_redis(redis_server, tiny_checkp
     import redis
 
     from model import load_checkpoint
-    from streamer.remote import JOBS, RemoteInferenceEngine, decode_context
+    from streamer.infer.remote import JOBS, RemoteInferenceEngine, decode_context
 
     client = redis.Redis.from_url(redis_server.url)
     head = load_checkpoint(tiny_checkpoint, device="cpu", load_encoder=False)

@@ -29,7 +29,7 @@ from websockets.asyncio.client import connect
 
 from streamer import protocol as P
 from streamer.client import stream_audio, to_pcm16
-from streamer.transcriber import Transcript
+from streamer.infer.transcriber import Transcript
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
                                recv_until, served, whisper)
 from tests.test_bus import instance, redis_server, silence  # noqa: F401

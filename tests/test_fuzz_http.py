@@ -40,10 +40,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
 from streamer.client import stream_audio
-from streamer.static_files import CONTENT_TYPES, STATIC_DIR
+from streamer.routes.static import CONTENT_TYPES, STATIC_DIR
 
 from tests.stream_util import (  # noqa: F401
     HEALTHY, HEALTHY_FILE, WAIT_S, ServiceThread, app_config, emotion_model, load, whisper,

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
 from tests.stream_util import WAIT_S, ErrorLog, app_config, emotion_model  # noqa: F401
 

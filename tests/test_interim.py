@@ -14,9 +14,9 @@ from websockets.asyncio.client import connect
 from streamer import protocol as P
 from streamer.client import stream_audio
 from streamer.config import InferenceConfig
-from streamer.inference import InferenceEngine, Overloaded
+from streamer.infer.engine import InferenceEngine, Overloaded
 from streamer.metrics import Metrics
-from streamer.transcriber import Transcript
+from streamer.infer.transcriber import Transcript
 
 from tests.stream_util import (  # noqa: F401 (fixtures)
     WAIT_S, check_session_events, emotion_model, load, recv_json, served, whisper,

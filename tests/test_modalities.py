@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import EncodedUtterance
-from streamer.context import DialogueContext, select_modalities
+from streamer.pipeline.context import DialogueContext, select_modalities
 
 
 def _encoded(model, text: str = "I can't believe you did that!") -> EncodedUtterance:  # type: ignore[no-untyped-def]
@@ -81,7 +81,7 @@ def test_text_only_with_an_empty_transcript_falls_back_to_speech(tiny_model) -> 
 def test_the_switch_reaches_each_session_context(tiny_model) -> None:
     from streamer.__main__ import build_parser, config_from_args
     from streamer.config import InferenceConfig
-    from streamer.inference import InferenceEngine
+    from streamer.infer.engine import InferenceEngine
     from streamer.metrics import Metrics
 
     assert InferenceConfig().modalities == "both"

@@ -217,7 +217,7 @@ def test_context_changes_the_sentence_vector(minilm):
                                             (18.5, 2500), (28, 3000), (40, 3000), (0, 1500)])
 def test_whisper_window_frames_by_hand(seconds, frames):
     from streamer.config import AsrConfig
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     n = int(seconds * SR)
     assert features.whisper_window_frames(n) == frames
@@ -227,7 +227,7 @@ def test_whisper_window_frames_by_hand(seconds, frames):
 
 def test_whisper_window_frames_follows_the_asr_config():
     from streamer.config import AsrConfig
-    from streamer.transcriber import Transcriber
+    from streamer.infer.transcriber import Transcriber
 
     cfg = AsrConfig(min_window_s=5.0, window_margin_s=1.0, window_step_s=2.0)
     fake = types.SimpleNamespace(config=cfg)

@@ -1,5 +1,5 @@
 """Remote inference (--inference): service instances without Whisper or the text encoder, a real
-`python -m streamer.worker` process and a real Redis (Debian's redis-server on a private unix socket).
+`python -m streamer.infer.worker` process and a real Redis (Debian's redis-server on a private unix socket).
 Transcripts and emotions of real speech match the in-process engine; a killed worker costs one
 utterance an error event (the session and the service go on); a job a worker took and never
 acknowledged is taken over by another worker (XAUTOCLAIM). Plus the head-only checkpoint loader."""
@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- helpers ----------------------------------------------------------------------------------
 @contextmanager
 def worker_process(url: str, checkpoint: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
-    """`python -m streamer.worker` on the tiny checkpoint; yields once it printed 'ready' (bounded)."""
+    """`python -m streamer.infer.worker` on the tiny checkpoint; yields once it printed 'ready' (bounded)."""
     err = open(log, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer.worker", "--bus", url, "--checkpoint", str(checkpoint), "--device", "cpu",
+        [sys.executable, "-m", "streamer.infer.worker", "--bus", url, "--checkpoint", str(checkpoint), "--device", "cpu",
          "--torch-threads", "1", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     lines: queue.Queue[str] = queue.Queue()
@@ -109,7 +109,7 @@ def test_head_only_checkpoint_predicts_like_the_full_model(tiny_checkpoint, emot
 
 
 def test_audio_wire_format_is_exact():
-    from streamer.remote import decode_audio, encode_audio
+    from streamer.infer.remote import decode_audio, encode_audio
 
     pcm = (np.arange(-32768, 32768, 7, dtype=np.int32).astype(np.float32) / 32768.0)
     fmt, data = encode_audio(pcm)
@@ -173,7 +173,7 @@ def test_a_dead_worker_costs_one_utterance_and_its_pending_jobs_are_taken_over(r
     the next worker (XAUTOCLAIM); with that worker up the service is whole again."""
     import redis
 
-    from streamer.remote import GROUP, JOBS, job_fields, parse_reply
+    from streamer.infer.remote import GROUP, JOBS, job_fields, parse_reply
 
     timeout_s = 3.0
     client = redis.Redis.from_url(redis_server.url)
@@ -237,9 +237,9 @@ def test_engine_bounds_withdraws_and_expires_jobs(redis_server, tiny_checkpoint)
     import redis
 
     from model import load_checkpoint
-    from streamer.inference import Overloaded
+    from streamer.infer.engine import Overloaded
     from streamer.metrics import Metrics
-    from streamer.remote import JOBS, RemoteInferenceEngine, RemoteTimeout
+    from streamer.infer.remote import JOBS, RemoteInferenceEngine, RemoteTimeout
 
     client = redis.Redis.from_url(redis_server.url)
     head = load_checkpoint(tiny_checkpoint, device="cpu", load_encoder=False)

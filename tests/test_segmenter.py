@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from streamer.config import SegmenterConfig
-from streamer.segmenter import FRAME, Segmenter, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from streamer.pipeline.segmenter import FRAME, Segmenter, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
 
 from tests.stream_util import SPEECH
 

@@ -1,5 +1,5 @@
 """The durable event log (`--store`): EventStore itself, GET /v1/sessions[/ID/events] over a real
-service streaming real speech, `python -m streamer.export`, and kill -9 of the service mid-session
+service streaming real speech, `python -m streamer.events.export`, and kill -9 of the service mid-session
 with every event a client saw still in the database afterwards."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from streamer import protocol as P
 from streamer.client import stream_audio
 from streamer.config import StoreConfig
 from streamer.metrics import Metrics
-from streamer.store import EventStore, StoreError
+from streamer.events.store import EventStore, StoreError
 
 from tests.stream_util import WAIT_S, app_config, emotion_model, load, whisper  # noqa: F401
 from tests.test_stream_cli import ROOT, env, start_server
@@ -109,7 +109,7 @@ def test_a_failed_append_is_logged_counted_and_not_raised(tmp_path: Path, caplog
     metrics = Metrics()
     store = EventStore(tmp_path / "e.db", metrics=metrics)
     publish(store, P.SESSION_STARTED, "s", 0)
-    with caplog.at_level(logging.ERROR, logger="streamer.store"):
+    with caplog.at_level(logging.ERROR, logger="streamer.events.store"):
         publish(store, P.ERROR, "s", 0, code="x", message="a duplicate seq: the UNIQUE constraint refuses it")
     assert store.errors == 1 and metrics.value("emostream_store_errors_total") == 1
     assert "could not store error seq 0 of session s" in caplog.text and "IntegrityError" in caplog.text
@@ -118,7 +118,7 @@ def test_a_failed_append_is_logged_counted_and_not_raised(tmp_path: Path, caplog
     assert [e["seq"] for e in store.events("s")] == [0, 1] and store.sessions()[0]["ended"]
     store.close()
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="streamer.store"):
+    with caplog.at_level(logging.ERROR, logger="streamer.events.store"):
         publish(store, P.SESSION_STARTED, "late", 0)  # after close (shutdown): logged, counted, never raised
     assert store.errors == 2 and "session late" in caplog.text
 
@@ -170,7 +170,7 @@ async def get(app: Any, path: str) -> tuple[int, str, Any]:
 
 
 def export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamer.export", *args], cwd=ROOT, env=env(),
+    return subprocess.run([sys.executable, "-m", "streamer.events.export", *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
 
 

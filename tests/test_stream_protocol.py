@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamer import protocol as P
 from streamer.client import to_pcm16
 from streamer.metrics import Metrics
-from streamer.fanout import Hub, Subscriber
+from streamer.events.fanout import Hub, Subscriber
 
 from tests.stream_util import WAIT_S, check_session_events, emotion_model, load, recv_json, recv_until, served, whisper  # noqa: F401
 

@@ -14,10 +14,10 @@ import pytest
 from streamer import protocol as P
 from streamer.client import stream_audio
 from streamer.config import InferenceConfig, SegmenterConfig
-from streamer.inference import InferenceEngine
+from streamer.infer.engine import InferenceEngine
 from streamer.metrics import Metrics
-from streamer.session import PcmDecoder, Session
-from streamer.transcriber import Transcript
+from streamer.pipeline.session import PcmDecoder, Session
+from streamer.infer.transcriber import Transcript
 
 from tests.stream_util import WAIT_S, check_session_events, load, served
 

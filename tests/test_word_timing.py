@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.transcriber import Transcript, Word
+from streamer.infer.transcriber import Transcript, Word
 from tests.stream_util import WAIT_S, emotion_model, load, whisper  # noqa: F401
 from tests.test_bus import redis_server  # noqa: F401
 
@@ -83,7 +83,7 @@ def test_a_batch_times_only_the_utterances_that_ask(whisper):  # noqa: F811
 
 # ---- wire format ------------------------------------------------------------------------------
 def test_job_asks_for_words_only_when_flagged():
-    from streamer.remote import job_fields, wants_words
+    from streamer.infer.remote import job_fields, wants_words
 
     audio = np.zeros(1600, dtype=np.float32)
     asked = to_redis(job_fields("j1", "r", audio, time.time() + 5, ["earlier"], words=True))
@@ -94,7 +94,7 @@ def test_job_asks_for_words_only_when_flagged():
 
 def test_reply_carries_words_only_when_present():
     from model import EncodedUtterance
-    from streamer.remote import parse_reply, reply_fields
+    from streamer.infer.remote import parse_reply, reply_fields
 
     enc = EncodedUtterance(text_vec=torch.ones(4), speech_vec=None)
     words = (Word("Ask", 0.0, 0.42, 0.9), Word("not—", 0.42, 0.8, 0.75), Word("ünïcode.", 0.8, 1.0, 1.0))
@@ -125,8 +125,8 @@ def test_remote_engine_and_worker_round_trip_word_timings(redis_server, tiny_che
     from model import load_checkpoint
     from streamer.config import InferenceConfig, WorkerConfig
     from streamer.metrics import Metrics
-    from streamer.remote import JOBS, RemoteInferenceEngine
-    from streamer.worker import Worker
+    from streamer.infer.remote import JOBS, RemoteInferenceEngine
+    from streamer.infer.worker import Worker
 
     head = load_checkpoint(tiny_checkpoint, device="cpu", load_encoder=False)
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, device="cpu", remote=redis_server.url, remote_timeout_s=WAIT_S)

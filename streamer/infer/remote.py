@@ -1,5 +1,5 @@
 """Remote inference: the service sends `analyze` jobs (utterance audio) through Redis Streams to a
-pool of `python -m streamer.worker` processes that own Whisper and the text encoder, and keeps only
+pool of `python -m streamer.infer.worker` processes that own Whisper and the text encoder, and keeps only
 the emotion model's cheap head (Bi-GRU + fusion + classifier) and each session's dialogue context.
 
 Wire format (Redis Streams, one consumer group, so N workers share the load and each batches jobs
@@ -38,10 +38,10 @@ import torch
 
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import InferenceConfig
-from streamer.context import DialogueContext, Scored
-from streamer.inference import Analysis, InferenceEngine, Overloaded, bounded_context
+from streamer.pipeline.context import DialogueContext, Scored
+from streamer.infer.engine import Analysis, InferenceEngine, Overloaded, bounded_context
 from streamer.metrics import Metrics
-from streamer.transcriber import Transcript, Word
+from streamer.infer.transcriber import Transcript, Word
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """/v1/twilio: Twilio Media Streams. One session per call (id = callSid), one channel per track
 (inbound: the caller, outbound: what the platform plays), both in one dialogue context; μ-law is
-decoded by streamer.telephony. Events go to subscribers, not back to Twilio (it reads media only)."""
+decoded by streamer.calls.telephony. Events go to subscribers, not back to Twilio (it reads media only)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
-from streamer.fanout import Subscriber
-from streamer.runner import SessionRunner
-from streamer.session import PcmDecoder, SeqCounter
-from streamer.telephony import MULAW_RATE, TwilioError, parse_media, parse_start
+from streamer.events.fanout import Subscriber
+from streamer.pipeline.runner import SessionRunner
+from streamer.pipeline.session import PcmDecoder, SeqCounter
+from streamer.calls.telephony import MULAW_RATE, TwilioError, parse_media, parse_start
 
 if TYPE_CHECKING:
     from streamer.server import App

@@ -36,9 +36,9 @@ import numpy as np
 
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import SAMPLE_RATE, InferenceConfig
-from streamer.context import DialogueContext, Scored
+from streamer.pipeline.context import DialogueContext, Scored
 from streamer.metrics import Metrics
-from streamer.transcriber import Transcript
+from streamer.infer.transcriber import Transcript
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Speech -> text with faster-whisper's CTranslate2 Whisper, batched across sessions.
 
-Synchronous and blocking: the server calls it from its inference thread, never from the event loop.
+Synchronous and blocking: the engine calls it from its decoding threads, never from the event loop.
 Utterances from any sessions are decoded in one encoder/decoder call (greedy by default); the
 speech-only audio the segmenter cut is all it ever sees, so Whisper is not fed bare silence.
 Word timings, when asked for, come from Whisper's cross-attention alignment of the decoded tokens

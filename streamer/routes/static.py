@@ -8,7 +8,7 @@ from pathlib import Path
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "application/javascript; charset=utf-8",

@@ -14,10 +14,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
-from streamer.fanout import Subscriber
-from streamer.runner import SessionRunner
-from streamer.session import PcmDecoder, SeqCounter
-from streamer.subscribe_route import attach
+from streamer.events.fanout import Subscriber
+from streamer.pipeline.runner import SessionRunner
+from streamer.pipeline.session import PcmDecoder, SeqCounter
+from streamer.routes.subscribe import attach
 
 if TYPE_CHECKING:
     from streamer.server import App

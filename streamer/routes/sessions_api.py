@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from streamer.static_files import set_header
+from streamer.routes.static import set_header
 
 SESSIONS_PATH = "/v1/sessions"
 EVENTS_SUFFIX = "/events"

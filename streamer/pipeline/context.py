@@ -1,6 +1,6 @@
 """Per-session dialogue context: the last K utterances' cached features for the Bi-GRU.
 
-Owned by one session but touched only on the inference thread (the model's Dialogue is not
+Owned by one session but touched only on the engine's head thread (the model's Dialogue is not
 thread-safe), so every read and write goes through InferenceEngine.predict.
 
 `modalities` (InferenceConfig.modalities, --modalities) scores one modality alone: "speech" drops

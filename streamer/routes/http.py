@@ -1,5 +1,5 @@
-"""The HTTP routes beside the WebSocket ones: /healthz, /metrics, /v1/sessions (http_api.py), the
-dashboard's files (static_files.py), 404 for anything else; auth and request sanity first."""
+"""The HTTP routes beside the WebSocket ones: /healthz, /metrics, /v1/sessions (sessions_api.py), the
+dashboard's files (static.py), 404 for anything else; auth and request sanity first."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from streamer import auth
+from streamer.routes import auth
 from streamer import protocol as P
-from streamer.http_api import api_response
-from streamer.static_files import set_header, static_response
+from streamer.routes.sessions_api import api_response
+from streamer.routes.static import set_header, static_response
 
 if TYPE_CHECKING:
     from streamer.server import App

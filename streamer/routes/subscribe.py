@@ -13,9 +13,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
-from streamer.bus import BusError
-from streamer.fanout import Subscriber
-from streamer.http_api import MAX_SQL_INT
+from streamer.events.bus import BusError
+from streamer.events.fanout import Subscriber
+from streamer.routes.sessions_api import MAX_SQL_INT
 
 if TYPE_CHECKING:
     from streamer.server import App

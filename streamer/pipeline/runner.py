@@ -14,10 +14,10 @@ import numpy as np
 
 from streamer import protocol as P
 from streamer.config import SAMPLE_RATE
-from streamer.inference import CONTEXT_TRANSCRIPTS, Analysis, Overloaded
-from streamer.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
-from streamer.session import Session
-from streamer.summary import CallSummary
+from streamer.infer.engine import CONTEXT_TRANSCRIPTS, Analysis, Overloaded
+from streamer.pipeline.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
+from streamer.pipeline.session import Session
+from streamer.calls.summary import CallSummary
 
 if TYPE_CHECKING:
     from streamer.server import App

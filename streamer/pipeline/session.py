@@ -1,5 +1,5 @@
 """One live audio session, synchronous and I/O-free: resampling, segmentation, event numbering
-and latency bookkeeping. The clock is injected; the asyncio layer (server.py) moves the bytes."""
+and latency bookkeeping. The clock is injected; the asyncio layer (routes/, runner.py) moves the bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from streamer import protocol as P
 from streamer.config import SAMPLE_RATE, SegmenterConfig
-from streamer.segmenter import FrameVad, SegmentEvent, Segmenter
+from streamer.pipeline.segmenter import FrameVad, SegmentEvent, Segmenter
 
 _ARRIVALS_KEPT = 4096  # chunk arrival records kept for latency lookups (minutes of audio)
 

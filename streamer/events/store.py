@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from streamer.metrics import Metrics
 
-log = logging.getLogger("streamer.store")
+log = logging.getLogger("streamer.events.store")
 
 SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL_S = 1.0  # the background thread folds the WAL into the database this often

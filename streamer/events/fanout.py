@@ -14,9 +14,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
-from streamer.bus import LocalBus, RedisBus
+from streamer.events.bus import LocalBus, RedisBus
 from streamer.metrics import Metrics
-from streamer.store import EventStore
+from streamer.events.store import EventStore
 
 
 class Subscriber:

@@ -1,0 +1,265 @@
+"""`python -m streamer.infer.worker --bus redis://…`: a remote inference worker (see streamer/infer/remote.py).
+
+    python -m streamer.infer.worker --bus redis://gpu-host:6379/0 --device cuda --max-batch 16
+    python -m streamer --inference redis://gpu-host:6379/0      # front-ends, as many as needed
+
+Owns Whisper and the emotion model's encoders; stateless. Takes jobs from every front-end through
+one Redis consumer group, batches them (the first job, then whatever arrives within max_wait_ms, up
+to max_batch), decodes and encodes them, and answers each on its front-end's reply stream. A reply
+and the job's XACK are written in one transaction; jobs left pending by a dead worker are taken over
+after claim_idle_s (XAUTOCLAIM); jobs past their deadline (the front-end gave up) are dropped unread.
+SIGINT/SIGTERM: the batch in hand is finished, then the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import EmotionModel
+from streamer.memory import tune_allocator
+from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
+from streamer.infer.engine import SpeechToText, transcribe_and_encode
+from streamer.infer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields, wants_words
+
+log = logging.getLogger("streamer.infer.worker")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+# (entry id, job id, reply stream, audio, context, word timings wanted)
+Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool]
+
+
+class Worker:
+    """The job loop: claim or read -> batch -> ASR + encode -> reply and acknowledge."""
+
+    def __init__(self, config: WorkerConfig, model: EmotionModel, asr: SpeechToText, name: str | None = None) -> None:
+        import redis
+
+        self.config = config
+        self.model = model
+        self.asr = asr
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = redis.Redis.from_url(config.url, socket_timeout=config.timeout_s + config.block_s,
+                                          socket_connect_timeout=config.timeout_s)
+        self.stopping = threading.Event()
+        self.jobs = self.batches = self.expired = self.failed = 0
+        self._last_claim = 0.0
+
+    def warmup(self) -> float:
+        """One tiny utterance through both models, so the first real job pays no lazy init."""
+        t0 = time.perf_counter()
+        transcribe_and_encode(self.model, self.asr, [np.zeros(SAMPLE_RATE, dtype=np.float32)], [["warm up"]])
+        return time.perf_counter() - t0
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (from the stream's start: jobs sent before any worker ran count)."""
+        import redis
+
+        try:
+            self.redis.xgroup_create(JOBS, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def run(self) -> None:
+        """Serve until stop(); Redis outages are logged and retried with back-off."""
+        import redis
+
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                self.ensure_group()
+                while not self.stopping.is_set():
+                    batch = self._next_batch()
+                    if batch:
+                        self.process(batch)
+                    backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.error("worker %s: Redis: %s: %s (retrying in %.1f s)", self.name, type(e).__name__, e, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        try:  # leave the group tidy: a consumer with nothing pending is forgotten
+            pending = self.redis.xpending_range(JOBS, GROUP, min="-", max="+", count=1, consumername=self.name)
+            if not pending:
+                self.redis.xgroup_delconsumer(JOBS, GROUP, self.name)
+        except redis.RedisError as e:
+            log.warning("worker %s: could not leave the consumer group: %s", self.name, e)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # ---- taking jobs ----
+    def _read(self, count: int, block_ms: int) -> list[Entry]:
+        got = self.redis.xreadgroup(GROUP, self.name, {JOBS: ">"}, count=count, block=max(1, block_ms))
+        return [(eid, fields) for _stream, entries in got or () for eid, fields in entries]
+
+    def _claim(self) -> list[Entry]:
+        """Jobs delivered to some worker claim_idle_s ago and never acknowledged (it died)."""
+        cfg = self.config
+        _next, entries, *_deleted = self.redis.xautoclaim(
+            JOBS, GROUP, self.name, min_idle_time=int(cfg.claim_idle_s * 1000), start_id="0-0", count=cfg.max_batch)
+        if entries:
+            log.warning("worker %s: took over %d jobs of a worker that stopped answering", self.name, len(entries))
+        return [(eid, fields) for eid, fields in entries]
+
+    def _next_batch(self) -> list[Entry]:
+        cfg = self.config
+        batch: list[Entry] = []
+        now = time.monotonic()
+        if now - self._last_claim >= cfg.claim_idle_s / 2:
+            self._last_claim = now
+            batch = self._claim()
+        if not batch:
+            batch = self._read(cfg.max_batch, int(cfg.block_s * 1000))
+        if not batch:
+            return []
+        deadline = time.monotonic() + cfg.max_wait_ms / 1000  # dynamic batching: wait briefly for company
+        while len(batch) < cfg.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            more = self._read(cfg.max_batch - len(batch), int(remaining * 1000))
+            if not more:
+                break
+            batch += more
+        return batch
+
+    # ---- doing them ----
+    def process(self, entries: list[Entry]) -> None:
+        """Decode + encode the live jobs, in ASR-sized slices; each slice's replies go out as soon
+        as it is done. Dead entries (withdrawn, past their deadline, malformed) are just acknowledged."""
+        live: list[Live] = []
+        dead: list[bytes] = []
+        errors: list[tuple[bytes, bytes, dict[str, Any]]] = []
+        now = time.time()
+        for eid, f in entries:
+            if not f:  # deleted (withdrawn) after it was delivered
+                dead.append(eid)
+                continue
+            try:
+                job_id, reply_to = f[b"j"], f[b"r"]
+            except KeyError:
+                log.error("worker %s: job %s has no id or reply stream; dropped", self.name, eid)
+                dead.append(eid)
+                continue
+            try:
+                if float(f[b"d"]) < now:
+                    self.expired += 1
+                    dead.append(eid)
+                    continue
+                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f), wants_words(f)))
+            except (KeyError, ValueError) as e:
+                errors.append((eid, reply_to, error_fields(job_id, f"malformed job: {type(e).__name__}: {e}", self.name)))
+        if dead or errors:
+            self._answer(errors, dead)
+        step = max(1, int(getattr(self.asr, "batch_size", len(live)) or 1))
+        for s in range(0, len(live), step):
+            self._answer(self._analyze(live[s : s + step]), [])
+        self.batches += 1
+
+    def _analyze(self, jobs: list[Live]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
+        """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs).
+        Encoded as the in-process engine does: with each job's context and Whisper's pooled states;
+        word timings for the jobs that asked."""
+        try:
+            transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
+                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs], words=[j[5] for j in jobs])
+        except Exception as e:
+            if len(jobs) > 1:
+                log.exception("worker %s: batch of %d failed; retrying job by job", self.name, len(jobs))
+                return [r for j in jobs for r in self._analyze([j])]
+            log.exception("worker %s: job %s failed", self.name, jobs[0][1])
+            self.failed += 1
+            eid, job_id, reply_to, *_ = jobs[0]
+            return [(eid, reply_to, error_fields(job_id, f"{type(e).__name__}: {e}", self.name))]
+        self.jobs += len(jobs)
+        return [(eid, reply_to, reply_fields(job_id, tr, enc, asr_s, enc_s, self.name))
+                for (eid, job_id, reply_to, *_), tr, enc in zip(jobs, transcripts, encoded)]
+
+    def _answer(self, replies: list[tuple[bytes, bytes, dict[str, Any]]], dead: list[bytes]) -> None:
+        """Replies, then XACK + XDEL of their jobs, in one transaction: a job is acknowledged only
+        together with its reply, so a crash before this leaves it pending for another worker."""
+        cfg = self.config
+        pipe = self.redis.pipeline(transaction=True)
+        for _eid, reply_to, fields in replies:
+            pipe.xadd(reply_to, fields, maxlen=cfg.reply_maxlen, approximate=True)
+            pipe.expire(reply_to, int(cfg.reply_ttl_s))
+        ids = [eid for eid, _, _ in replies] + dead
+        if ids:
+            pipe.xack(JOBS, GROUP, *ids)
+            pipe.xdel(JOBS, *ids)
+        pipe.execute()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = WorkerConfig()
+    p = argparse.ArgumentParser(prog="python -m streamer.infer.worker", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bus", required=True, metavar="URL",
+                   help="the Redis the front-ends use with --inference: redis://HOST:PORT/DB or unix:///path/redis.sock")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for both models")
+    p.add_argument("--checkpoint", type=Path, default=None, help=f"emotion model (default {default_checkpoint()})")
+    p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
+    p.add_argument("--asr-beam", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, metavar="N", help="jobs per batch")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, metavar="M", help="wait for company per batch")
+    p.add_argument("--claim-idle", type=float, default=d.claim_idle_s, metavar="S",
+                   help="take over jobs a dead worker left pending this long")
+    p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--name", default=None, help="consumer name (default host-pid-random)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()  # a long-running process: streamer/memory.py
+    try:
+        config = WorkerConfig(url=a.bus, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, claim_idle_s=a.claim_idle)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from model import CheckpointError, load_checkpoint
+    from streamer.infer.transcriber import AsrModelError, Transcriber
+
+    if a.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
+    asr_cfg = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=1)  # one decoding thread per worker process
+    if a.asr_model:
+        asr_cfg = replace(asr_cfg, model=a.asr_model)
+    try:
+        model = load_checkpoint(a.checkpoint or default_checkpoint(), device=a.device)
+        asr = Transcriber(asr_cfg)
+    except (CheckpointError, AsrModelError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    worker = Worker(config, model, asr, a.name)
+    warm = worker.warmup()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    print(f"worker {worker.name} ready (models on {model.device}/{asr.device}, warm-up {warm:.2f} s); "
+          f"serving {JOBS} on {config.url}", flush=True)
+    worker.run()
+    print(f"worker {worker.name} stopped: {worker.jobs} jobs in {worker.batches} batches, "
+          f"{worker.expired} expired, {worker.failed} failed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
