@@ -191,6 +191,8 @@ async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str
 
 
 async def run(a: argparse.Namespace) -> int:
+    """The service with its optional source (demo, file, microphone) until it ends or a signal
+    comes; each startup failure gets its own message (a little over the ~60-line guide)."""
     from model import CheckpointError
     from streamer.server import create_app
     from streamer.sources import Microphone, SourceError, load_file

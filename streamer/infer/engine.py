@@ -159,7 +159,9 @@ def _collect(q: queue.Queue[Any], first: Any, size: int, wait_s: float,
 
 class InferenceEngine:
     """Owns the models; Whisper and the encoders run on `workers` decoding threads, the prediction
-    head on one thread of its own."""
+    head on one thread of its own. Longer than the ~250-line guide: the queues, the threads that
+    drain them and the load bookkeeping they update are one unit (every counter is guarded by the
+    same lock), so they stay in one class."""
 
     def __init__(self, model: EmotionModel, asr: SpeechToText, config: InferenceConfig, metrics: Metrics) -> None:
         self.model = model

@@ -194,7 +194,9 @@ class RemoteJob:
 
 class RemoteInferenceEngine:
     """InferenceEngine's interface for SessionRunner, with analyze jobs served by remote workers.
-    predict() runs the head here, micro-batched on a local InferenceEngine's thread."""
+    predict() runs the head here, micro-batched on a local InferenceEngine's thread. Longer than
+    the ~250-line guide: the outstanding-job table, its timers and the Redis reader/writer loops
+    that resolve it are one unit."""
 
     remote = True
 

@@ -57,7 +57,11 @@ class _Interim:
 
 class SessionRunner:
     """Drives one Session (one or more channels): segment events -> inference jobs -> events, in
-    the order utterances end. Publishes alerts and, at the end, a call summary."""
+    the order utterances end. Publishes alerts and, at the end, a call summary.
+
+    Longer than the ~250-line guide: finals, speculative decodes, interim results, resume and
+    close all touch the same per-utterance state (ids, pending jobs, the open utterance), which
+    splitting would turn into shared mutable state between classes."""
 
     def __init__(self, app: App, session: Session, extra: list[Session] | None = None,
                  speakers: list[str] | None = None) -> None:

@@ -26,7 +26,8 @@ log = logging.getLogger("streamer")
 
 async def twilio_connection(app: App, ws: ServerConnection, sub: Subscriber) -> None:
     """Twilio Media Streams: one session per call (id = callSid), one channel per track, both in
-    one dialogue context. Events go to subscribers, not back to Twilio (it reads media only)."""
+    one dialogue context. Events go to subscribers, not back to Twilio (it reads media only).
+    One loop over Twilio's event kinds, as in its docs; a little over the ~60-line guide."""
     calls = app.config.calls
     runner: SessionRunner | None = None
     tracks: dict[str, tuple[int, PcmDecoder]] = {}
