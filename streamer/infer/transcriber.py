@@ -92,7 +92,7 @@ class Transcriber:
 
     def window_frames(self, n_samples: int) -> int:
         """Encoder window for an utterance: its length plus a margin, in steps, within [min, 30 s].
-        A 10 s window decodes ~4x faster than Whisper's fixed 30 s with the same words."""
+        The 15 s minimum decodes a 3 s utterance 2.8x faster than Whisper's fixed 30 s (measured, 1 thread)."""
         c = self.config
         return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
 
