@@ -1227,7 +1227,7 @@ async def bench(args: argparse.Namespace, report: dict[str, Any]) -> None:
             "log_tracebacks": log_text.count("Traceback"),
             "log_warnings": sum(" WARNING " in ln for ln in log_lines),
             "log_error_examples": [ln[:300] for ln in log_lines if " ERROR " in ln][:10],
-            "log": str(log_path),
+            "log": os.path.relpath(log_path, ROOT),
         },
         "healthy": {"baseline": base_check, "attacked": att_check, "exact": att_check["exact"] and base_check["exact"],
                     "latency_delta_client_p50_s": _r(att_check["latency"]["client_s"]["p50"] - base_check["latency"]["client_s"]["p50"])

@@ -92,8 +92,10 @@ def variants(checkpoint: Path | None) -> dict[str, AppConfig]:
 def jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {f.name: jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (Path, str)) and Path(x).is_absolute() and ROOT in Path(x).parents:
+        return os.path.relpath(x, ROOT)  # a path inside the repository (the packaged model under .venv too)
     if isinstance(x, Path):
-        return os.path.relpath(x, ROOT) if x.is_absolute() and ROOT in x.parents else str(x)
+        return str(x)
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
