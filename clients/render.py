@@ -59,7 +59,8 @@ class Renderer:
 
     A partial (transcript.partial / emotion.partial) renders as one line marked `… interim`, with
     the text so far and, from emotion.partial, a provisional label (`joy?`). A terminal that can
-    rewrite a line shows `interim_line()` in place instead and replaces it by the final lines."""
+    rewrite a line shows `interim_line()` in place instead and replaces it by the final lines. An
+    emotion the server marked `"confidence": "low"` gets `(low confidence)` after its score."""
 
     colour: bool = True
     show_revisions: bool = True
@@ -104,9 +105,10 @@ class Renderer:
             w = ev.get("modality_weights", {})
             start, end = self.spans.get(key, (0.0, 0.0))
             prefix = "  ↻ revised" if ev.type == P.EMOTION_REVISED else f"[{clock(start)}–{clock(end)}]{speaker}"
+            unsure = style(" (low confidence)", DIM, self.colour) if ev.get("confidence") == P.LOW_CONFIDENCE else ""
             line = (
                 f"{prefix} {paint(f'{label:<8}', label, self.colour)} {bar(scores.get(label, 0.0))} "
-                f"{scores.get(label, 0.0):.2f}  speech {w.get('speech', 0.0):.2f} | text {w.get('text', 0.0):.2f}"
+                f"{scores.get(label, 0.0):.2f}{unsure}  speech {w.get('speech', 0.0):.2f} | text {w.get('text', 0.0):.2f}"
             )
             if ev.type == P.EMOTION:
                 self.timeline.setdefault(ev.session_id, []).append(label)

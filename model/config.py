@@ -41,6 +41,9 @@ class ModelConfig:
     fusion_dim: int = 250  # n
     dropout: float = 0.3
     temperature: float = 1.0  # calibration: served probabilities are softmax(logits / temperature)
+    # a prediction whose calibrated top score is below this is marked confidence "low": the scores are
+    # calibrated, so under 0.5 the model is more likely wrong than right (older checkpoints: the default)
+    confidence_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -49,6 +52,8 @@ class ModelConfig:
             raise ValueError("context_window must be >= 1 and lookahead >= 0")
         if self.text_context < 0 or self.whisper_dim < 0 or not self.temperature > 0:
             raise ValueError("text_context and whisper_dim must be >= 0, temperature > 0")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
 
     @property
     def num_labels(self) -> int:
@@ -61,6 +66,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The config a checkpoint stores. Fields it lacks (an older checkpoint, e.g. one from before
+        confidence_threshold) take their defaults; unknown ones are refused."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -19,6 +19,7 @@ from model.text_encoder import DialogueGRU, TextEncoder
 
 SPEECH_BATCH_FRAMES_CPU = 3_000  # padded log-mel frames per CNN sub-batch (30 s of audio)
 SPEECH_BATCH_FRAMES_CUDA = 200_000
+LOW_CONFIDENCE, OK_CONFIDENCE = "low", "ok"  # Prediction.confidence (the `confidence` of emotion events)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -50,11 +51,18 @@ class EncodedUtterance:
     speech_vec: torch.Tensor | None  # (S,) speech-CNN embedding; None when there is no audio
 
 
+def confidence_of(scores: dict[str, float], threshold: float) -> str:
+    """LOW_CONFIDENCE when the top calibrated score is below `threshold` (at the default 0.5 the model
+    is then more likely wrong than right), else OK_CONFIDENCE."""
+    return LOW_CONFIDENCE if max(scores.values()) < threshold else OK_CONFIDENCE
+
+
 @dataclass
 class Prediction:
     label: str
-    scores: dict[str, float]
+    scores: dict[str, float]  # calibrated probabilities, summing to 1
     modality_weights: dict[str, float]
+    confidence: str  # LOW_CONFIDENCE or OK_CONFIDENCE: the top score against a threshold
 
 
 @dataclass
@@ -212,14 +220,17 @@ class EmotionModel(nn.Module):
         return out
 
     @torch.inference_mode()
-    def predict(self, requests: list[tuple[Dialogue, int]]) -> list[Prediction]:
+    def predict(self, requests: list[tuple[Dialogue, int]],
+                confidence_threshold: float | None = None) -> list[Prediction]:
         """Predict utterance `index` of each dialogue in one batched forward pass. The window is the
         target, up to context_window-1 utterances before it and up to `lookahead` after it that
-        already exist (live: none; a revision: the next one)."""
+        already exist (live: none; a revision: the next one). `confidence_threshold` overrides
+        ModelConfig.confidence_threshold for Prediction.confidence."""
         if not requests:
             return []
         self.eval()
         cfg, dev = self.config, self.device
+        threshold = cfg.confidence_threshold if confidence_threshold is None else confidence_threshold
         windows, targets, present, speech = [], [], [], []
         for dlg, index in requests:
             if not dlg.first_index <= index <= dlg.last_index:
@@ -256,5 +267,6 @@ class EmotionModel(nn.Module):
                 label=cfg.labels[int(probs[b].argmax())],
                 scores=scores,
                 modality_weights={"speech": float(weights[b, 0]), "text": float(weights[b, 1])},
+                confidence=confidence_of(scores, threshold),
             ))
         return results

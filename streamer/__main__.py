@@ -44,6 +44,17 @@ def _checked_url(build: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
+def _unit_interval(text: str) -> float:
+    """An argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 _bus_url = _checked_url(lambda url: BusConfig(url=url))
 _inference_url = _checked_url(lambda url: InferenceConfig(remote=url))
 
@@ -58,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for both models")
     p.add_argument("--modalities", choices=MODALITIES, default="both",
                    help="score both modalities, or speech / text alone (an utterance lacking it keeps the other)")
+    p.add_argument("--low-confidence", type=_unit_interval, default=None, metavar="FLOAT",
+                   help='mark an emotion "confidence": "low" when its calibrated top score is below this '
+                        "(default: the checkpoint's, 0.5: below it the model is more likely wrong than right)")
     p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
     p.add_argument("--asr-beam", type=int, default=1)
     p.add_argument("--asr-workers", type=int, default=0,
@@ -115,7 +129,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     asr = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=a.asr_workers)
     if a.asr_model:
         asr = replace(asr, model=a.asr_model)
-    inf = InferenceConfig(device=a.device, remote=a.inference, modalities=a.modalities)
+    inf = InferenceConfig(device=a.device, remote=a.inference, modalities=a.modalities,
+                          low_confidence=a.low_confidence)
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
     calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)

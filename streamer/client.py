@@ -120,10 +120,16 @@ def tls_for(url: str):  # type: ignore[no-untyped-def]
     return ssl.create_default_context()
 
 
+def _unsure(ev: dict[str, Any]) -> str:
+    """' (low confidence)' after the label of an emotion the server marked low, else ''."""
+    return " (low confidence)" if ev.get("confidence") == P.LOW_CONFIDENCE else ""
+
+
 def format_event(ev: dict[str, Any]) -> str | None:
     """Human-readable line(s) for the events a person watching wants; None for the rest. Interim
     results (transcript.partial, emotion.partial) are one line marked `… interim`; a transcript
-    with word timings gets a second line `0.00–0.76 And · 0.76–1.02 so …` (seconds of the stream)."""
+    with word timings gets a second line `0.00–0.76 And · 0.76–1.02 so …` (seconds of the stream);
+    an emotion marked `"confidence": "low"` says so."""
     t, uid = ev["type"], ev.get("utterance_id")
     if ev.get("speaker") and t != P.ALERT:
         uid = f"{uid} {ev['speaker']}"
@@ -142,16 +148,17 @@ def format_event(ev: dict[str, Any]) -> str | None:
     if t == P.EMOTION_PARTIAL:
         w = ev["modality_weights"]
         return (f"    #{uid} … interim emotion ({ev.get('audio_s', 0.0):.1f} s): {ev['label'].upper()}? "
-                f"{ev['scores'][ev['label']]:.2f} | speech {w['speech']:.2f} / text {w['text']:.2f}"
+                f"{ev['scores'][ev['label']]:.2f}{_unsure(ev)} | speech {w['speech']:.2f} / text {w['text']:.2f}"
                 + (f" | {ev['text']!r}" if ev.get("text") else ""))
     if t == P.EMOTION:
         top = sorted(ev["scores"].items(), key=lambda kv: -kv[1])[:3]
         w = ev["modality_weights"]
         return (f"    #{uid} emotion: {ev['label'].upper():8s} "
-                + "  ".join(f"{k} {v:.2f}" for k, v in top)
+                + "  ".join(f"{k} {v:.2f}" for k, v in top) + _unsure(ev)
                 + f"  | speech {w['speech']:.2f} / text {w['text']:.2f} | {ev['latency_ms']:.0f} ms after end of speech")
     if t == P.EMOTION_REVISED:
-        return f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
+        return (f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
+                + _unsure(ev))
     if t == P.ERROR:
         return f"error {ev['code']}: {ev['message']}"
     if t == P.ALERT:

@@ -102,6 +102,9 @@ class InferenceConfig:
     # which modalities the model scores: "both"; "speech" drops each utterance's sentence vector,
     # "text" its speech embedding (an utterance lacking the kept one keeps the other: pipeline/context.py)
     modalities: str = "both"
+    # --low-confidence: an emotion whose calibrated top score is below this gets `"confidence": "low"`;
+    # None: the checkpoint's ModelConfig.confidence_threshold (0.5)
+    low_confidence: float | None = None
     # --inference URL: Whisper and the text encoder run in `python -m streamer.infer.worker` processes fed
     # through Redis (streamer/infer/remote.py); this process keeps only the cheap prediction head
     remote: str | None = None  # redis://HOST:PORT/DB, rediss://..., unix:///path/redis.sock; None: in process
@@ -116,6 +119,8 @@ class InferenceConfig:
             raise ValueError("need max_queue_s > 0, speculate_max_wait_s >= 0 and 0 < interim_share <= 1")
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
+        if self.low_confidence is not None and not 0.0 <= self.low_confidence <= 1.0:
+            raise ValueError(f"low_confidence must be in [0, 1], got {self.low_confidence}")
 
 
 @dataclass(frozen=True)

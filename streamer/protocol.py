@@ -44,6 +44,10 @@ CALL_SUMMARY = "call.summary"  # just before session.ended: per-speaker distribu
 TRANSCRIPT_PARTIAL = "transcript.partial"
 EMOTION_PARTIAL = "emotion.partial"
 INTERIM_TYPES = (TRANSCRIPT_PARTIAL, EMOTION_PARTIAL)
+# `confidence` of emotion, emotion.partial and emotion.revised (added within v1: older servers omit it):
+# "low" when the calibrated top score is below the service's threshold (default 0.5, --low-confidence)
+LOW_CONFIDENCE = "low"
+OK_CONFIDENCE = "ok"
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
     SESSION_RESUMED, ALERT, CALL_SUMMARY, TRANSCRIPT_PARTIAL, EMOTION_PARTIAL,

@@ -117,6 +117,7 @@ def check_session_events(events: list[dict[str, Any]]) -> None:
             assert all(0.0 <= p <= 1.0 for p in e["scores"].values())
             assert e["label"] == max(e["scores"], key=e["scores"].get)
             assert sum(e["modality_weights"].values()) == pytest.approx(1.0, abs=1e-4)
+            assert e["confidence"] in (P.LOW_CONFIDENCE, P.OK_CONFIDENCE)
         if e["type"] == P.EMOTION:
             assert 0.0 <= e["latency_ms"] < 60_000
         if e["type"] == P.EMOTION_REVISED:

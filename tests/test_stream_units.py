@@ -116,6 +116,9 @@ def test_empty_transcript_masks_the_text_modality(emotion_model) -> None:
     check_session_events(res.events)
     emotions = res.of_type(P.EMOTION)
     assert emotions and all(e["text_masked"] and e["modality_weights"]["text"] == 0.0 for e in emotions)
+    # honest uncertainty at the checkpoint's default threshold (0.5): "low" exactly when the top score is below it
+    for e in emotions + res.of_type(P.EMOTION_REVISED):
+        assert e["confidence"] == (P.LOW_CONFIDENCE if max(e["scores"].values()) < 0.5 else P.OK_CONFIDENCE), e
     assert all(t["text"] == "" for t in res.of_type(P.TRANSCRIPT))
 
 

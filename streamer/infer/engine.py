@@ -435,17 +435,18 @@ class InferenceEngine:
 
     def _predict(self, jobs: list[_PredictJob]) -> None:
         t0 = time.perf_counter()
+        threshold = self.config.low_confidence  # None: the checkpoint's confidence_threshold
         per_job: list[list[Any]] = []
         for j in jobs:
             assert j.context is not None and j.encoded is not None
             per_job.append(j.context.peek(j.encoded) if j.peek else j.context.add(j.utterance_id, j.encoded))
         try:
-            preds = self.model.predict([r for reqs in per_job for r in reqs])
+            preds = self.model.predict([r for reqs in per_job for r in reqs], threshold)
         except Exception:  # one bad request must not fail the other sessions' jobs: retry each alone
             log.exception("batched predict failed; retrying job by job")
             for j, reqs in zip(jobs, per_job):
                 try:
-                    j.resolve(self._result(j, self.model.predict(reqs)))
+                    j.resolve(self._result(j, self.model.predict(reqs, threshold)))
                 except Exception as e:
                     j.resolve(error=e)
             return

@@ -160,7 +160,8 @@ class SessionRunner:
             if self._open.get(ch.number) is not st:
                 return
             self.publish_interim(P.EMOTION_PARTIAL, utterance_id=st.utterance_id, label=pred.label, scores=pred.scores,
-                                 modality_weights=pred.modality_weights, text=analysis.transcript.text, **who)
+                                 confidence=pred.confidence, modality_weights=pred.modality_weights,
+                                 text=analysis.transcript.text, **who)
         except asyncio.CancelledError:
             if not job.future.cancelled():
                 raise
@@ -271,7 +272,7 @@ class SessionRunner:
         self.app.metrics.latency_seconds.observe(latency / 1000)
         pred = scored.prediction
         self.publish(
-            P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores,
+            P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores, confidence=pred.confidence,
             modality_weights=pred.modality_weights, latency_ms=latency,
             asr_ms=round(analysis.asr_s * 1000, 1), text_masked=pred.modality_weights["text"] == 0.0, **who,
         )
@@ -280,7 +281,7 @@ class SessionRunner:
             rwho = self._who(self.channels[self._uid_channel[scored.revised_id]]) if self.multi else {}
             self.publish(
                 P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
-                modality_weights=r.modality_weights, revised_with=uid, **rwho,
+                confidence=r.confidence, modality_weights=r.modality_weights, revised_with=uid, **rwho,
             )
 
     @property

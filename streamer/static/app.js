@@ -89,7 +89,10 @@ function showScores(u, ev) {
   u.label = label;
   u.li.querySelector(".provisional").replaceChildren();
   u.li.style.setProperty("--c", colour(label));
-  u.li.querySelector(".label").textContent = label;
+  const el = u.li.querySelector(".label"), low = ev.confidence === "low";  // absent from older servers: not low
+  el.textContent = label;
+  el.classList.toggle("low", low);  // greyed, with a "?" (style.css)
+  el.title = low ? `low confidence: top score ${ev.scores[label].toFixed(2)} is below the service's threshold` : "";
   const bars = u.li.querySelector(".bars");
   bars.innerHTML = "";
   const labels = Object.keys(ev.scores).sort((a, b) => ev.scores[b] - ev.scores[a]);
@@ -131,7 +134,9 @@ function callEvent(ev) {
       cell = document.createElement("td"); cell.className = "side"; cell.dataset.speaker = ev.speaker;
       c.tr.insertBefore(cell, c.tr.querySelector(".alerts"));
     }
-    cell.innerHTML = `<span class="chip" style="--c:${colour(ev.label)}">${ev.label}</span> ${ev.scores[ev.label].toFixed(2)}`;
+    const low = ev.confidence === "low";
+    cell.innerHTML = `<span class="chip${low ? " low" : ""}" style="--c:${colour(ev.label)}"${low ? ' title="low confidence"' : ""}>` +
+      `${ev.label}</span> ${ev.scores[ev.label].toFixed(2)}`;
   } else if (ev.type === "session.ended" && state.calls.has(ev.session_id)) {
     state.calls.get(ev.session_id).tr.classList.add("ended");
   }
