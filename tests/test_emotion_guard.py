@@ -1,10 +1,11 @@
 """Regression guard for the bundled checkpoint on live English speech: acted RAVDESS clips of two
-held-out actors (tests/fixtures/ravdess, see SOURCE.txt), each actor's angry, sad and neutral clip in
+held-out actors saying the sentence the bundled model never trained on (tests/fixtures/ravdess, see
+SOURCE.txt), each actor's angry, sad and neutral clip in
 one session between silences, through the real service (VAD -> Whisper tiny.en -> model).
 
 It asserts what a useful emotion model must do here, not a score: every clip is one utterance with
-one `emotion`; an actor's angry and sad clips get different labels (the words are identical, "Kids
-are talking by the door", so only the voice can tell them apart); and the model leans on speech
+one `emotion`; an actor's angry and sad clips get different labels (the words are identical, "Dogs
+are sitting by the door", so only the voice can tell them apart); and the model leans on speech
 (modality weight speech > text) for every clip.
 """
 

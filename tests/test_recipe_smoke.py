@@ -1,8 +1,10 @@
 """The CPU training recipe (training/recipe.sh) end to end on tiny data: stage 1 fine-tunes the tiny
-test encoder (tests/conftest.py) on a MELD subset with past context, stage 2 trains the speech branch
-on a fake RAVDESS of tones (3 actors: train / val / test) with the packaged Whisper tiny.en, stage 3
-trains the dialogue GRU + fusion on both and calibrates; the checkpoint then serves and evaluates
-(`python -m training evaluate`, whose encoder reads earlier utterances)."""
+test encoder (tests/conftest.py) on a MELD subset with past context (and can be taken back out of a
+checkpoint), stage 2 trains the speech branch on the shipped split of a fake RAVDESS of tones (3
+actors: train / val / test) + a fake EmoDB (4 speakers) with the packaged Whisper tiny.en, stage 3
+trains the dialogue GRU + fusion on both (EmoDB transcripts decoded by the packaged Whisper) and
+calibrates; the checkpoint then serves and evaluates (`python -m training evaluate`, whose encoder
+reads earlier utterances)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,26 @@ def _fake_ravdess(root: Path) -> Path:
     return root
 
 
+def _fake_emodb(root: Path) -> Path:
+    """Speakers 03 (train), 12 (validation), 11 and 13 (test): one ~1 s tone clip per emotion, 22.05 kHz
+    WAV as released, listed in labels.csv."""
+    from training.datasets import EMODB_CODES
+
+    sr = 22_050
+    t = np.arange(sr) / sr
+    (root / "wav").mkdir(parents=True)
+    rows = []
+    for spk in ("03", "11", "12", "13"):
+        for k, (code, emo) in enumerate(EMODB_CODES.items()):
+            rng = np.random.default_rng(int(spk) * 10 + k)
+            x = 0.2 * np.sin(2 * np.pi * (150.0 + 40.0 * k) * t) + 0.01 * rng.standard_normal(t.size)
+            name = f"{spk}a0{k % 2 + 1}{code}a.wav"
+            sf.write(root / "wav" / name, x.astype(np.float32), sr)
+            rows.append(f"{name},{spk},a0{k % 2 + 1},{emo},{code}")
+    (root / "labels.csv").write_text("file,speaker,text_id,emotion,emotion_code\n" + "\n".join(rows) + "\n")
+    return root
+
+
 def _small_meld(root: Path, rows_per_part: int = 40) -> Path:
     """The first rows of each official MELD part (a small evaluation set)."""
     from training.datasets import read_text_file
@@ -67,6 +89,14 @@ def ravdess(work) -> Path:
 
 
 @pytest.fixture(scope="module")
+def emodb(work) -> Path:
+    return _fake_emodb(work / "emodb")
+
+
+ACTORS = ["--train-actors", "1", "--val-actors", "2", "--test-actors", "3"]
+
+
+@pytest.fixture(scope="module")
 def stage1(work, tiny_encoder_dir) -> Path:
     from training import text_finetune
 
@@ -78,24 +108,25 @@ def stage1(work, tiny_encoder_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stage2(work, ravdess) -> Path:
+def stage2(work, ravdess, emodb) -> Path:
     from training import speech_branch
 
     out = work / "speech"
-    rc = speech_branch.main(["--ravdess", str(ravdess), "--out", str(out), "--cache-dir", str(work / "cache"), "--epochs", "1",
-                             "--patience", "1", "--vector-epochs", "2", "--val-actors", "2", "--test-actors", "3", "--threads", "1"])
+    rc = speech_branch.main(["--ravdess", str(ravdess), "--emodb", str(emodb), "--split", "ship", "--out", str(out),
+                             "--cache-dir", str(work / "cache"), "--epochs", "1", "--patience", "1", "--vector-epochs", "2",
+                             "--threads", "1", *ACTORS])
     assert rc == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def stage3(work, ravdess, stage1, stage2) -> Path:
+def stage3(work, ravdess, emodb, stage1, stage2) -> Path:
     from training import recipe
 
     out = work / "recipe"
-    rc = recipe.main(["--meld", str(MELD_DIR), "--ravdess", str(ravdess), "--text", str(stage1 / "encoder.pt"),
-                      "--speech", str(stage2 / "speech.pt"), "--out", str(out), "--cache-dir", str(work / "cache"),
-                      "--epochs", "1", "--max-meld", "24", "--val-actors", "2", "--test-actors", "3", "--threads", "1"])
+    rc = recipe.main(["--meld", str(MELD_DIR), "--ravdess", str(ravdess), "--emodb", str(emodb), "--split", "ship",
+                      "--text", str(stage1 / "encoder.pt"), "--speech", str(stage2 / "speech.pt"), "--out", str(out),
+                      "--cache-dir", str(work / "cache"), "--epochs", "1", "--max-meld", "24", "--threads", "1", *ACTORS])
     assert rc == 0
     return out
 
@@ -115,41 +146,84 @@ def test_stage1_text_finetune_stores_fp16_layers_without_embeddings(stage1, tiny
 
 
 def test_stage2_speech_branch_report_and_weights(stage2):
+    from training.acted import SPEECH_LABELS
+
     blob = torch.load(stage2 / "speech.pt", map_location="cpu", weights_only=True)
     assert blob["mode"] in ("cnn", "both") and blob["whisper_dim"] == 768  # mean + std of tiny.en's 384
     assert blob["state"] and all(k.startswith(("speech.", "whisper_proj.", "speech_mix.")) for k in blob["state"])
     assert any(k.startswith("speech.") for k in blob["state"])
     assert (blob["mode"] == "both") == any(k.startswith("whisper_proj.") for k in blob["state"])
-    assert len(blob["labels"]) == 8 and blob["head"]["weight"].shape[0] == 8
+    assert tuple(blob["labels"]) == SPEECH_LABELS and blob["head"]["weight"].shape[0] == 9 and blob["split"] == "ship"
     rep = json.loads((stage2 / "speech_report.json").read_text())
-    assert rep["choice"] == blob["mode"] and rep["n"] == {"train": 16, "val": 16, "test": 16}
-    keys = {f"{m}/{v}" for m in ("cnn", "whisper", "both") for v in ("clean", "aug")}
-    for part in ("val", "test"):
-        assert set(rep[part]) == keys, part
-        for key in keys:
-            assert {"native", "meld"} <= set(rep[part][key]) and 0 <= rep[part][key]["native"]["wa"] <= 100
-    assert rep["test"]["cnn/clean"]["native"]["n"] == 16  # one clean version per test clip
+    assert rep["choice"] == blob["mode"] and "validation WA" in rep["chosen_by"]
+    # statement 01 of actor 1 + EmoDB speaker 03 train; statement 02 of actor 2 + speaker 12 validate
+    assert rep["sets"] == {"train": {"ravdess": 8, "emodb": 7}, "val": {"ravdess": 8, "emodb": 7},
+                           "test": {"ravdess-heldout-sentence": 8, "ravdess-seen-sentence": 8, "emodb-heldout-speakers": 14}}
+    for part, names in (("val", ("ravdess", "emodb")), ("test", ("ravdess-heldout-sentence", "emodb-heldout-speakers"))):
+        for name in names:
+            for m in ("cnn", "whisper", "both"):
+                for v in ("clean", "aug"):
+                    r = rep[part][f"{name}/{m}/{v}"]
+                    assert {"native", "meld"} <= set(r) and 0 <= r["meld"]["wa"] <= 100
+            for floor in ("svm-mfcc", "lr-whisper"):
+                assert 0 <= rep["floors"][f"{part}/{name}/{floor}/clean"]["meld"]["wf1"] <= 100
+    # RAVDESS-only sets are scored in RAVDESS's eight classes, mixed ones in the union set
+    assert len(rep["test"]["ravdess-heldout-sentence/cnn/clean"]["native"]["labels"]) == 8
+    assert len(rep["test"]["emodb-heldout-speakers/cnn/clean"]["native"]["labels"]) == 9
+    assert rep["test"]["ravdess-heldout-sentence/cnn/clean"]["native"]["n"] == 8  # one clean version per test clip
+    assert rep["test"]["ravdess-heldout-sentence/cnn/aug"]["native"]["n"] == 16  # two live-like ones
     assert [h["stage"] for h in rep["history"]] == ["cnn", "whisper", "whisper", "both", "both"]
-    assert (stage2 / "test_confusion_8.png").is_file()
+    assert (stage2 / "test_confusion_meld.png").is_file()
+
+
+def test_stage2_chooses_the_speech_input_by_held_out_corpus_reports(stage2, tmp_path):
+    from training.speech_branch import choose_mode
+
+    def fake(cnn: float, both: float) -> Path:
+        rep = {"test": {f"emodb-heldout-corpus/{m}/clean": {"meld": {"wf1": v}} for m, v in (("cnn", cnn), ("both", both))}}
+        path = tmp_path / f"r{cnn}-{both}.json"
+        path.write_text(json.dumps(rep))
+        return path
+
+    assert choose_mode({}, {}, [str(fake(40.0, 30.0)), str(fake(20.0, 25.0))])[0] == "cnn"  # means 30 vs 27.5
+    assert choose_mode({}, {}, [str(fake(20.0, 30.0))])[0] == "both"
+
+
+def test_stage1_can_be_taken_back_out_of_a_checkpoint(stage1, stage3, tmp_path):
+    from training.text_finetune import extract
+
+    path = extract(stage3 / "model.pt", tmp_path)
+    got = torch.load(path, map_location="cpu", weights_only=True)
+    want = torch.load(stage1 / "encoder.pt", map_location="cpu", weights_only=True)
+    assert (got["encoder"], got["max_tokens"], got["context"]) == (want["encoder"], want["max_tokens"], want["context"])
+    assert set(got["layers"]) == set(want["layers"])
+    for k, v in want["layers"].items():
+        assert torch.equal(got["layers"][k], v), k
 
 
 def test_stage3_report_and_calibrated_checkpoint(stage1, stage2, stage3, tiny_encoder_dir):
     rep = json.loads((stage3 / "recipe_report.json").read_text())
     assert [h["epoch"] for h in rep["history"]] == [1]
-    for key, part_m, part_r in (("val", "dev", "val"), ("test", "test", "test")):
-        names = {f"meld-{part_m}"} | {f"ravdess-{part_r}-{v}-{m}" for v in ("clean", "aug") for m in ("speech", "text", "both")}
+    acted_sets = {"val": ("ravdess", "emodb"), "test": ("ravdess-heldout-sentence", "ravdess-seen-sentence", "emodb-heldout-speakers")}
+    for key, part_m in (("val", "dev"), ("test", "test")):
+        names = {f"meld-{part_m}"} | {f"{n}-{v}-{m}" for n in acted_sets[key] for v in ("clean", "aug") for m in ("speech", "text", "both", "meldtext")}
         assert names <= set(rep[key]), key
         for name in names:
             r = rep[key][name]
             assert {"acc", "wa", "wf1"} <= set(r) and 0 <= r["wf1"] <= 100, name
             sw = r["speech_weight"]
             assert 0 <= sw["p10"] <= sw["median"] <= sw["p90"] <= 1 and 0 <= sw["mean"] <= 1, name
-    assert rep["test"]["meld-test"]["n"] == 24 and rep["test"]["ravdess-test-clean-both"]["n"] == 16
+    assert rep["test"]["meld-test"]["n"] == 24 and rep["test"]["ravdess-heldout-sentence-clean-both"]["n"] == 8
+    assert rep["test"]["emodb-heldout-speakers-aug-meldtext"]["n"] == 28
     assert rep["test"]["meld-test"]["speech_weight"]["mean"] == pytest.approx(0.0, abs=1e-6)  # MELD text alone: no voice, no weight
-    assert rep["test"]["ravdess-test-clean-speech"]["speech_weight"]["mean"] == pytest.approx(1.0, abs=1e-6)
-    assert "pairs-meld-test-ravdess-test" in rep["test"]
+    assert rep["test"]["ravdess-heldout-sentence-clean-speech"]["speech_weight"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert rep["test"]["emodb-heldout-speakers-clean-text"]["speech_weight"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert "pairs-meld-test-acted-test" in rep["test"]
     cal = rep["calibration"]
-    assert cal["temperature"] > 0 and "meld-test" in cal and "ravdess-test-clean-both" in cal
+    assert cal["temperature"] > 0 and "meld-test" in cal and "ravdess-heldout-sentence-clean-both" in cal
+    # EmoDB's clips were transcribed once by the packaged Whisper, as the service would hear them
+    transcripts = json.loads((stage3.parent / "cache" / "transcripts" / "emodb.json").read_text())
+    assert len(transcripts) == 28 and all(isinstance(t, str) for t in transcripts.values())
     for name in ("confusion_meld-test.png", "reliability_meld-test.png", "curves.png"):
         assert (stage3 / name).is_file(), name
 

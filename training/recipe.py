@@ -1,21 +1,25 @@
 """Stage 3 of the recipe: the dialogue Bi-GRU, the fusion and the classifier on top of the
-fine-tuned text encoder (stage 1, training.text_finetune) and the English speech branch (stage 2,
+fine-tuned text encoder (stage 1, training.text_finetune) and the speech branch (stage 2,
 training.speech_branch), then temperature calibration, evaluation and the checkpoint.
 
-Both encoders stay fixed here, so their outputs are computed once. Each epoch mixes:
-- MELD training utterances, text only, in serving-shaped windows (target + up to 7 earlier, the
-  next one with p = 0.3 as in a revision); half of them get a RAVDESS training clip as their voice,
-  of the same class with p = 0.7 (else any class), labelled by the text: when the words carry the
-  emotion, they decide;
-- RAVDESS training clips (actors 1-16; clean or live-like versions) speech only, and with their own
-  lexically neutral sentence as text ("Kids are talking by the door"), in short pseudo-dialogues of
-  such sentences, labelled by the voice: when the words carry nothing, the voice decides; and the
-  sentence alone, labelled neutral (all the words say).
-Choices (epoch) are made on MELD dev WF1 and RAVDESS validation actors 17-20; the temperature on
-the same validation sets. MELD test and RAVDESS test actors 21-24 are scored once, at the end.
+Both encoders stay fixed here, so their outputs are computed once. The fusion must listen to the
+voice *because of the voice*, not because it recognises a corpus's sentence: every speech example
+comes with many different transcripts, and each label follows the modality that carries the emotion.
+Each epoch mixes:
+- MELD training utterances as text, in serving-shaped windows (target + up to 7 earlier, the next
+  one with p = 0.3 as in a revision); half of them also get a training clip's voice: an emotional
+  text a voice of its own class or a neutral voice (labelled by the words), a neutral text any
+  voice (labelled by the voice: thousands of different sentences that say nothing);
+- acted training clips of the split (training.acted; clean or live-like versions): voice alone
+  (an empty transcript), voice + its transcript after 0-3 earlier ones of the same speaker (a
+  RAVDESS statement; EmoDB's German as the packaged Whisper hears it), voice + a neutral MELD
+  sentence (all labelled by the voice), and the transcript alone (labelled neutral: all the words say).
+The epoch is chosen on MELD dev WF1 and the split's acted validation sets (for the shipped split: a
+sentence no training clip says, and an unseen EmoDB speaker); the temperature on the same
+validation sets. Test sets are scored once, at the end.
 
-  python -m training.recipe --meld ../shared/data/meld --ravdess ../shared/data/ravdess \\
-      --text runs/text/encoder.pt --speech runs/speech/speech.pt --out runs/recipe
+  python -m training.recipe --meld ../shared/data/meld --ravdess ../shared/data/ravdess --emodb ../shared/data/emodb \\
+      --split ship --text runs/text/encoder.pt --speech runs/speech/speech.pt --out runs/recipe
 """
 
 from __future__ import annotations
@@ -35,13 +39,12 @@ from tqdm import tqdm
 from model import EmotionModel, MELD_LABELS, ModelConfig, save_checkpoint
 from model.text_encoder import TextEncoder
 from training.calibration import calibration_report, fit_temperature, reliability_plot, softmax
-from training.datasets import TO_MELD, load_meld, load_ravdess
+from training import acted
+from training.datasets import load_meld
 from training.metrics import classification_report, format_report
 from training.report import plot_confusion, plot_curves
-from training.speech_branch import actor_range, features_for, ravdess_parts
 from training.text_finetune import previous_texts
 
-RAVDESS_STATEMENTS = {"01": "Kids are talking by the door.", "02": "Dogs are sitting by the door."}
 PACKAGED_WHISPER = "tiny.en"
 
 
@@ -77,11 +80,48 @@ class Batch:
     label: torch.Tensor  # (B,)
 
 
-class Data:
-    """Cached vectors and the example generators (index arrays into them)."""
+def transcripts(data: acted.Acted, cache_dir: str | Path) -> list[str]:
+    """What the service's Whisper hears in each acted clip (trimmed as the segmenter cuts it):
+    RAVDESS clips are given their statement (Whisper writes it back word for word); EmoDB's German
+    is decoded once by the packaged tiny.en, as live, and cached. Unknown words are what a new
+    sentence looks like to the text branch."""
+    import json as _json
 
-    def __init__(self, model: EmotionModel, meld_dir: str, ravdess_dir: str, cache_dir: str, text_key: str,
-                 actors: tuple[tuple[int, ...], tuple[int, ...]] = ((21, 22, 23, 24), (17, 18, 19, 20)), max_meld: int = 0) -> None:
+    from training.augment import trim_silence
+
+    out = [acted.STATEMENTS[int(s)] if src == "ravdess" else "" for src, s in zip(data.source, data.sentence)]
+    emo = data.where("emodb")
+    if not emo:
+        return out
+    path = Path(cache_dir) / "transcripts" / "emodb.json"
+    known = _json.loads(path.read_text()) if path.is_file() else {}
+    todo = [i for i in emo if data.corpus.utterances[i].uid not in known]
+    if todo:
+        from model.features import load_audio
+        from training.speech_cache import WhisperStates
+
+        asr = WhisperStates()  # the packaged tiny.en, decoded as the service decodes
+        for s in tqdm(range(0, len(todo), 4), desc="transcribe EmoDB", unit="batch", leave=False):
+            ids = todo[s : s + 4]
+            for i, text in zip(ids, asr.transcribe([trim_silence(load_audio(data.corpus.utterances[i].audio)) for i in ids])):
+                known[data.corpus.utterances[i].uid] = text
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_json.dumps(known, indent=0, sort_keys=True))
+    for i in emo:
+        out[i] = known[data.corpus.utterances[i].uid]
+    return out
+
+
+class Data:
+    """Cached vectors and the example generators (tuples of indices into them).
+
+    Examples are (kind, index, speech row or -1, lookahead, text source) where kind is "meld" (a
+    MELD utterance in its dialogue window) or "acted-speech" / "acted-text" / "acted-both" (an acted
+    clip: its voice, its transcript in a short pseudo-dialogue of the same speaker, or both), and
+    for "meld" with a speech row the label is chosen by `meld_label_for`."""
+
+    def __init__(self, model: EmotionModel, meld_dir: str, acted_data: acted.Acted, parts: dict, cache_dir: str, text_key: str,
+                 max_meld: int = 0, seed: int = 0) -> None:
         cfg = model.config
         self.meld = load_meld(meld_dir)
         texts = [u.text for u in self.meld.utterances]
@@ -111,81 +151,114 @@ class Data:
             arr = np.asarray(members)
             for p, i in enumerate(members):
                 self.meld_dialogue[i], self.meld_pos[i] = arr, p
+        neutral = MELD_LABELS.index("neutral")
+        self.meld_neutral = {k: v[self.meld_label[v] == neutral] for k, v in self.meld_part.items()}
 
-        self.rav = load_ravdess(ravdess_dir)
-        self.rav_parts = ravdess_parts(self.rav, *actors)
-        self.feats = features_for(self.rav, self.rav_parts, cache_dir)
+        self.acted, self.parts = acted_data, parts
+        self.feats = acted.features(acted_data, cache_dir, seed=seed)
         whisper = [self.feats.whisper[r] for r in range(len(self.feats.mels))]
         self.speech_vecs = model.embed_speech(self.feats.mels, whisper=whisper).cpu()  # (M, S), eval mode
-        self.rav_label = np.array([MELD_LABELS.index(TO_MELD["ravdess"][u.label]) for u in self.rav.utterances])
-        self.rav_statement = np.array([int(Path(u.audio).stem.split("-")[4]) - 1 for u in self.rav.utterances])
-        # sentence vectors of RAVDESS statements after 0-3 earlier statements (pseudo-dialogues)
-        self.stmt_vec: dict[tuple[int, ...], torch.Tensor] = {}
-        seqs = [(s,) + rest for s in (0, 1) for n in range(4) for rest in _tuples(n)]
-        stmts = list(RAVDESS_STATEMENTS.values())
+        self.label = acted_data.y_meld
+        # each clip's transcript, after 0-3 earlier transcripts of the same speaker (one seeded draw):
+        # the pseudo-dialogue a session of that speaker would have
+        self.transcripts = transcripts(acted_data, cache_dir)
+        rng = np.random.default_rng(seed + 11)
+        by_speaker: dict[tuple[str, str], list[int]] = {}
+        for i, (src, spk) in enumerate(zip(acted_data.source, acted_data.speaker)):
+            by_speaker.setdefault((src, spk), []).append(i)
+        self.earlier: list[list[int]] = []
+        for i, (src, spk) in enumerate(zip(acted_data.source, acted_data.speaker)):
+            pool = [j for j in by_speaker[(src, spk)] if j != i]
+            self.earlier.append([int(j) for j in rng.choice(pool, size=min(len(pool), int(rng.integers(0, 4))), replace=False)])
+        t = self.transcripts
         with torch.inference_mode():
-            vs = model.text_encoder([stmts[q[0]] for q in seqs], contexts=[[stmts[k] for k in q[1:]] for q in seqs])
-        self.stmt_vec = {q: vs[k] for k, q in enumerate(seqs)}  # key: (this, previous, earlier, ...)
+            alone = model.text_encoder(t)
+            in_ctx = torch.cat([model.text_encoder(t[s : s + 64], contexts=[[t[j] for j in self.earlier[i]] for i in range(s, min(len(t), s + 64))])
+                                for s in range(0, len(t), 64)])
+        self.text_alone, self.text_in_ctx = alone, in_ctx  # (N, D) each
         self.dim, self.speech_dim = cfg.encoder_dim, cfg.speech_dim
         self.before, self.after = cfg.context_window - 1, cfg.lookahead
 
-    # ---- example lists: tuples (kind, index, speech row or -1, lookahead) ----
-    def meld_examples(self, part: str, rng: np.random.Generator | None, pair_frac: float = 0.5, match: float = 0.7) -> list[tuple]:
-        idx = self.meld_part[part]
+    # ---- example lists ----
+    def train_rows(self) -> np.ndarray:
+        return self.feats.rows(acted.flat(self.parts["train"]))
+
+    def meld_examples(self, part: str, rng: np.random.Generator | None, pair_frac: float = 0.5) -> list[tuple]:
+        """MELD utterances as text; with `rng`, a share of them also gets a training clip's voice:
+        an emotional text a voice of its class or a neutral one (the words carry the label), a
+        neutral text any voice (the voice carries it)."""
         out = []
         rows_by_label: dict[int, np.ndarray] = {}
         if rng is not None:
-            train_rows = self.feats.rows(self.rav_parts["train"])
-            lab = self.rav_label[self.feats.clip[train_rows]]
-            rows_by_label = {c: train_rows[lab == c] for c in np.unique(lab)}
-            all_rows = train_rows
-        for i in idx:
+            rows = self.train_rows()
+            lab = self.label[self.feats.clip[rows]]
+            rows_by_label = {c: rows[lab == c] for c in np.unique(lab)}
+        neutral = MELD_LABELS.index("neutral")
+        for i in self.meld_part[part]:
             row, la = -1, False
             if rng is not None:
                 la = rng.random() < 0.3
                 if rng.random() < pair_frac:
-                    c = self.meld_label[i]
-                    pool = rows_by_label.get(c) if rng.random() < match else None
-                    row = int(rng.choice(pool if pool is not None and len(pool) else all_rows))
+                    c = int(self.meld_label[i])
+                    if c == neutral:
+                        row = int(rng.choice(np.concatenate(list(rows_by_label.values()))))
+                    else:
+                        pool = rows_by_label.get(c) if rng.random() < 0.5 else rows_by_label.get(neutral)
+                        row = int(rng.choice(pool)) if pool is not None and len(pool) else -1
             out.append(("meld", int(i), row, la))
         return out
 
-    def ravdess_examples(self, part: str, rng: np.random.Generator | None, variants: str = "all", modes=("speech", "both")) -> list[tuple]:
-        rows = self.feats.rows(self.rav_parts[part], variants)
-        if rng is not None:  # one random version of each clip per mode
+    def acted_examples(self, clips: list[int], rng: np.random.Generator | None, variants: str = "all",
+                       modes: tuple[str, ...] = ("speech", "both")) -> list[tuple]:
+        """Acted clips, one example per (clip, mode): with `rng` one random version of each clip
+        per mode, else every version of `variants`. Mode "meldtext": the voice with a neutral MELD
+        sentence as its transcript (training: a train one; evaluation: a test one, fixed by seed)."""
+        rows = self.feats.rows(clips, variants)
+        if rng is not None:
             by_clip: dict[int, list[int]] = {}
             for r in rows:
                 by_clip.setdefault(int(self.feats.clip[r]), []).append(int(r))
-            rows = np.array([rng.choice(v) for v in by_clip.values() for _ in modes])
-            return [("rav-" + m, int(r), int(r), False) for r, m in zip(rows, list(modes) * (len(rows) // len(modes)))]
-        return [("rav-" + m, int(r), int(r), False) for m in modes for r in rows]
+            return [self._acted(m, int(rng.choice(v)), rng, "train") for v in by_clip.values() for m in modes]
+        fixed = np.random.default_rng(0)
+        return [self._acted(m, int(r), fixed, "test") for m in modes for r in rows]
+
+    def _acted(self, mode: str, row: int, rng: np.random.Generator, meld_part: str) -> tuple:
+        if mode == "meldtext":
+            pool = self.meld_neutral[meld_part] if len(self.meld_neutral[meld_part]) else self.meld_neutral["train"]
+            return ("acted-meldtext", int(rng.choice(pool)), row, False)
+        return ("acted-" + mode, row, row, False)
 
     def batch(self, ex: list[tuple], rng: np.random.Generator | None) -> Batch:
         windows, targets, speech, present, labels = [], [], [], [], []
+        neutral = MELD_LABELS.index("neutral")
         for kind, i, row, la in ex:
-            if kind == "meld":
+            if kind in ("meld", "acted-meldtext"):
                 d, p = self.meld_dialogue[i], int(self.meld_pos[i])
                 lo, hi = max(0, p - self.before), min(len(d) - 1, p + (self.after if la else 0))
                 windows.append([self.meld_vecs[j] for j in d[lo : hi + 1]])
                 targets.append(p - lo)
-                labels.append(self.meld_label[i])
+                if kind == "meld":
+                    # a voice paired with a neutral text carries the label; else the words do
+                    voiced = row >= 0 and self.meld_label[i] == neutral
+                    labels.append(self.label[self.feats.clip[row]] if voiced else self.meld_label[i])
+                else:
+                    labels.append(self.label[self.feats.clip[row]])
                 present.append([row >= 0, True])
             else:
                 clip = int(self.feats.clip[i])
-                # a lexically neutral sentence without its voice says nothing: trained as neutral
-                # (scored against the voice's label, which text alone cannot know)
-                text_only = kind == "rav-text" and rng is not None
-                labels.append(MELD_LABELS.index("neutral") if text_only else self.rav_label[clip])
-                if kind == "rav-speech":
+                # a transcript without its voice says nothing about the acted emotion: trained as
+                # neutral (scored against the voice's label, which text alone cannot know)
+                text_only = kind == "acted-text" and rng is not None
+                labels.append(neutral if text_only else self.label[clip])
+                if kind == "acted-speech":
                     windows.append([torch.zeros(self.dim)])
                     targets.append(0)
                     present.append([True, False])
-                else:  # its own sentence, after 0-3 earlier neutral sentences (random when training)
-                    n = int(rng.integers(0, 4)) if rng is not None else 0
-                    seq = (int(self.rav_statement[clip]),) + tuple(int(x) for x in (rng.integers(0, 2, n) if rng is not None else ()))
-                    windows.append([self.stmt_vec[seq[k:]] for k in range(len(seq) - 1, -1, -1)])
-                    targets.append(len(seq) - 1)
-                    present.append([kind == "rav-both", True])
+                else:  # its transcript after the earlier ones of its pseudo-dialogue
+                    earlier = self.earlier[clip]
+                    windows.append([self.text_alone[j] for j in reversed(earlier)] + [self.text_in_ctx[clip]])
+                    targets.append(len(earlier))
+                    present.append([kind == "acted-both", True])
             speech.append(self.speech_vecs[row] if row >= 0 and present[-1][0] else torch.zeros(self.speech_dim))
         W = max(len(w) for w in windows)
         ctx = torch.zeros(len(ex), W, self.dim)
@@ -193,13 +266,6 @@ class Data:
             ctx[b, : len(w)] = torch.stack(w)
         return Batch(ctx, torch.tensor([len(w) for w in windows]), torch.tensor(targets), torch.stack(speech),
                      torch.tensor(present), torch.tensor(np.asarray(labels), dtype=torch.long))
-
-
-def _tuples(n: int) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [()]
-    for _ in range(n):
-        out = [t + (k,) for t in out for k in (0, 1)]
-    return out
 
 
 def run(model: EmotionModel, data: Data, ex: list[tuple], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -225,18 +291,38 @@ def _report(logits: np.ndarray, weights: np.ndarray, labels: np.ndarray, present
     return rep
 
 
-def eval_sets(data: Data, part_meld: str, part_rav: str) -> dict[str, list[tuple]]:
+ACTED_MODES = ("speech", "text", "both", "meldtext")
+
+
+def eval_sets(data: Data, part_meld: str, part: str) -> dict[str, list[tuple]]:
+    """MELD text of `part_meld`; every acted set of the split's `part` (val/test), clean and
+    live-like, as voice alone, transcript alone, voice + its transcript, voice + a neutral MELD sentence."""
     sets = {f"meld-{part_meld}": data.meld_examples(part_meld, None)}
-    for variants in ("clean", "aug"):
-        for m in ("speech", "text", "both"):
-            sets[f"ravdess-{part_rav}-{variants}-{m}"] = data.ravdess_examples(part_rav, None, variants, modes=(m,))
+    for name, clips in data.parts[part].items():
+        for variants in ("clean", "aug"):
+            for m in ACTED_MODES:
+                sets[f"{name}-{variants}-{m}"] = data.acted_examples(clips, None, variants, modes=(m,))
     return sets
+
+
+def val_score(data: Data, model: EmotionModel, val_sets: dict[str, list[tuple]]) -> tuple[float, dict]:
+    """The early-stopping score: the mean of MELD dev WF1 and the acted validation sets' mean WA
+    (voice + its transcript, every version)."""
+    scores = {}
+    for name, vex in val_sets.items():
+        lg, _, lb = run(model, data, vex)
+        rep = classification_report(lb, lg.argmax(1), MELD_LABELS)
+        scores[name] = rep["wf1"] if name.startswith("meld") else rep["wa"]
+    acted_wa = float(np.mean([v for k, v in scores.items() if not k.startswith("meld")]))
+    return (scores["meld-dev"] + acted_wa) / 2, scores
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--meld", required=True)
     p.add_argument("--ravdess", required=True)
+    p.add_argument("--emodb", default="", help="EmoDB folder (every split but sentence01/sentence02 uses it)")
+    p.add_argument("--split", default="ship", choices=acted.SPLITS, help="the acted speech split (training.acted)")
     p.add_argument("--text", default="runs/text/encoder.pt")
     p.add_argument("--speech", default="runs/speech/speech.pt")
     p.add_argument("--out", default="runs/recipe")
@@ -248,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--train-actors", default="1-16")
     p.add_argument("--val-actors", default="17-20")
     p.add_argument("--test-actors", default="21-24")
     p.add_argument("--max-meld", type=int, default=0, help=">0: that many MELD utterances per part (smoke runs)")
@@ -263,18 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     speech_blob = torch.load(a.speech, map_location="cpu", weights_only=True)
     model = build_model(text_blob, speech_blob)
     text_key = hashlib.sha1(Path(a.text).read_bytes() + str(a.max_meld).encode()).hexdigest()[:12]
-    data = Data(model, a.meld, a.ravdess, a.cache_dir, text_key, (actor_range(a.test_actors), actor_range(a.val_actors)), a.max_meld)
+    acted_data = acted.load(a.ravdess, a.emodb or None)
+    parts = acted.split(acted_data, a.split, acted.actor_list(a.train_actors), acted.actor_list(a.val_actors), acted.actor_list(a.test_actors))
+    data = Data(model, a.meld, acted_data, parts, a.cache_dir, text_key, a.max_meld, a.seed)
     print(f"features ready ({time.time() - t0:.0f} s)", flush=True)
 
     params = [q for n, q in model.named_parameters() if n.startswith(("dialogue.", "fusion.", "classifier."))]
     opt = torch.optim.Adam(params, lr=a.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + 1e-4 * step))  # the paper's decay
-    val_sets = {"meld-dev": data.meld_examples("dev", None),
-                "ravdess-val-both": data.ravdess_examples("val", None, "all", modes=("both",))}
+    val_sets = {"meld-dev": data.meld_examples("dev", None)} | {
+        f"{name}-both": data.acted_examples(clips, None, "all", modes=("both",)) for name, clips in parts["val"].items()}
+    train_clips = acted.flat(parts["train"])
     history, best, best_state, bad = [], -1.0, None, 0
     for epoch in range(1, a.epochs + 1):
         te = time.time()
-        ex = data.meld_examples("train", rng) + data.ravdess_examples("train", rng, "all", modes=("speech", "both", "both", "text"))
+        ex = data.meld_examples("train", rng) + data.acted_examples(train_clips, rng, "all", modes=("speech", "both", "meldtext", "text"))
         order = rng.permutation(len(ex))
         losses = []
         for s in range(0, len(order), a.batch_size):
@@ -291,16 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             sched.step()
             losses.append(float(loss))
-        scores = {}
-        for name, vex in val_sets.items():
-            lg, _, lb = run(model, data, vex)
-            rep = classification_report(lb, lg.argmax(1), MELD_LABELS)
-            scores[name] = rep["wf1"] if name.startswith("meld") else rep["wa"]
-        score = (scores["meld-dev"] + scores["ravdess-val-both"]) / 2
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_meld_dev_wf1": scores["meld-dev"],
-                        "val_ravdess_wa": scores["ravdess-val-both"], "val_score": score, "seconds": time.time() - te})
-        print(f"epoch {epoch}: loss {np.mean(losses):.3f}  MELD dev WF1 {scores['meld-dev']:.2f}  "
-              f"RAVDESS val WA {scores['ravdess-val-both']:.2f}  ({time.time() - te:.0f} s)", flush=True)
+        score, scores = val_score(data, model, val_sets)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": scores, "val_score": score, "seconds": time.time() - te})
+        print(f"epoch {epoch}: loss {np.mean(losses):.3f}  " + "  ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
+              f"  score {score:.2f}  ({time.time() - te:.0f} s)", flush=True)
         if score > best:
             best, bad = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -313,37 +397,41 @@ def main(argv: list[str] | None = None) -> int:
     train_minutes = (time.time() - t0) / 60
 
     # every validation and test set run once: (logits, modality weights, labels)
-    outputs = {key: {name: run(model, data, ex) for name, ex in eval_sets(data, part_m, part_r).items()}
-               for part_m, part_r, key in (("dev", "val", "val"), ("test", "test", "test"))}
-    # calibration: one temperature fitted on the validation sets (MELD dev, RAVDESS val actors), not on
-    # RAVDESS sentences without their voice: their labels are the voice's, which text alone cannot
-    # know, and fitting to them would flatten every other prediction
+    outputs = {key: {name: run(model, data, ex) for name, ex in eval_sets(data, part_m, key).items()}
+               for part_m, key in (("dev", "val"), ("test", "test"))}
+    # calibration: one temperature fitted on the validation sets, not on acted transcripts without
+    # their voice: their labels are the voice's, which text alone cannot know, and fitting to them
+    # would flatten every other prediction
     fit = [o for name, o in outputs["val"].items() if not name.endswith("-text")]
     temperature = fit_temperature(np.concatenate([o[0] for o in fit]), np.concatenate([o[2] for o in fit]))
-    results: dict = {"val": {}, "test": {}, "calibration": {"temperature": temperature, "fitted_on": "MELD dev + RAVDESS actors 17-20 (speech-only and voice+sentence sets, clean and live-like)"}}
+    results: dict = {"split": a.split, "sets": {k: {n: len(v) for n, v in s.items()} for k, s in parts.items()}, "val": {}, "test": {},
+                     "calibration": {"temperature": temperature, "fitted_on": f"MELD dev + the {a.split} split's acted validation sets "
+                                     "(voice alone, voice + transcript, voice + neutral MELD sentence; clean and live-like)"}}
     for key, sets in outputs.items():
         for name, (lgt, w, lbl) in sets.items():
-            results[key][name] = _report(lgt, w, lbl, name.rsplit("-", 1)[-1] if "ravdess" in name else "text")
+            results[key][name] = _report(lgt, w, lbl, name.rsplit("-", 1)[-1] if not name.startswith("meld") else "text")
             if key == "test":
                 results["calibration"][name] = calibration_report(lgt, lbl, temperature)
                 print(format_report(results[key][name], f"{name}  (speech weight mean {results[key][name]['speech_weight']['mean']:.2f})"), flush=True)
-    # class-matched pairs of the test sets: MELD test text with a RAVDESS test-actor clip of the same class
-    results["test"]["pairs-meld-test-ravdess-test"] = _pairs_report(model, data, rng)
-    for name, title in (("meld-test", "MELD official test, text + past context"), ("ravdess-test-clean-both", "RAVDESS actors 21-24, voice + own neutral sentence"),
-                        ("ravdess-test-clean-speech", "RAVDESS actors 21-24, speech only")):
+    results["test"]["pairs-meld-test-acted-test"] = _pairs_report(model, data, rng)
+    first = next(iter(parts["test"]))
+    for name, title in (("meld-test", "MELD official test, text + past context"), (f"{first}-clean-both", f"{first}, voice + its transcript"),
+                        (f"{first}-clean-meldtext", f"{first}, voice + a neutral MELD sentence")):
         plot_confusion(results["test"][name]["confusion"], MELD_LABELS, out / f"confusion_{name}.png", title)
-    for name in ("meld-test", "ravdess-test-clean-both"):
+    for name in ("meld-test", f"{first}-clean-both"):
         lgt, _, lbl = outputs["test"][name]
         reliability_plot(softmax(lgt), lbl, out / f"reliability_{name}.png", f"{name}: T = {temperature:.2f}",
                          probs_after=softmax(lgt, temperature))
-    plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_wf1": h["val_meld_dev_wf1"], "val_wa": h["val_ravdess_wa"]} for h in history],
-                out / "curves.png", "stage 3: dialogue GRU + fusion (val: MELD dev WF1, RAVDESS 17-20 WA)")
+    plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_wf1": h["val"]["meld-dev"], "val_wa": h["val_score"]} for h in history],
+                out / "curves.png", f"stage 3 ({a.split}): dialogue GRU + fusion (val: MELD dev WF1, score)")
 
     model.config = ModelConfig.from_dict({**model.config.to_dict(), "temperature": float(temperature)})
     meta = {
-        "recipe": "training/recipe.sh", "history": history, "train_minutes_stage3": train_minutes,
+        "recipe": "training/recipe.sh", "split": a.split, "history": history, "train_minutes_stage3": train_minutes,
         "stage1": text_blob.get("history"), "speech_mode": speech_blob["mode"], "temperature": temperature,
-        "data": {"text": "MELD train (GPL-3.0 upstream)", "speech": "RAVDESS actors 1-16 (CC BY-NC-SA 4.0, non-commercial)"},
+        "data": {"text": "MELD train (GPL-3.0 upstream)",
+                 "speech": f"acted split {a.split}: " + ", ".join(f"{k} {len(v)} clips" for k, v in parts["train"].items()) +
+                 " (RAVDESS CC BY-NC-SA 4.0, non-commercial; EmoDB research use)"},
         "scores": {k: {m: v[m] for m in ("acc", "wa", "wf1")} for k, v in results["test"].items()},
     }
     (out / "recipe_report.json").write_text(json.dumps({"history": history, **results, "minutes": (time.time() - t0) / 60}, indent=1))
@@ -355,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pairs_report(model: EmotionModel, data: Data, rng: np.random.Generator) -> dict:
-    """MELD test utterances paired with a RAVDESS test-actor clip of the same class (clean versions)."""
-    rows = data.feats.rows(data.rav_parts["test"], "clean")
-    lab = data.rav_label[data.feats.clip[rows]]
+    """MELD test utterances paired with an acted test clip of the same class (clean versions)."""
+    rows = data.feats.rows(acted.flat(data.parts["test"]), "clean")
+    lab = data.label[data.feats.clip[rows]]
     ex = []
     for i in data.meld_part["test"]:
         pool = rows[lab == data.meld_label[i]]

@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# Reproduces model/checkpoints/default.pt (format: MODEL_CARD.md) on a CPU, in three stages:
+# Reproduces model/checkpoints/default.pt (format: MODEL_CARD.md) on a CPU, and every report in
+# training/reports/, in three stages:
 #   bash training/recipe.sh [DATA_DIR=../shared/data] [RUNS=runs]
 # 1. text: all-MiniLM-L6-v2 fine-tuned on MELD train, each utterance with its 3 earlier ones as a
 #    sentence pair (embeddings frozen), best epoch on MELD dev WF1        -> $RUNS/text/encoder.pt
-# 2. speech: the paper's CNN started from the EmoDB-trained one (training/default_recipe.sh stage 1,
-#    run here when missing), fine-tuned on RAVDESS actors 1-16 (val 17-20, test 21-24 never used for a choice), clean + live-like
-#    versions; the paper's CNN, pooled Whisper tiny.en states, and both; CNN or CNN+Whisper kept
-#    on validation                                                         -> $RUNS/speech/speech.pt
-# 3. dialogue GRU + fusion + classifier on both, temperature fitted on validation, test scored once
-#                                                                          -> $RUNS/recipe/model.pt
+#    (skipped when that file exists; STAGE1_FROM=CHECKPOINT takes it back out of a checkpoint)
+# 2. speech (training.acted splits; nothing is ever chosen on a test set):
+#    held-out corpus both ways (RAVDESS statement 01 -> EmoDB, EmoDB -> RAVDESS), the reverse
+#    held-out sentence (statement 02 -> 01, Whisper head and floors), then the shipped branch on
+#    RAVDESS statement 01 (actors 1-16) + EmoDB (speakers other than 11-13); CNN alone or CNN +
+#    Whisper chosen by the held-out-corpus runs                          -> $RUNS/speech/speech.pt
+# 3. dialogue GRU + fusion + classifier on the shipped split, temperature fitted on validation, test
+#    scored once -> $RUNS/recipe/model.pt; and the same on the RAVDESS-only split, whose checkpoint
+#    is the one tested on EmoDB (held-out corpus) offline and through the live service
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}
 PY=${PY:-.venv/bin/python}
-$PY -m training.text_finetune --meld "$DATA/meld" --out "$RUNS/text" --epochs 3 --context 3 --max-tokens 128
-EMODB_CNN=${EMODB_CNN:-$RUNS/default/speech/best.pt}
-if [ ! -f "$EMODB_CNN" ]; then
-  $PY -m training train --data "emodb:$DATA/emodb" --split speakers --labels native --out "$RUNS/default/speech" \
-      --no-progress --lr 2e-4 --class-weight balanced --label-smoothing 0.1 --epochs 25
+SPEECH=(--ravdess "$DATA/ravdess" --emodb "$DATA/emodb" --threads "${THREADS:-1}")
+if [ -n "${STAGE1_FROM:-}" ]; then
+  $PY -m training.text_finetune --extract "$STAGE1_FROM" --out "$RUNS/text"
+elif [ ! -f "$RUNS/text/encoder.pt" ]; then
+  $PY -m training.text_finetune --meld "$DATA/meld" --out "$RUNS/text" --epochs 3 --context 3 --max-tokens 128
 fi
-$PY -m training.speech_branch --ravdess "$DATA/ravdess" --out "$RUNS/speech" --init-cnn "$EMODB_CNN" --epochs 25 --patience 6
-$PY -m training.recipe --meld "$DATA/meld" --ravdess "$DATA/ravdess" --text "$RUNS/text/encoder.pt" \
-    --speech "$RUNS/speech/speech.pt" --out "$RUNS/recipe" --checkpoint model/checkpoints/default.pt
-# scores only: the text stage on the paper's pooled 80/20 split (MODEL_CARD.md)
-$PY -m training.text_finetune --meld "$DATA/meld" --split paper --out "$RUNS/text_paper" --epochs 3 --context 3 --max-tokens 128
+$PY -m training.speech_branch "${SPEECH[@]}" --split to-emodb --epochs 25 --patience 6 --out "$RUNS/speech_to-emodb" &
+$PY -m training.speech_branch "${SPEECH[@]}" --split to-ravdess --epochs 25 --patience 6 --out "$RUNS/speech_to-ravdess" &
+wait
+$PY -m training.speech_branch "${SPEECH[@]}" --split sentence02 --no-cnn --out "$RUNS/speech_sentence02"
+$PY -m training.speech_branch "${SPEECH[@]}" --split ship --epochs 20 --patience 5 --out "$RUNS/speech" \
+    --choose-by "$RUNS/speech_to-emodb/speech_report.json,$RUNS/speech_to-ravdess/speech_report.json"
+FUSION=(--meld "$DATA/meld" --ravdess "$DATA/ravdess" --emodb "$DATA/emodb" --text "$RUNS/text/encoder.pt")
+$PY -m training.recipe "${FUSION[@]}" --split ship --speech "$RUNS/speech/speech.pt" --out "$RUNS/recipe" \
+    --checkpoint model/checkpoints/default.pt
+$PY -m training.recipe "${FUSION[@]}" --split to-emodb --speech "$RUNS/speech_to-emodb/speech.pt" --out "$RUNS/recipe_to-emodb"
+$PY -m training.transfer_report --runs "$RUNS" --out training/reports/transfer.json
 mkdir -p training/reports
-cp "$RUNS/text_paper/text_finetune.json" training/reports/text_finetune_paper.json
-cp "$RUNS"/text/text_finetune.json "$RUNS"/speech/speech_report.json "$RUNS"/speech/*.png \
-   "$RUNS"/recipe/recipe_report.json "$RUNS"/recipe/*.png training/reports/
+for s in to-emodb to-ravdess sentence02; do cp "$RUNS/speech_$s/speech_report.json" "training/reports/speech_report_$s.json"; done
+cp "$RUNS/recipe_to-emodb/recipe_report.json" training/reports/recipe_report_to-emodb.json
+cp "$RUNS"/speech/speech_report.json "$RUNS"/speech/*.png "$RUNS"/recipe/recipe_report.json "$RUNS"/recipe/*.png training/reports/
+[ -f "$RUNS/text/text_finetune.json" ] && cp "$RUNS/text/text_finetune.json" training/reports/ || true
+# scores only: the text stage on the paper's pooled 80/20 split (MODEL_CARD.md); its report is
+# training/reports/text_finetune_paper.json:
+#   $PY -m training.text_finetune --meld "$DATA/meld" --split paper --out "$RUNS/text_paper" --epochs 3 --context 3 --max-tokens 128

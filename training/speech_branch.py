@@ -1,65 +1,43 @@
-"""Stage 2 of the recipe: the speech branch on English acted speech (RAVDESS), actor-disjoint.
+"""Stage 2 of the recipe: the speech branch on acted speech (RAVDESS + EmoDB, training.acted).
 
-Test actors 21-24 are fixed and never used for a choice; validation actors 17-20 choose epochs and
-the speech input (CNN, pooled Whisper states, or both); training actors 1-16.
+Every choice is made on a split that holds out what live use changes (training.acted.split): the
+sentence (RAVDESS statement 01 trains, statement 02 validates and tests) and, for the choice of the
+speech input, the corpus. One run trains, on one split, the paper's CNN on log-mels, a head on the
+pooled Whisper states alone, and the two mixed; scores them on the split's validation and test sets
+(clean and live-like versions); and fits the floors every speech model must beat on that same split:
+an RBF SVM on MFCC + deltas + log-mel statistics, and a logistic regression on the pooled Whisper
+states. Labels: the union set training.acted.SPEECH_LABELS (RAVDESS's eight + boredom); scores in
+RAVDESS's eight classes where a test set is RAVDESS only, and in MELD's labels everywhere.
+
+    python -m training.speech_branch --ravdess D/ravdess --emodb D/emodb --split to-emodb --out runs/speech_to-emodb
+    python -m training.speech_branch --ravdess D/ravdess --emodb D/emodb --split ship --out runs/speech \\
+        --choose-by runs/speech_to-emodb/speech_report.json,runs/speech_to-ravdess/speech_report.json
+
+`--choose-by`: the shipped speech input (CNN alone or CNN + Whisper) is the one with the higher mean
+held-out-corpus test WF1 in those reports; without it, the higher validation WA of this run.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
+from pathlib import Path
 from typing import Sequence
 
-from training.datasets import Corpus
-from training.speech_cache import SpeechFeatures, build
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
 
-TEST_ACTORS = tuple(range(21, 25))
-VAL_ACTORS = tuple(range(17, 21))
-
-
-def ravdess_parts(corpus: Corpus, test: Sequence[int] = TEST_ACTORS, val: Sequence[int] = VAL_ACTORS) -> dict[str, list[int]]:
-    """Actor-disjoint train/val/test clip indices of a RAVDESS corpus."""
-    actor = [int(u.speaker.removeprefix("actor")) for u in corpus.utterances]
-    return {
-        "train": [i for i, a in enumerate(actor) if a not in test and a not in val],
-        "val": [i for i, a in enumerate(actor) if a in val],
-        "test": [i for i, a in enumerate(actor) if a in test],
-    }
-
-
-def actor_range(spec: str) -> tuple[int, ...]:
-    """'21-24' or '3' or '1,5-6' -> actor numbers."""
-    out: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return tuple(out)
-
-
-def features_for(corpus: Corpus, parts: dict[str, list[int]], cache_dir: str, n_aug_train: int = 2,
-                 n_aug_eval: int = 1, seed: int = 0) -> SpeechFeatures:
-    """Clean + augmented versions of every clip (training clips get more); babble from training clips."""
-    clips = parts["train"] + parts["val"] + parts["test"]
-    n_aug = {i: n_aug_train for i in parts["train"]} | {i: n_aug_eval for i in parts["val"] + parts["test"]}
-    return build(corpus, clips, n_aug, cache_dir, seed=seed, babble_clips=parts["train"])
-
-
-# ---- training --------------------------------------------------------------------------------
-import argparse  # noqa: E402  (the CLI below; the helpers above are imported by the recipe)
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from model import features  # noqa: E402
-from model.audio_encoder import SpeechCNN  # noqa: E402
-from model.config import MELD_LABELS  # noqa: E402
-from training.datasets import TO_MELD, load_ravdess  # noqa: E402
-from training.metrics import classification_report, format_report  # noqa: E402
-from training.report import plot_confusion, plot_curves  # noqa: E402
+from model import features
+from model.audio_encoder import SpeechCNN
+from model.config import MELD_LABELS
+from training import acted
+from training.metrics import classification_report, format_report
+from training.report import plot_confusion, plot_curves
+from training.speech_cache import SpeechFeatures
 
 
 class SpeechHead(nn.Module):
@@ -130,13 +108,17 @@ def cnn_vectors(cnn: SpeechCNN, mels: list[np.ndarray], batch_size: int = 32) ->
     return out
 
 
-def _scores(logits: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
-    """8-class report, and the 7-MELD-label report of the same predictions (calm -> neutral, ...)."""
+def _scores(logits: np.ndarray, clips: np.ndarray, data: acted.Acted) -> dict:
+    """Scores of union-label logits on `clips`: "native" in RAVDESS's eight classes when every clip
+    is RAVDESS (the other logits are left out), else in the union set; "meld" on MELD's labels."""
+    labels = acted.SPEECH_LABELS
+    if (data.source[clips] == "ravdess").all():
+        labels = acted.RAVDESS_LABELS
+        logits = logits[:, : len(labels)]
     pred = logits.argmax(1)
-    rep = classification_report(y, pred, labels)
-    to = [MELD_LABELS.index(TO_MELD["ravdess"][lab]) for lab in labels]
-    rep7 = classification_report([to[t] for t in y], [to[p] for p in pred], MELD_LABELS)
-    return {"native": rep, "meld": rep7}
+    to = [MELD_LABELS.index(acted.TO_MELD_LABEL[lab]) for lab in labels]
+    return {"native": classification_report(data.y[clips], pred, labels),
+            "meld": classification_report(data.y_meld[clips], [to[p] for p in pred], MELD_LABELS)}
 
 
 def train_cnn(feats: SpeechFeatures, y: np.ndarray, parts: dict[str, list[int]], labels: Sequence[str], epochs: int,
@@ -234,28 +216,94 @@ def _mix_masked(model: SpeechHead, cnn_vec: torch.Tensor, whisper: torch.Tensor)
     return model.speech_mix(torch.cat([cnn_vec, model.whisper_proj(whisper) * has], dim=-1))
 
 
+def head_logits(mode: str, m: SpeechHead, cnn_vec: torch.Tensor, whisper: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        if mode == "cnn":
+            v = cnn_vec[rows]
+        elif mode == "whisper":
+            v = m.vector(None, whisper[rows])
+        else:
+            v = _mix_masked(m, cnn_vec[rows], whisper[rows])
+        return m.head(v).numpy()
+
+
 def evaluate_heads(heads: dict[str, SpeechHead], cnn_vec: torch.Tensor, whisper: torch.Tensor, feats: SpeechFeatures,
-                   y: np.ndarray, clips: list[int], labels: Sequence[str]) -> dict:
-    """Scores of each speech input on the clean and the live-like versions of `clips`."""
-    out = {}
-    for mode, m in heads.items():
-        for variants in ("clean", "aug"):
-            rows = feats.rows(clips, variants)
-            with torch.inference_mode():
-                if mode == "cnn":
-                    v = cnn_vec[rows]
-                elif mode == "whisper":
-                    v = m.vector(None, whisper[rows])
-                else:
-                    v = _mix_masked(m, cnn_vec[rows], whisper[rows])
-                logits = m.head(v).numpy()
-            out[f"{mode}/{variants}"] = _scores(logits, y[feats.clip[rows]], labels)
+                   data: acted.Acted, sets: dict[str, list[int]]) -> dict:
+    """Scores of each speech input on the clean and the live-like versions of each named clip set."""
+    out: dict = {}
+    for name, clips in sets.items():
+        for mode, m in heads.items():
+            for variants in ("clean", "aug"):
+                rows = feats.rows(clips, variants)
+                out[f"{name}/{mode}/{variants}"] = _scores(head_logits(mode, m, cnn_vec, whisper, rows), feats.clip[rows], data)
     return out
 
 
+# ---- floors: what any speech model must beat on the same split ---------------------------------
+def mfcc_stats(mel: np.ndarray) -> np.ndarray:
+    """MFCC (20) + deltas + log-mel, mean and std over time, from a cached (normalised dB) log-mel."""
+    import librosa
+
+    mfcc = librosa.feature.mfcc(S=mel, n_mfcc=20)
+    d = librosa.feature.delta(mfcc, width=min(9, mfcc.shape[1] - (1 - mfcc.shape[1] % 2)))
+    return np.concatenate([x for m in (mfcc, d, mel) for x in (m.mean(1), m.std(1))])
+
+
+def floors(feats: SpeechFeatures, data: acted.Acted, parts: dict, seed: int = 0) -> dict:
+    """An RBF SVM on MFCC statistics and a logistic regression on pooled Whisper states, trained on
+    the clean versions of the training clips with fixed settings (nothing tuned), scored like the
+    heads on every validation and test set."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    tr = feats.rows(acted.flat(parts["train"]), "clean")
+    mf = {}
+
+    def mfcc_rows(rows: np.ndarray) -> np.ndarray:
+        for r in rows:
+            if r not in mf:
+                mf[r] = mfcc_stats(feats.mels[r])
+        return np.stack([mf[r] for r in rows])
+
+    models = {"svm-mfcc": (make_pipeline(StandardScaler(), SVC(C=10.0, gamma="scale", random_state=seed)), mfcc_rows),
+              "lr-whisper": (make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)), lambda r: feats.whisper[r])}
+    out: dict = {}
+    classes = np.arange(len(acted.SPEECH_LABELS))
+    for name, (clf, fx) in models.items():
+        clf.fit(fx(tr), data.y[feats.clip[tr]])
+        for part in ("val", "test"):
+            for set_name, clips in parts[part].items():
+                for variants in ("clean", "aug"):
+                    rows = feats.rows(clips, variants)
+                    logits = np.full((len(rows), len(classes)), -1e9)  # classes absent from training: never chosen
+                    logits[:, clf.classes_] = clf.decision_function(fx(rows))
+                    out[f"{part}/{set_name}/{name}/{variants}"] = _scores(logits, feats.clip[rows], data)
+    return out
+
+
+def choose_mode(val: dict, parts: dict, choose_by: Sequence[str]) -> tuple[str, str]:
+    """CNN alone or CNN + Whisper: by the mean held-out-corpus test WF1 of other runs' reports, else
+    by this run's validation WA (clean and live-like)."""
+    if choose_by:
+        score = {m: 0.0 for m in ("cnn", "both")}
+        for path in choose_by:
+            rep = json.loads(Path(path).read_text())
+            for m in score:
+                keys = [k for k in rep["test"] if k.endswith(f"/{m}/clean") and "heldout-corpus" in k]
+                score[m] += sum(rep["test"][k]["meld"]["wf1"] for k in keys) / len(keys) / len(choose_by)
+        return max(score, key=score.get), f"mean held-out-corpus test WF1 (MELD labels) of {', '.join(choose_by)}: " + \
+            ", ".join(f"{m} {v:.1f}" for m, v in score.items())
+    score = {m: np.mean([val[f"{n}/{m}/{v}"]["native"]["wa"] for n in parts["val"] for v in ("clean", "aug")]) for m in ("cnn", "both")}
+    return max(score, key=score.get), "validation WA, mean of clean and live-like: " + ", ".join(f"{m} {v:.1f}" for m, v in score.items())
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ravdess", required=True)
+    p.add_argument("--emodb", default="", help="EmoDB folder (needed by every split but sentence01/sentence02)")
+    p.add_argument("--split", default="ship", choices=acted.SPLITS)
     p.add_argument("--out", default="runs/speech")
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--epochs", type=int, default=30)
@@ -263,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vector-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-cnn", default="", help="checkpoint whose speech CNN initialises this one")
-    p.add_argument("--cnn-from", default="", help="a previous run folder of this stage: reuse its trained CNN (and its "
-                   "CNN scores and history) instead of training it again; only the vector heads are trained")
+    p.add_argument("--init-cnn", default="", help="checkpoint whose speech CNN initialises this one (default: random)")
+    p.add_argument("--no-cnn", action="store_true", help="Whisper-state head and floors only (no CNN is trained)")
+    p.add_argument("--choose-by", default="", help="comma-separated speech_report.json files of held-out-corpus runs")
     p.add_argument("--cnn-dropout", type=float, default=0.5, help="dropout on the frozen CNN's vectors in 'both'")
     p.add_argument("--cnn-drop-all", type=float, default=0.5, help="share of 'both' examples whose CNN vector is dropped whole")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-actors", default="1-16")
     p.add_argument("--val-actors", default="17-20")
     p.add_argument("--test-actors", default="21-24")
     a = p.parse_args(argv)
@@ -277,59 +326,59 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    corpus = load_ravdess(a.ravdess)
-    labels = list(corpus.labels)
-    y = np.array([labels.index(u.label) for u in corpus.utterances])
-    parts = ravdess_parts(corpus, actor_range(a.test_actors), actor_range(a.val_actors))
-    feats = features_for(corpus, parts, a.cache_dir, seed=a.seed)
+    data = acted.load(a.ravdess, a.emodb or None)
+    parts = acted.split(data, a.split, acted.actor_list(a.train_actors), acted.actor_list(a.val_actors), acted.actor_list(a.test_actors))
+    feats = acted.features(data, a.cache_dir, seed=a.seed)
+    labels = list(acted.SPEECH_LABELS)
+    flat = {k: acted.flat(v) for k, v in parts.items()}
     log: list[dict] = []
-    prev: dict = {}
-    if a.cnn_from:
-        prev = json.loads((Path(a.cnn_from) / "speech_report.json").read_text())
-        blob = torch.load(Path(a.cnn_from) / "speech.pt", map_location="cpu", weights_only=True)
-        cnn_head = SpeechHead("cnn", len(labels))
-        cnn_head.speech.load_state_dict({k.removeprefix("speech."): v for k, v in blob["state"].items() if k.startswith("speech.")})
-        if "cnn_head" in blob:
-            cnn_head.head.load_state_dict(blob["cnn_head"])
-        cnn_head.eval()
-        cnn_epoch, t_cnn = prev["cnn_best_epoch"], prev["cnn_minutes"] * 60
-        log += [h for h in prev["history"] if h["stage"] == "cnn"]
-    else:
-        cnn_head, cnn_epoch = train_cnn(feats, y, parts, labels, a.epochs, a.patience, a.seed, log, a.init_cnn, a.lr)
-        t_cnn = time.time() - t_start
-    cnn_vec = cnn_vectors(cnn_head.speech, feats.mels)
     whisper = torch.from_numpy(feats.whisper)
-    heads = {"cnn": cnn_head,
-             "whisper": train_on_vectors("whisper", None, whisper, feats, y, parts, labels, None, a.vector_epochs, a.seed, log),
-             "both": train_on_vectors("both", cnn_vec, whisper, feats, y, parts, labels, cnn_head.speech, a.vector_epochs, a.seed, log,
-                                      a.cnn_dropout, a.cnn_drop_all)}
-    val = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["val"], labels)
-    test = evaluate_heads(heads, cnn_vec, whisper, feats, y, parts["test"], labels)
-    if prev and "cnn_head" not in blob:  # an older run folder kept no CNN head: take its CNN scores as they were
-        for part, res in (("val", val), ("test", test)):
-            res |= {k: v for k, v in prev[part].items() if k.startswith("cnn/")}
-    # the speech input is chosen on validation actors only (mean WA over clean and live-like versions);
-    # the paper's CNN stays the speech branch, so the choice is CNN alone or CNN + Whisper states
-    choice = max(("cnn", "both"), key=lambda m: val[f"{m}/clean"]["native"]["wa"] + val[f"{m}/aug"]["native"]["wa"])
+    heads: dict[str, SpeechHead] = {}
+    cnn_epoch, t_cnn, cnn_vec = 0, 0.0, torch.zeros(len(feats.mels), 256)
+    if not a.no_cnn:
+        cnn_head, cnn_epoch = train_cnn(feats, data.y, flat, labels, a.epochs, a.patience, a.seed, log, a.init_cnn, a.lr)
+        t_cnn = time.time() - t_start
+        cnn_vec = cnn_vectors(cnn_head.speech, feats.mels)
+        heads["cnn"] = cnn_head
+    heads["whisper"] = train_on_vectors("whisper", None, whisper, feats, data.y, flat, labels, None, a.vector_epochs, a.seed, log)
+    if not a.no_cnn:
+        heads["both"] = train_on_vectors("both", cnn_vec, whisper, feats, data.y, flat, labels, cnn_head.speech, a.vector_epochs,
+                                         a.seed, log, a.cnn_dropout, a.cnn_drop_all)
+    val = evaluate_heads(heads, cnn_vec, whisper, feats, data, parts["val"])
+    test = evaluate_heads(heads, cnn_vec, whisper, feats, data, parts["test"])
+    floor = floors(feats, data, parts, a.seed)
+    report: dict = {"split": a.split, "sets": {part: {k: len(v) for k, v in sets.items()} for part, sets in parts.items()},
+                    "labels": labels, "cnn_init": a.init_cnn or "random", "cnn_lr": a.lr, "cnn_dropout": a.cnn_dropout,
+                    "cnn_drop_all": a.cnn_drop_all, "cnn_best_epoch": cnn_epoch, "cnn_minutes": t_cnn / 60,
+                    "val": val, "test": test, "floors": floor, "history": log}
     for key, rep in test.items():
-        print(format_report(rep["native"], f"test actors {a.test_actors}, {key}, 8 classes"), flush=True)
-    rep = test[f"{choice}/clean"]
-    plot_confusion(rep["native"]["confusion"], labels, out / "test_confusion_8.png", f"RAVDESS test actors {a.test_actors}, speech only ({choice}), 8 classes")
-    plot_confusion(rep["meld"]["confusion"], MELD_LABELS, out / "test_confusion_meld.png", f"RAVDESS test actors {a.test_actors}, speech only ({choice}), MELD labels")
-    plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_wa": h["val_wa"]} for h in log if h["stage"] == "cnn"],
-                out / "cnn_curves.png", "speech CNN on RAVDESS actors 1-16 (val 17-20)")
-    chosen = heads[choice]
-    state = {k: v for k, v in chosen.state_dict().items() if not k.startswith("head.")}
-    torch.save({"mode": choice, "state": state, "head": chosen.head.state_dict(), "cnn_head": cnn_head.head.state_dict(), "labels": labels,
-                "whisper_model": "", "whisper_dim": int(whisper.shape[1])}, out / "speech.pt")
-    report = {"choice": choice, "cnn_init": a.init_cnn or prev.get("cnn_init", "random"), "cnn_lr": a.lr,
-              "cnn_from": a.cnn_from, "cnn_dropout": a.cnn_dropout, "cnn_drop_all": a.cnn_drop_all, "chosen_on": "validation actors 17-20, mean of clean and live-like WA",
-              "cnn_best_epoch": cnn_epoch, "cnn_minutes": t_cnn / 60, "total_minutes": (time.time() - t_start) / 60,
-              "split": {"val": f"actors {a.val_actors}", "test": f"actors {a.test_actors}", "train": "the other actors"},
-              "n": {k: len(v) for k, v in parts.items()}, "val": val, "test": test, "history": log}
+        if key.endswith("/clean"):
+            print(format_report(rep["meld"], f"{a.split} test {key}, MELD labels"), flush=True)
+    for key, rep in floor.items():
+        if key.startswith("test/") and key.endswith("/clean"):
+            print(f"floor {key}: MELD WA {rep['meld']['wa']:.1f} WF1 {rep['meld']['wf1']:.1f}", flush=True)
+    if not a.no_cnn:
+        choice, why = choose_mode(val, parts, [c for c in a.choose_by.split(",") if c])
+        chosen = heads[choice]
+        first = next(iter(parts["test"]))
+        rep = test[f"{first}/{choice}/clean"]
+        title = f"{a.split}: {first}, speech only ({choice})"
+        plot_confusion(rep["native"]["confusion"], rep["native"]["labels"], out / "test_confusion_native.png", title)
+        plot_confusion(rep["meld"]["confusion"], MELD_LABELS, out / "test_confusion_meld.png", title + ", MELD labels")
+        plot_curves([{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_wa": h["val_wa"]} for h in log if h["stage"] == "cnn"],
+                    out / "cnn_curves.png", f"speech CNN, split {a.split}")
+        state = {k: v for k, v in chosen.state_dict().items() if not k.startswith("head.")}
+        torch.save({"mode": choice, "state": state, "head": chosen.head.state_dict(), "cnn_head": cnn_head.head.state_dict(),
+                    "labels": labels, "split": a.split, "whisper_model": "", "whisper_dim": int(whisper.shape[1])}, out / "speech.pt")
+        report |= {"choice": choice, "chosen_by": why}
+        print(f"speech input: {choice} ({why})", flush=True)
+    report["total_minutes"] = (time.time() - t_start) / 60
     (out / "speech_report.json").write_text(json.dumps(report, indent=1))
-    print(f"chosen on validation: {choice}; total {(time.time() - t_start) / 60:.1f} min", flush=True)
+    print(f"split {a.split}: {report['total_minutes']:.1f} min", flush=True)
     return 0
+
+
+
 
 
 if __name__ == "__main__":
