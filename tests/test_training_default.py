@@ -51,16 +51,24 @@ def test_default_checkpoint_predicts_sensibly():
 def test_committed_reports_match_the_model_card():
     card = (ROOT / "MODEL_CARD.md").read_text()
     recipe = json.loads((REPORTS / "recipe_report.json").read_text())
-    for name, metric in (("meld-test", "wf1"), ("ravdess-test-clean-both", "wa"), ("ravdess-test-clean-speech", "wa")):
+    assert recipe["split"] == "ship"
+    for name, metric in (("meld-test", "wf1"), ("ravdess-heldout-sentence-clean-both", "wa")):
         rep = recipe["test"][name]
         assert {"acc", "f1", "wa", "wf1", "per_class", "speech_weight"} <= set(rep)
         assert f"**{rep[metric]:.1f}**" in card, name
     speech = json.loads((REPORTS / "speech_report.json").read_text())
-    assert speech["choice"] in ("cnn", "both")
+    assert speech["choice"] in ("cnn", "both") and speech["split"] == "ship"
     for mode in ("cnn", "whisper", "both"):
-        assert f"{speech['test'][f'{mode}/clean']['native']['wa']:.1f}" in card, mode
+        assert f"{speech['test'][f'ravdess-seen-sentence/{mode}/clean']['native']['wa']:.1f}" in card, mode
+    # the held-out-corpus rows of the card are the committed reports' numbers
+    for split, test_set in (("to-emodb", "emodb-heldout-corpus"), ("to-ravdess", "ravdess-heldout-corpus")):
+        rep = json.loads((REPORTS / f"speech_report_{split}.json").read_text())
+        for mode in ("cnn", "whisper", "both"):
+            assert f"{rep['test'][f'{test_set}/{mode}/clean']['meld']['wf1']:.1f}" in card, (split, mode)
+        for floor in ("svm-mfcc", "lr-whisper"):
+            assert f"{rep['floors'][f'test/{test_set}/{floor}/clean']['meld']['wf1']:.1f}" in card, (split, floor)
     text = json.loads((REPORTS / "text_finetune.json").read_text())
     assert f"{text['test']['wf1']:.1f}" in card
-    for png in ("confusion_meld-test.png", "confusion_ravdess-test-clean-both.png", "test_confusion_8.png",
-                "reliability_meld-test.png"):
+    for png in ("confusion_meld-test.png", "confusion_ravdess-heldout-sentence-clean-both.png", "test_confusion_meld.png",
+                "reliability_meld-test.png", "transfer.png"):
         assert (REPORTS / png).is_file(), png
