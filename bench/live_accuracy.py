@@ -448,7 +448,8 @@ async def run_one(modalities: str, sessions: Sessions, prefix: str, a: argparse.
     t_load = time.monotonic()
     records: list[dict[str, Any]] = []
     seg = {"clips": 0, "one_utterance": 0, "no_utterance": 0, "split": 0, "utterances": 0,
-           "stray_utterances": 0, "spanning_utterances": 0, "errors": 0}
+           "stray_utterances": 0, "spanning_utterances": 0, "errors": 0,
+           "error_codes": {}}
     async with Service(a.checkpoint, modalities, a.device, log_dir / f"service-{modalities}.log") as svc:
         load_s = time.monotonic() - t_load
         t0 = time.monotonic()
@@ -466,6 +467,9 @@ async def run_one(modalities: str, sessions: Sessions, prefix: str, a: argparse.
                 seg["stray_utterances"] += len(m.stray)
                 seg["spanning_utterances"] += len(m.spanning)
                 seg["errors"] += errors
+                for e in events:  # why: "overloaded" (the per-utterance wait bound) or "internal"
+                    if e["type"] == "error":
+                        seg["error_codes"][str(e.get("code"))] = seg["error_codes"].get(str(e.get("code")), 0) + 1
         wall = time.monotonic() - t0
     true = [r["true"] for r in records]
     rep = score(true, [r["pred"] for r in records], labels)
