@@ -170,7 +170,7 @@ class ServerConfig:
     max_incoming_queue: int = 32  # websockets' max_queue: frames buffered per connection
     session_audio_queue: int = 256  # audio chunks waiting for a session's segmenter
     shutdown_timeout_s: float = 30.0  # finishing utterances in flight at SIGINT/SIGTERM
-    max_subscribers: int = 256  # /v1/subscribe connections; more are refused (HTTP 503)
+    max_subscribers: int = 256  # /v1/subscribe connections (sources are not counted); more are refused (close 1013)
     replay_events: int = 4096  # events kept per session for resume (after_seq)
     replay_sessions: int = 256  # ended sessions whose events stay replayable
     resume_grace_s: float = 10.0  # a source that drops without `stop` keeps its session this long

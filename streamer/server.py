@@ -207,8 +207,10 @@ class App:
         self.connections.add(sub)
         try:
             if url.path == P.STREAM_PATH:
+                sub.source = True
                 await SourceConnection(self, ws, sub).run()
             elif url.path == P.TWILIO_PATH:
+                sub.source = True
                 await twilio_connection(self, ws, sub)
             else:
                 query = parse_qs(url.query)

@@ -210,6 +210,33 @@ def test_limits_give_clear_errors(emotion_model, whisper):  # noqa: F811
     assert out["throttled"] > 0, "audio sent faster than 4x real time was slowed down"
 
 
+def test_max_subscribers_counts_subscribers_not_sources(emotion_model, whisper):  # noqa: F811
+    """Open source sessions register their own sockets in the fan-out; they must not use up the
+    subscriber limit: with max_subscribers=1 and two sessions streaming, one subscriber is admitted
+    (it gets the sessions' ends), the next is refused."""
+    async def go() -> tuple[list[str], int | None]:
+        async with serving(emotion_model, whisper, max_subscribers=1) as app:
+            async with connect(app.url + P.STREAM_PATH) as a, connect(app.url + P.STREAM_PATH) as b:
+                for ws, sid in ((a, "a"), (b, "b")):
+                    await ws.send(P.StartMessage(session_id=sid).to_json())
+                    await recv_until(ws, P.SESSION_STARTED)
+                async with connect(app.url + P.SUBSCRIBE_PATH + "?session=*") as sub:
+                    with pytest.raises(ConnectionClosed):  # the second subscriber is over the limit
+                        async with connect(app.url + P.SUBSCRIBE_PATH + "?session=*") as second:
+                            await asyncio.wait_for(second.recv(), WAIT_S)
+                    for ws in (a, b):
+                        await ws.send(P.STOP_MESSAGE)
+                        await recv_until(ws, P.SESSION_ENDED)
+                    got: list[str] = []
+                    while got.count(P.SESSION_ENDED) < 2:
+                        got.append(json.loads(await asyncio.wait_for(sub.recv(), WAIT_S))["type"])
+                return got, second.close_code
+
+    got, refused = asyncio.run(go())
+    assert got.count(P.SESSION_ENDED) == 2
+    assert refused == P.CLOSE_TRY_AGAIN
+
+
 # ---- resume without loss ------------------------------------------------------------------------------
 def test_subscriber_resumes_exactly_once(emotion_model, whisper):  # noqa: F811
     async def go() -> tuple[list[dict], list[dict], list[dict], list[dict]]:

@@ -28,6 +28,7 @@ class Subscriber:
         self.metrics = metrics
         self.dropped = False
         self.interim = False  # also wants transcript.partial / emotion.partial (start flag, ?interim=1)
+        self.source = False  # the socket of a /v1/stream or /v1/twilio source: not counted as a subscriber
         self.held: list[str | tuple[int, str]] | None = None  # live events wait here during a bus replay
         self.after: int | None = None  # then: live events with seq <= this were replayed already
         self.task = asyncio.create_task(self._write())
@@ -119,6 +120,10 @@ class Hub:
         if buf and buf[0][0] <= after_seq + 1:
             return True
         return self.store is not None and bool(self.store.event_texts(session_id, after_seq=after_seq))
+
+    def subscriber_count(self) -> int:
+        """/v1/subscribe connections registered now (a source's own socket is not one)."""
+        return sum(not sub.source for group in self.subs.values() for sub in group)
 
     def add(self, key: str, sub: Subscriber) -> None:
         self.subs.setdefault(key, set()).add(sub)

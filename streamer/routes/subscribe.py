@@ -69,8 +69,7 @@ async def attach_from_bus(app: App, sub: Subscriber, key: str, after_seq: int) -
 
 async def subscriber_connection(app: App, ws: ServerConnection, sub: Subscriber, key: str,
                                 after_seq: str | None = None) -> None:
-    subscribers = sum(len(g) for g in app.hub.subs.values())
-    if subscribers >= app.config.server.max_subscribers:
+    if app.hub.subscriber_count() >= app.config.server.max_subscribers:  # sources' own sockets do not count
         sub.finish(P.CLOSE_TRY_AGAIN, f"too many subscribers (limit {app.config.server.max_subscribers})")
         await sub.task
         return
