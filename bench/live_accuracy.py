@@ -445,6 +445,8 @@ async def run_one(modalities: str, sessions: Sessions, prefix: str, a: argparse.
                   log_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from streamer import protocol as P
+
     t_load = time.monotonic()
     records: list[dict[str, Any]] = []
     seg = {"clips": 0, "one_utterance": 0, "no_utterance": 0, "split": 0, "utterances": 0,
@@ -467,9 +469,8 @@ async def run_one(modalities: str, sessions: Sessions, prefix: str, a: argparse.
                 seg["stray_utterances"] += len(m.stray)
                 seg["spanning_utterances"] += len(m.spanning)
                 seg["errors"] += errors
-                for e in events:  # why: "overloaded" (the per-utterance wait bound) or "internal"
-                    if e["type"] == "error":
-                        seg["error_codes"][str(e.get("code"))] = seg["error_codes"].get(str(e.get("code")), 0) + 1
+                for code in (str(e.get("code")) for e in events if e["type"] == P.ERROR):  # "overloaded", "internal", ...
+                    seg["error_codes"][code] = seg["error_codes"].get(code, 0) + 1
         wall = time.monotonic() - t0
     true = [r["true"] for r in records]
     rep = score(true, [r["pred"] for r in records], labels)

@@ -107,3 +107,36 @@ def pool_whisper_states(states: np.ndarray, n_samples: int) -> np.ndarray:
     n = int(min(states.shape[0], max(1, -(-n_samples // WHISPER_STATE_HOP))))
     valid = states[:n]
     return np.concatenate([valid.mean(axis=0), valid.std(axis=0)]).astype(np.float32)
+
+
+def whisper_tokenizer(whisper_model, language: str = "en"):  # type: ignore[no-untyped-def]
+    """(Tokenizer, prompt) of a faster-whisper model for timestamp-free transcription in `language`
+    (English-only models ignore it): what the service's ASR and the training recipe decode with."""
+    from faster_whisper.tokenizer import Tokenizer
+
+    multilingual = whisper_model.model.is_multilingual
+    tok = Tokenizer(whisper_model.hf_tokenizer, multilingual, task="transcribe", language=language if multilingual else None)
+    return tok, whisper_model.get_prompt(tok, [], without_timestamps=True)
+
+
+def whisper_decode(whisper_model, tokenizer, prompt: list[int], enc, n: int, beam_size: int = 1,  # type: ignore[no-untyped-def]
+                   max_new_tokens: int = 128, no_speech_threshold: float = 0.6,
+                   logprob_threshold: float = -1.0) -> list[tuple[str, list[int], float, float]]:
+    """Decode `n` utterances from their encoder output `enc` in one call: per utterance (text,
+    tokens, no-speech probability, average log-probability). Whisper's own "this was not speech"
+    rule (no-speech probability above the threshold and a low log-probability) gives "" and no tokens."""
+    results = whisper_model.model.generate(
+        enc, [list(prompt) for _ in range(n)], beam_size=beam_size, max_length=len(prompt) + max_new_tokens,
+        suppress_blank=True, suppress_tokens=[-1], return_scores=True, return_no_speech_prob=True,
+    )
+    out: list[tuple[str, list[int], float, float]] = []
+    for r in results:
+        tokens = [t for t in r.sequences_ids[0] if t < tokenizer.eot]
+        length = max(1, len(r.sequences_ids[0]))
+        avg_logprob = float(r.scores[0]) * length / (length + 1)
+        text = tokenizer.decode(tokens).strip()
+        nsp = float(r.no_speech_prob)
+        if nsp > no_speech_threshold and avg_logprob < logprob_threshold:
+            text = ""
+        out.append((text, tokens if text else [], nsp, avg_logprob))
+    return out

@@ -115,10 +115,11 @@ def transcripts(data: acted.Acted, cache_dir: str | Path) -> list[str]:
 class Data:
     """Cached vectors and the example generators (tuples of indices into them).
 
-    Examples are (kind, index, speech row or -1, lookahead, text source) where kind is "meld" (a
-    MELD utterance in its dialogue window) or "acted-speech" / "acted-text" / "acted-both" (an acted
-    clip: its voice, its transcript in a short pseudo-dialogue of the same speaker, or both), and
-    for "meld" with a speech row the label is chosen by `meld_label_for`."""
+    Examples are (kind, index, speech row or -1, lookahead) where kind is "meld" (a MELD utterance
+    in its dialogue window, index into MELD), "acted-meldtext" (a neutral MELD utterance, index
+    into MELD, as the transcript of the acted voice in the speech row) or "acted-speech" /
+    "acted-text" / "acted-both" (index = speech row: the clip's voice, its transcript in a short
+    pseudo-dialogue of the same speaker, or both). Labels are chosen in `batch`."""
 
     def __init__(self, model: EmotionModel, meld_dir: str, acted_data: acted.Acted, parts: dict, cache_dir: str, text_key: str,
                  max_meld: int = 0, seed: int = 0) -> None:
@@ -189,10 +190,12 @@ class Data:
         neutral text any voice (the voice carries it)."""
         out = []
         rows_by_label: dict[int, np.ndarray] = {}
+        by_label = np.zeros(0, np.int64)
         if rng is not None:
             rows = self.train_rows()
             lab = self.label[self.feats.clip[rows]]
             rows_by_label = {c: rows[lab == c] for c in np.unique(lab)}
+            by_label = np.concatenate(list(rows_by_label.values()))  # every training row, grouped by class
         neutral = MELD_LABELS.index("neutral")
         for i in self.meld_part[part]:
             row, la = -1, False
@@ -201,7 +204,7 @@ class Data:
                 if rng.random() < pair_frac:
                     c = int(self.meld_label[i])
                     if c == neutral:
-                        row = int(rng.choice(np.concatenate(list(rows_by_label.values()))))
+                        row = int(rng.choice(by_label))
                     else:
                         pool = rows_by_label.get(c) if rng.random() < 0.5 else rows_by_label.get(neutral)
                         row = int(rng.choice(pool)) if pool is not None and len(pool) else -1

@@ -58,38 +58,28 @@ class WhisperStates:
         self.name = Path(model).name
         self.model = WhisperModel(model, device=device, compute_type="int8" if device == "cpu" else "float16",
                                   cpu_threads=threads, local_files_only=True)
+        self._tokenizer = None  # (Tokenizer, prompt), made on the first transcribe
+
+    def encode(self, audios: list[np.ndarray]):  # type: ignore[no-untyped-def]
+        """The encoder output of a batch, one window (model.features.whisper_window_frames) for all."""
+        from faster_whisper.audio import pad_or_trim
+
+        frames = features.whisper_window_frames(max(len(a) for a in audios))
+        feats = np.stack([pad_or_trim(self.model.feature_extractor(a[: 30 * features.SAMPLE_RATE]), frames) for a in audios])
+        return self.model.encode(feats)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Greedy, timestamp-free English transcripts of a batch, decoded as the service's ASR
-        (streamer.infer.transcriber) decodes: the same window policy, prompt and no-speech rule."""
-        from faster_whisper.audio import pad_or_trim
-        from faster_whisper.tokenizer import Tokenizer
-
-        tok = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe",
-                        language="en" if self.model.model.is_multilingual else None)
-        prompt = self.model.get_prompt(tok, [], without_timestamps=True)
-        frames = features.whisper_window_frames(max(len(a) for a in audios))
-        feats = np.stack([pad_or_trim(self.model.feature_extractor(a[: 30 * features.SAMPLE_RATE]), frames) for a in audios])
-        results = self.model.model.generate(self.model.encode(feats), [list(prompt) for _ in audios], beam_size=1,
-                                            max_length=len(prompt) + 128, suppress_blank=True, suppress_tokens=[-1],
-                                            return_scores=True, return_no_speech_prob=True)
-        out = []
-        for r in results:
-            ids = r.sequences_ids[0]
-            n = max(1, len(ids))
-            avg_logprob = float(r.scores[0]) * n / (n + 1)
-            text = tok.decode([t for t in ids if t < tok.eot]).strip()
-            out.append("" if float(r.no_speech_prob) > 0.6 and avg_logprob < -1.0 else text)
-        return out
+        (streamer.infer.transcriber) decodes: the same window policy, prompt and no-speech rule
+        (model.features.whisper_decode)."""
+        if self._tokenizer is None:
+            self._tokenizer = features.whisper_tokenizer(self.model)
+        tok, prompt = self._tokenizer
+        return [text for text, _, _, _ in features.whisper_decode(self.model, tok, prompt, self.encode(audios), len(audios))]
 
     def __call__(self, audios: list[np.ndarray]) -> np.ndarray:
         """(B,) float32 16 kHz clips -> (B, 2*d_model) pooled states, one window size per batch."""
-        from faster_whisper.audio import pad_or_trim
-
-        frames = features.whisper_window_frames(max(len(a) for a in audios))
-        feats = np.stack([pad_or_trim(self.model.feature_extractor(a[: 30 * features.SAMPLE_RATE]), frames) for a in audios])
-        enc = self.model.encode(feats)
-        states = np.array(enc, dtype=np.float32)  # (B, T, d_model)
+        states = np.array(self.encode(audios), dtype=np.float32)  # (B, T, d_model)
         return np.stack([features.pool_whisper_states(s, len(a)) for s, a in zip(states, audios)])
 
 

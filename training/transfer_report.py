@@ -70,7 +70,7 @@ def plot(report: dict, out: Path) -> None:
 
     rows = [r for r in report["speech"] if r["set"] != "ravdess-seen-sentence"]
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    keys = [k for k in (*MODES, *FLOORS)]
+    keys = (*MODES, *FLOORS)
     width = 0.8 / len(keys)
     for j, k in enumerate(keys):
         vals = [r[k]["wf1"] if k in r else 0.0 for r in rows]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.features import pool_whisper_states, whisper_window_frames
+from model.features import pool_whisper_states, whisper_decode, whisper_tokenizer, whisper_window_frames
 from streamer.config import SAMPLE_RATE, AsrConfig
 
 _MAX_SAMPLES = 30 * SAMPLE_RATE  # Whisper's window
@@ -59,7 +59,6 @@ class Transcriber:
 
     def __init__(self, config: AsrConfig) -> None:
         from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import Tokenizer
 
         self.config = config
         self.device = resolve_asr_device(config.device)
@@ -75,12 +74,7 @@ class Transcriber:
                 f"cannot load ASR model {config.model!r} (models are never downloaded at run time: give the folder "
                 f"of a CTranslate2 Whisper model, or leave --asr-model out for the packaged tiny.en): {e}"
             ) from e
-        multilingual = self.model.model.is_multilingual
-        self.tokenizer = Tokenizer(
-            self.model.hf_tokenizer, multilingual, task="transcribe",
-            language=config.language if multilingual else None,
-        )
-        self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
+        self.tokenizer, self.prompt = whisper_tokenizer(self.model, config.language)
         self.compute_type = compute
         self.name = whisper_name(str(config.model))  # read once per batch (inference.whisper_inputs)
 
@@ -119,23 +113,8 @@ class Transcriber:
             ])  # (B, 80, frames)
             enc = self.model.encode(feats)
             states = encoder_states(enc)  # (B, T, d_model), for the emotion model's speech branch
-            results = self.model.model.generate(
-                enc, [list(self.prompt) for _ in chunk],
-                beam_size=self.config.beam_size,
-                max_length=len(self.prompt) + self.config.max_new_tokens,
-                suppress_blank=True, suppress_tokens=[-1],
-                return_scores=True, return_no_speech_prob=True,
-            )
-            decoded: list[tuple[str, list[int], float, float]] = []
-            for r in results:
-                tokens = [t for t in r.sequences_ids[0] if t < self.tokenizer.eot]
-                n = max(1, len(r.sequences_ids[0]))
-                avg_logprob = float(r.scores[0]) * n / (n + 1)
-                text = self.tokenizer.decode(tokens).strip()
-                nsp = float(r.no_speech_prob)
-                if nsp > self.config.no_speech_threshold and avg_logprob < self.config.logprob_threshold:
-                    text = ""  # Whisper's own "this was not speech" rule
-                decoded.append((text, tokens if text else [], nsp, avg_logprob))
+            decoded = whisper_decode(self.model, self.tokenizer, self.prompt, enc, len(chunk), self.config.beam_size,
+                                     self.config.max_new_tokens, self.config.no_speech_threshold, self.config.logprob_threshold)
             timings: list[tuple[Word, ...] | None] = [None] * len(chunk)
             if any(wanted):
                 aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
