@@ -9,7 +9,8 @@
 #    held-out corpus both ways (RAVDESS statement 01 -> EmoDB, EmoDB -> RAVDESS), the reverse
 #    held-out sentence (statement 02 -> 01, Whisper head and floors), then the shipped branch on
 #    RAVDESS statement 01 (actors 1-16) + EmoDB (speakers other than 11-13); CNN alone or CNN +
-#    Whisper chosen by the held-out-corpus runs                          -> $RUNS/speech/speech.pt
+#    Whisper chosen on its validation sets (the held-out-corpus runs are the check, never the choice)
+#                                                                          -> $RUNS/speech/speech.pt
 # 3. dialogue GRU + fusion + classifier on the shipped split, temperature fitted on validation, test
 #    scored once -> $RUNS/recipe/model.pt; and the same on the RAVDESS-only split, whose checkpoint
 #    is the one tested on EmoDB (held-out corpus) offline and through the live service
@@ -27,8 +28,7 @@ $PY -m training.speech_branch "${SPEECH[@]}" --split to-emodb --epochs 25 --pati
 $PY -m training.speech_branch "${SPEECH[@]}" --split to-ravdess --epochs 25 --patience 6 --out "$RUNS/speech_to-ravdess" &
 wait
 $PY -m training.speech_branch "${SPEECH[@]}" --split sentence02 --no-cnn --out "$RUNS/speech_sentence02"
-$PY -m training.speech_branch "${SPEECH[@]}" --split ship --epochs 20 --patience 5 --out "$RUNS/speech" \
-    --choose-by "$RUNS/speech_to-emodb/speech_report.json,$RUNS/speech_to-ravdess/speech_report.json"
+$PY -m training.speech_branch "${SPEECH[@]}" --split ship --epochs 20 --patience 5 --out "$RUNS/speech"
 FUSION=(--meld "$DATA/meld" --ravdess "$DATA/ravdess" --emodb "$DATA/emodb" --text "$RUNS/text/encoder.pt")
 $PY -m training.recipe "${FUSION[@]}" --split ship --speech "$RUNS/speech/speech.pt" --out "$RUNS/recipe" \
     --checkpoint model/checkpoints/default.pt

@@ -10,11 +10,11 @@ states. Labels: the union set training.acted.SPEECH_LABELS (RAVDESS's eight + bo
 RAVDESS's eight classes where a test set is RAVDESS only, and in MELD's labels everywhere.
 
     python -m training.speech_branch --ravdess D/ravdess --emodb D/emodb --split to-emodb --out runs/speech_to-emodb
-    python -m training.speech_branch --ravdess D/ravdess --emodb D/emodb --split ship --out runs/speech \\
-        --choose-by runs/speech_to-emodb/speech_report.json,runs/speech_to-ravdess/speech_report.json
+    python -m training.speech_branch --ravdess D/ravdess --emodb D/emodb --split ship --out runs/speech
 
-`--choose-by`: the shipped speech input (CNN alone or CNN + Whisper) is the one with the higher mean
-held-out-corpus test WF1 in those reports; without it, the higher validation WA of this run.
+The speech input kept (CNN alone or CNN + Whisper) is the one with the higher validation WA of the
+run (clean and live-like). `--choose-by REPORTS` picks by the mean held-out-corpus *test* WF1 of
+other runs instead: an analysis tool, not what the recipe does, since it chooses on test sets.
 """
 
 from __future__ import annotations
