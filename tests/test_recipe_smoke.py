@@ -145,6 +145,44 @@ def test_stage1_text_finetune_stores_fp16_layers_without_embeddings(stage1, tiny
     assert rep["config"]["context"] == 2
 
 
+SIZES_40 = {"train": 40, "val": 40, "held": 40, "test": 40}
+
+
+def test_text_transfer_compares_epochs_partial_freezing_and_averaging(work, tiny_encoder_dir):
+    from model.text_encoder import TextEncoder
+    from training import text_finetune, text_transfer
+
+    enc = TextEncoder(str(tiny_encoder_dir), 32, frozen=False)
+    assert text_finetune.frozen_prefixes(enc, 0) == ("embeddings.",)
+    assert text_finetune.frozen_prefixes(enc, 1) == ("embeddings.", "encoder.layer.0.")
+    run = work / "text_top1"
+    rc = text_finetune.main(["--meld", str(MELD_DIR), "--encoder", str(tiny_encoder_dir), "--split", "seasons:8+9", "--max-train", "48",
+                             "--epochs", "2", "--max-tokens", "32", "--train-layers", "1", "--save-epochs", "--out", str(run), "--threads", "1"])
+    assert rc == 0
+    pre = text_transfer._layers(enc)
+    e1 = torch.load(run / "epoch1.pt", map_location="cpu", weights_only=True)
+    for k, v in e1["layers"].items():  # partial freezing: the lower layer kept its pre-trained values
+        if k.startswith("encoder.layer.0."):
+            assert torch.equal(v, pre[k].half()), k
+    assert any(not torch.equal(v, pre[k].half()) for k, v in e1["layers"].items() if k.startswith("encoder.layer.1."))
+    mid = text_transfer.interpolate(pre, e1["layers"], 0.5)
+    k = next(k for k in e1["layers"] if k.startswith("encoder.layer.1."))
+    assert torch.allclose(mid[k], (pre[k] + e1["layers"][k].float()) / 2)
+    out = work / "transfer.json"
+    rc = text_transfer.main(["--meld", str(MELD_DIR), "--encoder", str(tiny_encoder_dir), "--run", f"top1={run}", "--limit", "40",
+                             "--cache", str(work / "tt_cache"), "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    history = json.loads((run / "history.json").read_text())
+    kept = max(history, key=lambda h: h["dev_wf1"])["epoch"]  # averaging and the own head: the dev-kept epoch
+    assert set(rep["results"]) == {"frozen", "top1@1", "top1@2", f"top1@{kept}~0.5", f"top1@{kept}+frozen"}
+    assert rep["results"][f"top1@{kept}"]["dev_kept"] and "own_head" in rep["results"][f"top1@{kept}"]
+    probed = {k: v["probe"] for k, v in rep["results"].items() if "probe" in v}
+    assert rep["choice"] == max(probed, key=lambda c: probed[c]["held"]["wf1"])
+    assert rep["sizes"] == SIZES_40
+    assert out.with_suffix(".png").is_file()
+
+
 def test_stage2_speech_branch_report_and_weights(stage2):
     from training.acted import SPEECH_LABELS
 

@@ -246,3 +246,16 @@ def test_bad_specs_are_clear_errors(tmp_path):
         ds.load_spec(f"iemocap:{tmp_path}")
     with pytest.raises(ds.DatasetError, match="MELD file missing"):
         ds.load_meld(tmp_path)
+
+
+def test_meld_held_out_seasons_split(meld):
+    sp = ds.split_corpus(meld, "seasons:8+9")
+    season = lambda idx: {meld.utterances[i].season for i in idx}  # noqa: E731
+    assert season(sp["test"]) == {8, 9} and not season(sp["train"]) & {8, 9} and not season(sp["val"]) & {8, 9}
+    assert {meld.utterances[i].part for i in sp["train"]} == {"train"} and {meld.utterances[i].part for i in sp["val"]} == {"dev"}
+    assert {meld.utterances[i].part for i in sp["test"]} == {"train", "dev"}  # official test stays the report
+    assert len(sp["test"]) == 1108 + 490 + 203 + 31 and len(sp["train"]) == 9989 - 1108 - 490
+    dlg = lambda idx: {meld.utterances[i].dialogue for i in idx}  # noqa: E731
+    assert not dlg(sp["test"]) & (dlg(sp["train"]) | dlg(sp["val"]))  # a dialogue never straddles seasons
+    with pytest.raises(ds.DatasetError, match="seasons"):
+        ds.split_corpus(meld, "seasons:12")

@@ -78,6 +78,8 @@ class Utterance:
     audio: str | None = None  # path of a 16 kHz-decodable audio file, if any
     part: str = ""  # released part (MELD train/dev/test), "" when the corpus has none
     span: tuple[float, float] | None = None  # seconds inside `audio` (MOSEI segments)
+    season: int = 0  # MELD: the show's season (1-9); 0 when the corpus has none
+    sentiment: str = ""  # MELD: positive | neutral | negative; "" when the corpus has none
 
 
 @dataclass
@@ -184,6 +186,7 @@ def load_meld(root: str | Path, raw_dir: str | Path | None = None, audio_cache: 
             utts.append(Utterance(
                 uid=f"meld/{part}/dia{d}_utt{u}", text=normalise_text(r["Utterance"]), label=label,
                 speaker=normalise_text(r["Speaker"]), dialogue=f"{part}/{d}", position=u, audio=audio, part=part,
+                season=int(r.get("Season") or 0), sentiment=(r.get("Sentiment") or "").strip().lower(),
             ))
     return Corpus("meld", MELD_LABELS, utts)
 
@@ -406,7 +409,9 @@ def split_corpus(corpus: Corpus, split: str, seed: int = 0) -> dict[str, list[in
 
     meld: `official` (train/dev/test as released), `paper` (all pooled, fear dropped, each class
     split 80/20 -> Table 1's counts exactly; val = 10% of train, stratified), `paper-dialogues`
-    (same pool, 80/20 by whole dialogues). Acted corpora and MOSEI: `speakers` (speaker-disjoint,
+    (same pool, 80/20 by whole dialogues), `seasons:8+9` (held-out seasons: train = official train of
+    the other seasons, val = official dev of the other seasons, test = official train + dev of the
+    named seasons; official test is left out, so it stays the report and is never a choice). Acted corpora and MOSEI: `speakers` (speaker-disjoint,
     about 70/10/20 of the speakers), or `speakers:TEST[+TEST..]` to name the held-out speakers."""
     if corpus.kind == "meld":
         if split == "official":
@@ -422,7 +427,17 @@ def split_corpus(corpus: Corpus, split: str, seed: int = 0) -> dict[str, list[in
                 train, test = _grouped(corpus, pool, 0.2, seed, key=lambda u: u.dialogue)
             train, val = _stratified(corpus, train, 0.1, seed + 1)
             return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-        raise DatasetError(f"unknown MELD split {split!r} (official, paper, paper-dialogues)")
+        if split.startswith("seasons:"):
+            held = {int(x) for x in split.split(":", 1)[1].split("+")}
+            have = {u.season for u in corpus.utterances}
+            if not held or not held <= have:
+                raise DatasetError(f"unknown MELD seasons {sorted(held - have)} (have {sorted(have)})")
+            out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+            for i, u in enumerate(corpus.utterances):
+                if u.part != "test":
+                    out["test" if u.season in held else "train" if u.part == "train" else "val"].append(i)
+            return out
+        raise DatasetError(f"unknown MELD split {split!r} (official, paper, paper-dialogues, seasons:S[+S..])")
     if split == "speakers" or split.startswith("speakers:"):
         speakers = sorted({u.speaker for u in corpus.utterances})
         if split.startswith("speakers:"):

@@ -34,6 +34,14 @@ from training.metrics import classification_report, format_report
 FROZEN_PREFIXES = ("embeddings.",)  # encoder parameters that keep their pre-trained values
 
 
+def frozen_prefixes(encoder: TextEncoder, train_layers: int = 0) -> tuple[str, ...]:
+    """FROZEN_PREFIXES, plus the lower transformer layers when only the top `train_layers` train."""
+    n = encoder.model.config.num_hidden_layers
+    if train_layers <= 0 or train_layers >= n:
+        return FROZEN_PREFIXES
+    return FROZEN_PREFIXES + tuple(f"encoder.layer.{k}." for k in range(n - train_layers))
+
+
 def previous_texts(corpus: Corpus, n: int) -> list[list[str]]:
     """For each utterance: up to `n` earlier utterances of its dialogue, most recent first."""
     out: list[list[str]] = [[] for _ in corpus.utterances]
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.06)
+    p.add_argument("--train-layers", type=int, default=0, help=">0: train only the top K transformer layers (partial freezing)")
+    p.add_argument("--save-epochs", action="store_true", help="also write OUT/epochK.pt after every epoch (for training.text_transfer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
@@ -151,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = {k: v[: a.max_train] for k, v in parts.items()}
 
     encoder = TextEncoder(a.encoder, a.max_tokens, frozen=False)
+    frozen = frozen_prefixes(encoder, a.train_layers)
     for name, prm in encoder.model.named_parameters():
-        prm.requires_grad_(not name.startswith(FROZEN_PREFIXES))
+        prm.requires_grad_(not name.startswith(frozen))
     model = Classifier(encoder, len(MELD_LABELS)).to(dev)
     opt = torch.optim.AdamW([
         {"params": [q for q in encoder.parameters() if q.requires_grad], "lr": a.lr},
@@ -185,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                         "dev_wa": rep["wa"], "seconds": time.time() - t0})
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}  dev WF1 {rep['wf1']:.2f} acc {rep['acc']:.2f} "
               f"WA {rep['wa']:.2f}  ({time.time() - t0:.0f} s)", flush=True)
+        if a.save_epochs:
+            torch.save({"encoder": a.encoder, "max_tokens": a.max_tokens, "context": a.context, "layers": trainable_state(encoder),
+                        "head": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}, "epoch": epoch},
+                       out / f"epoch{epoch}.pt")
         if rep["wf1"] > best:
             best = rep["wf1"]
             best_state = {"encoder": trainable_state(encoder, torch.float32), "head": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}}
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     half = {k: v.half() for k, v in best_state["encoder"].items()}
     model.encoder.model.load_state_dict({k: v.float() for k, v in half.items()}, strict=False)
     result = {"config": vars(a), "history": history, "minutes": (time.time() - t_start) / 60,
-              "frozen_prefixes": list(FROZEN_PREFIXES), "machine": f"{torch.get_num_threads()} torch threads, {dev}"}
+              "frozen_prefixes": list(frozen), "machine": f"{torch.get_num_threads()} torch threads, {dev}"}
     for part in ("dev", "test"):
         logits = predict(model, texts, contexts, parts[part])
         rep = classification_report(y[parts[part]], logits.argmax(1), MELD_LABELS)
