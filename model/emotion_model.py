@@ -12,7 +12,7 @@ from torch import nn
 
 from model import features
 from model.audio_encoder import SpeechCNN
-from model.config import ModelConfig
+from model.config import SENTIMENT_LABELS, ModelConfig
 from model.fusion import AttentionFusion
 from model.text_encoder import DialogueGRU, TextEncoder
 
@@ -37,6 +37,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class ModelOutput:
     logits: torch.Tensor  # (B, C)
     weights: torch.Tensor  # (B, 2) modality weights [speech, text], rows sum to 1
+    text: torch.Tensor | None = None  # (B, text_dim) the Bi-GRU's dialogue vector at each target
 
     @property
     def probs(self) -> torch.Tensor:
@@ -57,12 +58,35 @@ def confidence_of(scores: dict[str, float], threshold: float) -> str:
     return LOW_CONFIDENCE if max(scores.values()) < threshold else OK_CONFIDENCE
 
 
+# emotions whose probability counts as positive / negative sentiment when there are no words
+POSITIVE_EMOTIONS = frozenset({"joy", "happy"})
+NEGATIVE_EMOTIONS = frozenset({"anger", "angry", "sadness", "sad", "disgust", "fear", "fearful"})
+
+
+def sentiment_of(probs: dict[str, float]) -> tuple[str, float]:
+    """(label, score in [-1, 1]) from probabilities over SENTIMENT_LABELS: score = P(positive) - P(negative)."""
+    label = max(SENTIMENT_LABELS, key=lambda k: probs[k])
+    return label, round(float(probs["positive"] - probs["negative"]), 4)
+
+
+def sentiment_from_emotion(scores: dict[str, float]) -> tuple[str, float]:
+    """Sentiment when an utterance has no words: positive = P(joy), negative = P(anger, sadness,
+    disgust, fear), neutral = the rest (neutral, surprise)."""
+    pos = sum(v for k, v in scores.items() if k in POSITIVE_EMOTIONS)
+    neg = sum(v for k, v in scores.items() if k in NEGATIVE_EMOTIONS)
+    return sentiment_of({"positive": pos, "negative": neg, "neutral": max(0.0, 1.0 - pos - neg)})
+
+
 @dataclass
 class Prediction:
     label: str
     scores: dict[str, float]  # calibrated probabilities, summing to 1
     modality_weights: dict[str, float]
     confidence: str  # LOW_CONFIDENCE or OK_CONFIDENCE: the top score against a threshold
+    # positive | neutral | negative and P(positive) - P(negative): from the words (the sentiment head)
+    # or, without words, from the emotion scores; None when the checkpoint has no sentiment head
+    sentiment: str | None = None
+    sentiment_score: float | None = None
 
 
 @dataclass
@@ -111,6 +135,8 @@ class EmotionModel(nn.Module):
         self.fusion = AttentionFusion(config.speech_dim, config.text_dim, config.fusion_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.fusion_dim, config.num_labels)
+        if config.sentiment_labels:  # on the target's sentence vector (training.sentiment fits it)
+            self.sentiment_head = nn.Linear(config.encoder_dim + config.text_dim * config.sentiment_dialogue, len(config.sentiment_labels))
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +154,7 @@ class EmotionModel(nn.Module):
         text_vec = self.dialogue(text_ctx, ctx_lengths, target)  # (B, text_dim)
         fused, weights = self.fusion(speech_vec, text_vec, present)  # (B, n), (B, 2)
         logits = self.classifier(self.dropout(fused))  # (B, C)
-        return ModelOutput(logits=logits, weights=weights)
+        return ModelOutput(logits=logits, weights=weights, text=text_vec)
 
     def forward(self, mel, mel_lengths, text_ctx, ctx_lengths, target, present, whisper=None) -> ModelOutput:
         """mel (B, 1, n_mels, T) + lengths; text windows as in forward_features; whisper (B, Dw) or None."""
@@ -260,13 +286,34 @@ class EmotionModel(nn.Module):
         )
         probs = torch.softmax(out.logits.float() / cfg.temperature, dim=-1).cpu().numpy()  # calibrated
         weights = out.weights.float().cpu().numpy()
+        senti = self._sentiment([dlg[index].text_vec for dlg, index in requests], out.text)
         results = []
         for b in range(len(requests)):
             scores = {lab: float(p) for lab, p in zip(cfg.labels, probs[b])}
-            results.append(Prediction(
+            pred = Prediction(
                 label=cfg.labels[int(probs[b].argmax())],
                 scores=scores,
                 modality_weights={"speech": float(weights[b, 0]), "text": float(weights[b, 1])},
                 confidence=confidence_of(scores, threshold),
-            ))
+            )
+            if senti is not None:
+                pred.sentiment, pred.sentiment_score = senti[b] if senti[b] is not None else sentiment_from_emotion(scores)
+            results.append(pred)
         return results
+
+    def _sentiment(self, text_vecs: list[torch.Tensor | None], dialogue: torch.Tensor | None) -> list[tuple[str, float] | None] | None:
+        """The sentiment head on each target's sentence vector (and, with sentiment_dialogue, its
+        dialogue vector): None where it has no words, None for every row without a head."""
+        if not self.config.sentiment_labels:
+            return None
+        rows = [i for i, v in enumerate(text_vecs) if v is not None]
+        out: list[tuple[str, float] | None] = [None] * len(text_vecs)
+        if rows:
+            x = torch.stack([text_vecs[i] for i in rows])  # type: ignore[misc]
+            if self.config.sentiment_dialogue:
+                x = torch.cat([x, dialogue[rows].to(x.device)], dim=-1)  # type: ignore[index]
+            x = x.to(self.sentiment_head.weight.dtype)
+            p = torch.softmax(self.sentiment_head(x).float(), dim=-1).cpu().numpy()
+            for k, i in enumerate(rows):
+                out[i] = sentiment_of(dict(zip(self.config.sentiment_labels, map(float, p[k]))))
+        return out

@@ -186,6 +186,36 @@ def test_empty_transcript_masks_text_and_no_audio_masks_speech(tiny_model):
     assert p[2].modality_weights == {"speech": 0.0, "text": 1.0}
 
 
+@pytest.mark.parametrize("dialogue", [False, True])
+def test_sentiment_head_from_words_and_from_emotion_without_words(tiny_config, tmp_path, dialogue):
+    import dataclasses
+
+    from model.config import SENTIMENT_LABELS
+    from model.emotion_model import sentiment_from_emotion, sentiment_of
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config, sentiment_labels=SENTIMENT_LABELS, sentiment_dialogue=dialogue)
+    model = EmotionModel(cfg).eval()
+    with torch.no_grad():  # a head that reads only the bias: words always say "positive" 0.8 / 0.1 / 0.1
+        model.sentiment_head.weight.zero_()
+        model.sentiment_head.bias.copy_(torch.log(torch.tensor([0.1, 0.1, 0.8])))
+    assert model.sentiment_head.in_features == 32 + cfg.text_dim * dialogue
+    dlg = model.new_dialogue()
+    u = model.encode_utterances(["Great, thanks!", ""], [None, _speech(1.0, 0)])
+    p = model.predict([(dlg, dlg.append(x)) for x in u])
+    assert (p[0].sentiment, p[0].sentiment_score) == ("positive", pytest.approx(0.7, abs=1e-4))
+    assert (p[1].sentiment, p[1].sentiment_score) == sentiment_from_emotion(p[1].scores)  # no words: from the emotion
+    assert sentiment_from_emotion({"joy": 0.1, "anger": 0.5, "sadness": 0.2, "neutral": 0.2}) == ("negative", -0.6)
+    assert sentiment_of({"negative": 0.2, "neutral": 0.5, "positive": 0.3}) == ("neutral", 0.1)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "s.pt"), device="cpu")  # the head travels in the checkpoint
+    assert loaded.config.sentiment_labels == SENTIMENT_LABELS and loaded.config.sentiment_dialogue is dialogue
+    q = loaded.predict([(dlg, 0)])[0]
+    assert (q.sentiment, q.sentiment_score) == (p[0].sentiment, p[0].sentiment_score)
+    assert EmotionModel(tiny_config).eval().predict([(dlg, 0)])[0].sentiment is None  # no head: no sentiment
+    with pytest.raises(ValueError, match="sentiment_labels"):
+        dataclasses.replace(tiny_config, sentiment_labels=("bad", "good"))
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 def test_checkpoint_round_trip_is_exact(tiny_model, tiny_encoder_dir, tmp_path):
     path = save_checkpoint(tiny_model, tmp_path / "m.pt", metadata={"run": "test"})

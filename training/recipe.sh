@@ -14,6 +14,8 @@
 # 3. dialogue GRU + fusion + classifier on the shipped split, temperature fitted on validation, test
 #    scored once -> $RUNS/recipe/model.pt; and the same on the RAVDESS-only split, whose checkpoint
 #    is the one tested on EmoDB (held-out corpus) offline and through the live service
+# 4. sentiment: a linear head on the shipped checkpoint's sentence vectors, fitted on MELD's sentiment
+#    labels, chosen on dev, written into the checkpoint            -> training/reports/sentiment.json
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs}
@@ -33,12 +35,19 @@ FUSION=(--meld "$DATA/meld" --ravdess "$DATA/ravdess" --emodb "$DATA/emodb" --te
 $PY -m training.recipe "${FUSION[@]}" --split ship --speech "$RUNS/speech/speech.pt" --out "$RUNS/recipe" \
     --checkpoint model/checkpoints/default.pt
 $PY -m training.recipe "${FUSION[@]}" --split to-emodb --speech "$RUNS/speech_to-emodb/speech.pt" --out "$RUNS/recipe_to-emodb"
+$PY -m training.sentiment --meld "$DATA/meld" --checkpoint model/checkpoints/default.pt --report training/reports/sentiment.json
 $PY -m training.transfer_report --runs "$RUNS" --out training/reports/transfer.json
 mkdir -p training/reports
 for s in to-emodb to-ravdess sentence02; do cp "$RUNS/speech_$s/speech_report.json" "training/reports/speech_report_$s.json"; done
 cp "$RUNS/recipe_to-emodb/recipe_report.json" training/reports/recipe_report_to-emodb.json
 cp "$RUNS"/speech/speech_report.json "$RUNS"/speech/*.png "$RUNS"/recipe/recipe_report.json "$RUNS"/recipe/*.png training/reports/
 [ -f "$RUNS/text/text_finetune.json" ] && cp "$RUNS/text/text_finetune.json" training/reports/ || true
+# the check behind stage 1's settings (training/reports/text_transfer.json, MODEL_CARD.md): full
+# fine-tuning for 3 epochs against fewer epochs, the top 3 layers only, and averaging with the frozen
+# encoder, on MELD seasons 8 + 9 held out of training (about 25 CPU minutes per run, 35 for the probes):
+#   for v in full:0 top3:3; do $PY -m training.text_finetune --meld "$DATA/meld" --split seasons:8+9 \
+#       --out "$RUNS/text_s89_${v%%:*}" --train-layers ${v##*:} --save-epochs --epochs 3 --context 3 --max-tokens 128; done
+#   $PY -m training.text_transfer --meld "$DATA/meld" --run full="$RUNS/text_s89_full" --run top3="$RUNS/text_s89_top3"
 # scores only: the text stage on the paper's pooled 80/20 split (MODEL_CARD.md); its report is
 # training/reports/text_finetune_paper.json:
 #   $PY -m training.text_finetune --meld "$DATA/meld" --split paper --out "$RUNS/text_paper" --epochs 3 --context 3 --max-tokens 128
