@@ -4,7 +4,7 @@ speech with a one-sentence transcript. Writes bench/results/model_bench.{json,pn
 Stages: log-mel (librosa, per utterance), speech branch (CNN, plus the projection of pooled Whisper
 states when the checkpoint reads them: the states themselves come free with the ASR), text encoder
 (the checkpoint's MiniLM, each sentence with its earlier ones as the model reads them), Bi-GRU +
-fusion + classifier (the per-prediction part of serving). Every item of a batch is a distinct clip
+fusion + classifier + sentiment head (the per-prediction part of serving). Every item of a batch is a distinct clip
 and sentence, so no cache or branch predictor sees the same input twice. Median of `--repeats` runs.
 Target (issue 3): the whole model <= 50 ms per utterance at batch 1 for a 3 s utterance.
 
@@ -92,9 +92,10 @@ def main() -> None:
             tgt = torch.full((batch,), model.config.context_window - 1, device=dev)
             present = torch.ones(batch, 2, dtype=torch.bool, device=dev)
 
-            def stage_head():
+            def stage_head():  # + the sentiment head, when the checkpoint has one (as predict() runs it)
                 with torch.inference_mode():
-                    model.forward_features(speech_vec, ctx, clen, tgt, present)
+                    out = model.forward_features(speech_vec, ctx, clen, tgt, present)
+                    model._sentiment(list(text_vec), out.text)
 
             def stage_cnn():  # what serving runs: length-sorted sub-batches within a frame budget
                 model.embed_speech(mels_np, whisper=states)

@@ -40,6 +40,22 @@ def add_result_args(ap: argparse.ArgumentParser, words: bool = True) -> None:
                         help="word timings: each final transcript carries every word's start and end (s)")
 
 
+def add_diarize_args(ap: argparse.ArgumentParser) -> None:
+    """--diarize / --max-speakers: sources where several people share the one channel."""
+    ap.add_argument("--diarize", action="store_true",
+                    help="several people on one channel: label each utterance's speaker (S1, S2, ... in order of "
+                         "first appearance; a later utterance may re-attribute an earlier one)")
+    ap.add_argument("--max-speakers", type=int, default=None, metavar="N", choices=range(1, P.MAX_SPEAKERS + 1),
+                    help=f"with --diarize: at most N speakers (1-{P.MAX_SPEAKERS}; default: any number)")
+
+
+def diarize_options(args: argparse.Namespace) -> dict:
+    """StreamClient keyword arguments for --diarize / --max-speakers (the latter needs the former)."""
+    if args.max_speakers is not None and not args.diarize:
+        raise SystemExit("error: --max-speakers needs --diarize")
+    return {"diarize": args.diarize, "max_speakers": args.max_speakers}
+
+
 class Printer:
     """Prints events human-readably (or as JSONL) and optionally saves them. On a terminal, interim
     results (transcript.partial, emotion.partial) share one status line that is rewritten in place

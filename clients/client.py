@@ -69,7 +69,9 @@ class StreamClient:
     last seq received) resumes the session within the server's grace period, missing nothing.
     `interim=True` also brings transcript.partial / emotion.partial events while someone speaks (each
     superseded by its utterance's final transcript / emotion); `word_timestamps=True` gives every
-    final transcript a `words` list (word, start_s, end_s, probability).
+    final transcript a `words` list (word, start_s, end_s, probability); `diarize=True` (one channel,
+    several people) labels each utterance's `speaker` (S1, S2, ...; `speaker.revised` when an earlier
+    one is re-attributed), at most `max_speakers` of them when given.
 
         async with StreamClient(url, sample_rate=16000) as c:
             await c.send_audio(pcm_bytes)
@@ -82,11 +84,13 @@ class StreamClient:
                  session_id: str | None = None, language: str | None = None,
                  metadata: dict[str, Any] | None = None, speakers: list[str] | None = None,
                  token: str | None = None, ssl: Any = None, after_seq: int | None = None,
-                 open_timeout: float = 10.0, interim: bool = False, word_timestamps: bool = False) -> None:
+                 open_timeout: float = 10.0, interim: bool = False, word_timestamps: bool = False,
+                 diarize: bool = False, max_speakers: int | None = None) -> None:
         self.url = _base(url) + P.STREAM_PATH
         self.start_message = P.StartMessage(sample_rate=sample_rate, channels=channels, session_id=session_id,
                                             language=language, metadata=metadata or {}, speakers=speakers,
-                                            after_seq=after_seq, interim=interim, word_timestamps=word_timestamps)
+                                            after_seq=after_seq, interim=interim, word_timestamps=word_timestamps,
+                                            diarize=diarize, max_speakers=max_speakers)
         self.open_timeout = open_timeout
         self.headers = _auth_headers(token)
         self.ssl = ssl

@@ -1,6 +1,7 @@
 """Stream an audio file (wav, flac, mp3, ogg, ...) to the service and print its events.
 
-    python -m clients.file recording.wav [--url ws://127.0.0.1:8765] [--fast] [--interim] [--words] [--jsonl] [--save out.jsonl]
+    python -m clients.file recording.wav [--url ws://127.0.0.1:8765] [--fast] [--interim] [--words] [--diarize]
+                           [--jsonl] [--save out.jsonl]
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ import argparse
 import sys
 
 from clients.audio import SAMPLE_RATE, decode, paced_chunks
-from clients.cli import Printer, add_output_args, add_result_args, connection_args, run_cli
+from clients.cli import Printer, add_diarize_args, add_output_args, add_result_args, connection_args, diarize_options, run_cli
 from clients.client import StreamClient, run_source
 
 
 async def stream_file(args: argparse.Namespace, printer: Printer) -> int:
     speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
+    if speakers is not None and args.diarize:
+        raise RuntimeError("--diarize labels the speakers of one channel; --speakers names each channel: use one")
     audio = decode(args.path, SAMPLE_RATE, mono=speakers is None)
     if speakers is not None:
         if audio.ndim != 2 or audio.shape[0] != len(speakers):
@@ -24,7 +27,8 @@ async def stream_file(args: argparse.Namespace, printer: Printer) -> int:
     channels = len(speakers) if speakers else 1
     async with StreamClient(args.url, sample_rate=SAMPLE_RATE, channels=channels, speakers=speakers,
                             session_id=args.session_id, metadata={"source": "clients.file", "file": args.path},
-                            interim=args.interim, word_timestamps=args.words, **connection_args(args)) as client:
+                            interim=args.interim, word_timestamps=args.words, **diarize_options(args),
+                            **connection_args(args)) as client:
         chunks = paced_chunks(audio, SAMPLE_RATE * channels, realtime=not args.fast)
         events = await run_source(client, chunks, printer)
     return 0 if any(e.type == "session.ended" for e in events) else 1
@@ -39,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--speakers", metavar="A,B", help="multi-channel file: one speaker per channel, e.g. agent,customer "
                     "(a call recording with the agent left and the customer right); default: downmix to mono")
     add_result_args(ap)
+    add_diarize_args(ap)
     add_output_args(ap)
     return ap
 

@@ -1,10 +1,11 @@
 """Desktop microphone session: talk, and watch each utterance's transcript and emotion appear.
 
     python -m clients.mic [--url ws://127.0.0.1:8765] [--device N|NAME] [--list-devices] [--interim] [--words]
-                          [--save session.jsonl]
+                          [--diarize [--max-speakers N]] [--save session.jsonl]
 
 With --interim the words appear while you speak (grey, rewritten in place) and the final result
-replaces them; --words adds each word's timing under the transcript.
+replaces them; --words adds each word's timing under the transcript; --diarize (several people at
+one microphone) puts each utterance's speaker (S1, S2, ...) before its emotion.
 
 Ctrl-C stops capturing, waits for the last utterance's result, prints the emotion timeline and
 exits; a second Ctrl-C exits at once.
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from clients.audio import CHUNK_S
-from clients.cli import Printer, add_output_args, add_result_args, connection_args, run_cli
+from clients.cli import Printer, add_diarize_args, add_output_args, add_result_args, connection_args, diarize_options, run_cli
 from clients.client import StreamClient, run_source
 
 
@@ -86,8 +87,10 @@ async def session(args: argparse.Namespace, printer: Printer) -> int:
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id, metadata={"source": "clients.mic"},
-                            interim=args.interim, word_timestamps=args.words, **connection_args(args)) as client:
-        extras = [x for x, on in (("interim results", args.interim), ("word timings", args.words)) if on]
+                            interim=args.interim, word_timestamps=args.words, **diarize_options(args),
+                            **connection_args(args)) as client:
+        extras = [x for x, on in (("interim results", args.interim), ("word timings", args.words),
+                                  ("speaker labels", args.diarize)) if on]
         print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
               f"→ {args.url}{' with ' + ' and '.join(extras) if extras else ''} (Ctrl-C to stop)", file=sys.stderr)
         await run_source(client, capture(device, rate, stop), printer, stop_when=stop)
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     ap.add_argument("--session-id", help="ask for this session id")
     add_result_args(ap)
+    add_diarize_args(ap)
     add_output_args(ap)
     return ap
 

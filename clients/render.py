@@ -60,7 +60,9 @@ class Renderer:
     A partial (transcript.partial / emotion.partial) renders as one line marked `… interim`, with
     the text so far and, from emotion.partial, a provisional label (`joy?`). A terminal that can
     rewrite a line shows `interim_line()` in place instead and replaces it by the final lines. An
-    emotion the server marked `"confidence": "low"` gets `(low confidence)` after its score."""
+    emotion the server marked `"confidence": "low"` gets `(low confidence)` after its score. An
+    utterance's `speaker` (named channels, or a diarized session's S1, S2, ...) follows its times,
+    revisions included, and a `speaker.revised` is a `↻ speaker` line."""
 
     colour: bool = True
     show_revisions: bool = True
@@ -104,12 +106,14 @@ class Renderer:
             label, scores = ev.get("label", "?"), ev.get("scores", {})
             w = ev.get("modality_weights", {})
             start, end = self.spans.get(key, (0.0, 0.0))
-            prefix = "  ↻ revised" if ev.type == P.EMOTION_REVISED else f"[{clock(start)}–{clock(end)}]{speaker}"
+            prefix = f"  ↻ revised{speaker}" if ev.type == P.EMOTION_REVISED else f"[{clock(start)}–{clock(end)}]{speaker}"
             unsure = style(" (low confidence)", DIM, self.colour) if ev.get("confidence") == P.LOW_CONFIDENCE else ""
             line = (
                 f"{prefix} {paint(f'{label:<8}', label, self.colour)} {bar(scores.get(label, 0.0))} "
                 f"{scores.get(label, 0.0):.2f}{unsure}  speech {w.get('speech', 0.0):.2f} | text {w.get('text', 0.0):.2f}"
             )
+            if ev.get("sentiment"):  # absent from servers whose model has no sentiment head
+                line += f"  {ev['sentiment']} {ev.get('sentiment_score', 0.0):+.2f}"
             if ev.type == P.EMOTION:
                 self.timeline.setdefault(ev.session_id, []).append(label)
                 latency = ev.get("latency_ms")
@@ -121,6 +125,9 @@ class Renderer:
                 if words:
                     return [line, *(style(w, DIM, self.colour) for w in word_timings(words, self.width))]
             return [line]
+        if ev.type == P.SPEAKER_REVISED:  # diarized: an earlier utterance was someone else after all
+            start, end = self.spans.get(key, (0.0, 0.0))
+            return [f"  ↻ speaker [{clock(start)}–{clock(end)}] {ev.get('previous_speaker')} → {ev.get('speaker')}"]
         if ev.type == P.ERROR:
             return [f"! error {ev.get('code')}: {ev.get('message')}"]
         if ev.type == P.SESSION_ENDED:

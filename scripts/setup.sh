@@ -31,7 +31,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.emostream-installed
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-nodeps.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[setup] Python packages: ok"
 else
@@ -39,6 +39,8 @@ else
     extra=()
     [ -n "${TORCH_INDEX_URL:-}" ] && extra+=(--extra-index-url "$TORCH_INDEX_URL")
     .venv/bin/python -m pip install -q --disable-pip-version-check "${extra[@]}" -r requirements.lock
+    # without their declared dependencies (see the file): resemblyzer would pull webrtcvad, which does not build
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.lock
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
     echo "$want" > "$stamp"
 fi

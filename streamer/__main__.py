@@ -27,7 +27,7 @@ from streamer.routes import auth
 from streamer import protocol as P
 from streamer.config import (MODALITIES, AppConfig, AsrConfig, CallsConfig, InferenceConfig, SegmenterConfig,
                              ServerConfig, default_checkpoint)
-from streamer.config import BusConfig, StoreConfig
+from streamer.config import BusConfig, DiarizeConfig, StoreConfig
 
 DEMO_RECORDING = Path(__file__).resolve().parent / "assets" / "demo.flac"
 
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "speaks; on a terminal that line is rewritten in place until the final result replaces it")
     p.add_argument("--words", action="store_true",
                    help="with --demo/--file/--mic: word timings on every final transcript")
+    p.add_argument("--diarize", action="store_true",
+                   help="several people on one channel: the --demo/--file/--mic session labels each utterance's speaker "
+                        "(S1, S2, ...); the voice model is loaded at start (WebSocket sources ask with \"diarize\": true)")
     sec = p.add_argument_group("security (docs/protocol.md#authentication)")
     sec.add_argument("--token", action="append", default=[], metavar="TOKEN",
                      help="API token with the admin role (repeatable; also $EMOSTREAM_TOKEN)")
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--alert-rules", type=Path, default=None, metavar="JSON", help="alert rules file")
     calls.add_argument("--webhook", default=None, metavar="URL", help="POST alerts and call summaries here")
     calls.add_argument("--summaries", type=Path, default=None, metavar="DIR", help="write <session>.json call summaries")
+    calls.add_argument("--score-sides", metavar="A[,B]", default=None,
+                       help="only these sides get emotion and sentiment (e.g. customer: Twilio's inbound track); the "
+                            "others are transcribed only (EU AI Act art. 5(1)(f): no emotion inference on workers)")
     p.add_argument("--store", type=Path, default=None, metavar="PATH",
                    help="keep every event in this SQLite file (WAL): GET /v1/sessions, python -m streamer.events.export")
     p.add_argument("--bus", default=None, metavar="URL", type=_bus_url,
@@ -133,7 +139,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
                           low_confidence=a.low_confidence)
     if a.checkpoint is not None:
         inf = replace(inf, checkpoint=a.checkpoint)
-    calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries)
+    sides = tuple(x.strip() for x in a.score_sides.split(",") if x.strip()) if a.score_sides else ()
+    calls = CallsConfig(alert_rules=a.alert_rules, webhook_url=a.webhook, summaries_dir=a.summaries, score_sides=sides)
     tokens = [(t, (auth.ADMIN,)) for t in [*a.token, os.environ.get("EMOSTREAM_TOKEN", "")] if t]
     if a.token_file is not None:
         tokens += auth.load_token_file(a.token_file)
@@ -141,7 +148,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
                                certfile=a.certfile, keyfile=a.keyfile)
     config = AppConfig(server=ServerConfig(host=a.host, port=port), segmenter=seg, asr=asr, inference=inf, calls=calls,
                        auth=security)
-    return replace(config, store=StoreConfig(path=a.store), bus=BusConfig(url=a.bus))
+    return replace(config, store=StoreConfig(path=a.store), bus=BusConfig(url=a.bus),
+                   diarize=DiarizeConfig(default=a.diarize))
 
 
 CLEAR_LINE = "\r\033[2K"  # back to the start of the line and erase it
@@ -184,7 +192,8 @@ class _Printer:
 
 def _extras(a: argparse.Namespace) -> str:
     """', interim results, word timings' for the console lines that say what is streamed."""
-    return "".join(f", {x}" for x, on in (("interim results", a.interim), ("word timings", a.words)) if on)
+    return "".join(f", {x}" for x, on in (("interim results", a.interim), ("word timings", a.words),
+                                          ("speakers", a.diarize)) if on)
 
 
 async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str | None = None,
@@ -219,6 +228,8 @@ async def run(a: argparse.Namespace) -> int:
         path = DEMO_RECORDING if a.demo else a.file
         try:
             speakers = a.speakers.split(",") if a.speakers and a.file is not None else None
+            if speakers and a.diarize:
+                raise SourceError("--diarize labels the speakers of one channel; --speakers names each channel: use one")
             audio = load_file(path, channels=len(speakers) if speakers else None)
         except SourceError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -255,7 +266,7 @@ async def run(a: argparse.Namespace) -> int:
               f"through {app.url}{P.STREAM_PATH}", flush=True)
         try:
             result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_Printer(a.json), speakers=speakers,
-                                        token=own_token, interim=a.interim, word_timestamps=a.words,
+                                        token=own_token, interim=a.interim, word_timestamps=a.words, diarize=a.diarize,
                                         timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
             lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
             if lat and not a.json:

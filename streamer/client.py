@@ -55,17 +55,19 @@ async def stream_audio(
     token: str | None = None,
     interim: bool = False,
     word_timestamps: bool = False,
+    diarize: bool = False,
 ) -> StreamResult:
     """Send `audio` (float32 mono at `sample_rate`; or (channels, n) with one name per channel in
     `speakers`) as pcm_s16le to url + /v1/stream, then stop; return every event up to
-    session.ended and the close code. `interim` / `word_timestamps` are the start message's flags
-    (transcript.partial / emotion.partial while someone speaks; per-word timings on transcripts)."""
+    session.ended and the close code. `interim` / `word_timestamps` / `diarize` are the start message's
+    flags (transcript.partial / emotion.partial while someone speaks; per-word timings on transcripts;
+    a `speaker` label per utterance of a one-channel conversation)."""
     result = StreamResult()
     channels = len(speakers) if speakers else 1
     if audio.ndim != (2 if speakers else 1) or (speakers and audio.shape[0] != channels):
         raise ValueError(f"audio of shape {audio.shape} does not match speakers {speakers}")
     start = P.StartMessage(sample_rate=sample_rate, session_id=session_id, channels=channels, speakers=speakers,
-                           interim=interim, word_timestamps=word_timestamps)
+                           interim=interim, word_timestamps=word_timestamps, diarize=diarize)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with connect(url.rstrip("/") + P.STREAM_PATH, max_size=P_MAX, additional_headers=headers,
                        ssl=tls_for(url)) as ws:
@@ -125,6 +127,11 @@ def _unsure(ev: dict[str, Any]) -> str:
     return " (low confidence)" if ev.get("confidence") == P.LOW_CONFIDENCE else ""
 
 
+def _sentiment(ev: dict[str, Any]) -> str:
+    """' | sentiment negative -0.62' for an emotion event that carries one, else ''."""
+    return f" | sentiment {ev['sentiment']} {ev.get('sentiment_score', 0.0):+.2f}" if ev.get("sentiment") else ""
+
+
 def format_event(ev: dict[str, Any]) -> str | None:
     """Human-readable line(s) for the events a person watching wants; None for the rest. Interim
     results (transcript.partial, emotion.partial) are one line marked `… interim`; a transcript
@@ -155,10 +162,14 @@ def format_event(ev: dict[str, Any]) -> str | None:
         w = ev["modality_weights"]
         return (f"    #{uid} emotion: {ev['label'].upper():8s} "
                 + "  ".join(f"{k} {v:.2f}" for k, v in top) + _unsure(ev)
-                + f"  | speech {w['speech']:.2f} / text {w['text']:.2f} | {ev['latency_ms']:.0f} ms after end of speech")
+                + f"  | speech {w['speech']:.2f} / text {w['text']:.2f}" + _sentiment(ev)
+                + f" | {ev['latency_ms']:.0f} ms after end of speech")
     if t == P.EMOTION_REVISED:
         return (f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
                 + _unsure(ev))
+    if t == P.SPEAKER_REVISED:
+        return (f"    #{ev.get('utterance_id')} speaker revised with #{ev.get('revised_with')}: "
+                f"{ev.get('previous_speaker')} -> {ev.get('speaker')}")
     if t == P.ERROR:
         return f"error {ev['code']}: {ev['message']}"
     if t == P.ALERT:

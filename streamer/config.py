@@ -135,12 +135,18 @@ class WorkerConfig:
     reply_maxlen: int = 10_000  # entries kept per front-end's reply stream (approximate trim)
     reply_ttl_s: float = 3600.0  # a reply stream nobody reads any more (front-end gone) expires
     timeout_s: float = 5.0  # Redis connect / command timeout (beyond the blocking read)
+    # the worker's load is written to Redis every heartbeat_s with this TTL: front-ends count a worker
+    # whose key expired (killed, hung, cut off) as gone, and stop admitting sessions when none is left
+    heartbeat_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"worker bus URL must start with redis://, rediss:// or unix://, got {self.url!r}")
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.claim_idle_s <= 0:
             raise ValueError("need max_batch >= 1, max_wait_ms >= 0, claim_idle_s > 0")
+        if not 0 < self.heartbeat_s < self.heartbeat_ttl_s:
+            raise ValueError("need 0 < heartbeat_s < heartbeat_ttl_s")
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,26 @@ class CallsConfig:
     webhook_url: str | None = None  # alerts and call summaries are POSTed here (retried, non-blocking)
     webhook_retries: int = 4
     summaries_dir: Path | None = None  # one <session_id>.json call summary per ended session
+    # the named sides (speakers of multi-channel sessions: Twilio tracks, --speakers) whose utterances
+    # get emotion and sentiment; the others are transcribed only. () = every side (docs/calls.md)
+    score_sides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiarizeConfig:
+    """Speakers within one channel (`"diarize": true` in start; streamer/pipeline/diarize.py,
+    streamer/infer/voice.py). The clustering defaults were chosen on RAVDESS actors 1-20 + EmoDB
+    (bench/diarization.py --tune)."""
+
+    default: bool = False  # serve --diarize: internal sources (--mic, --file, the demo) diarize; model loaded at start
+    threshold: float = 1.5  # capped-Ward merge cost below which two groups of utterances are one voice
+    cap: float = 3.0  # the cap on Ward's size factor (see pipeline/diarize.py)
+    window: int = 64  # utterances re-clustered after each one (older ones keep their label); ~1 ms at 64
+    max_pending: int = 64  # voice embeddings waiting for the voice thread before new ones are refused
+
+    def __post_init__(self) -> None:
+        if self.threshold <= 0 or self.cap <= 0 or self.window < 2 or self.max_pending < 1:
+            raise ValueError("need threshold > 0, cap > 0, window >= 2 and max_pending >= 1")
 
 
 @dataclass(frozen=True)
@@ -234,3 +260,4 @@ class AppConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     bus: BusConfig = field(default_factory=BusConfig)
+    diarize: DiarizeConfig = field(default_factory=DiarizeConfig)

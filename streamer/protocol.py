@@ -44,13 +44,18 @@ CALL_SUMMARY = "call.summary"  # just before session.ended: per-speaker distribu
 TRANSCRIPT_PARTIAL = "transcript.partial"
 EMOTION_PARTIAL = "emotion.partial"
 INTERIM_TYPES = (TRANSCRIPT_PARTIAL, EMOTION_PARTIAL)
+# speakers within one channel (opt-in: `"diarize": true` in start): transcript, emotion and
+# emotion.revised carry `speaker` ("S1", "S2", ... in order of first appearance); when more of the
+# conversation moves an earlier utterance to another speaker, a speaker.revised says so
+SPEAKER_REVISED = "speaker.revised"
+MAX_SPEAKERS = 16  # the largest `max_speakers` a start may ask for
 # `confidence` of emotion, emotion.partial and emotion.revised (added within v1: older servers omit it):
 # "low" when the calibrated top score is below the service's threshold (default 0.5, --low-confidence)
 LOW_CONFIDENCE = "low"
 OK_CONFIDENCE = "ok"
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
-    SESSION_RESUMED, ALERT, CALL_SUMMARY, TRANSCRIPT_PARTIAL, EMOTION_PARTIAL,
+    SESSION_RESUMED, ALERT, CALL_SUMMARY, TRANSCRIPT_PARTIAL, EMOTION_PARTIAL, SPEAKER_REVISED,
 )
 
 # error codes (the `code` of an `error` event)
@@ -91,6 +96,8 @@ class StartMessage:
     after_seq: int | None = None  # resume: reattach to a dropped session_id, replaying events after this seq
     interim: bool = False  # also send transcript.partial / emotion.partial while someone speaks
     word_timestamps: bool = False  # final transcripts carry `words` (start_s, end_s, probability each)
+    diarize: bool = False  # one channel, several people: label each utterance's speaker (S1, S2, ...)
+    max_speakers: int | None = None  # with diarize: at most this many speakers (1-16); None: any number
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"type": START, **asdict(self)}
@@ -100,7 +107,7 @@ class StartMessage:
     def from_dict(cls, d: dict[str, Any]) -> "StartMessage":
         """Validate the shape of a start message; raises ValueError with a readable reason."""
         unknown = set(d) - {"type", "sample_rate", "encoding", "channels", "session_id", "language", "metadata", "speakers",
-                            "after_seq", "interim", "word_timestamps"}
+                            "after_seq", "interim", "word_timestamps", "diarize", "max_speakers"}
         if unknown:
             raise ValueError(f"unknown start fields: {sorted(unknown)}")
         rate, enc, ch = d.get("sample_rate"), d.get("encoding", "pcm_s16le"), d.get("channels", 1)
@@ -128,12 +135,19 @@ class StartMessage:
         after = d.get("after_seq")
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < -1 or sid is None):
             raise ValueError("after_seq must be an integer >= -1, sent with the session_id to resume")
-        flags = {k: d.get(k, False) for k in ("interim", "word_timestamps")}
+        flags = {k: d.get(k, False) for k in ("interim", "word_timestamps", "diarize")}
         for k, v in flags.items():
             if not isinstance(v, bool):
                 raise ValueError(f"{k} must be true or false")
+        if flags["diarize"] and speakers is not None:
+            raise ValueError("diarize labels the speakers of one channel; with `speakers` each channel is named "
+                             "already: send one or the other")
+        most = d.get("max_speakers")
+        if most is not None and (not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= MAX_SPEAKERS
+                                 or not flags["diarize"]):
+            raise ValueError(f"max_speakers must be an integer 1-{MAX_SPEAKERS}, sent with diarize: true")
         return cls(sample_rate=rate, encoding=enc, channels=ch, session_id=sid, language=lang, metadata=meta,
-                   speakers=speakers, after_seq=after, **flags)
+                   speakers=speakers, after_seq=after, max_speakers=most, **flags)
 
 
 STOP_MESSAGE = json.dumps({"type": STOP})

@@ -30,6 +30,7 @@ from streamer.events.bus import make_bus
 from streamer.config import AppConfig
 from streamer.infer.engine import InferenceEngine, SpeechToText
 from streamer.infer.remote import RemoteInferenceEngine
+from streamer.infer.voice import VoiceEmbedder
 from streamer.memory import tune_allocator
 from streamer.metrics import Metrics
 from streamer.routes.http import process_request
@@ -82,6 +83,8 @@ class App:
         self.store = EventStore(config.store.path, metrics=self.metrics) if config.store.path else None
         self.bus = make_bus(config.bus, self.metrics, config.server.replay_events)
         self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions, self.bus)
+        # speakers within one channel (diarize): the voice model loads when a session first asks, or at start
+        self.voices = VoiceEmbedder(config.inference.device, config.diarize.max_pending)
         self.sessions: dict[str, SessionRunner] = {}
         self.connections: set[Subscriber] = set()
         self.server: Server | None = None
@@ -104,6 +107,12 @@ class App:
             except Exception:  # serve anyway: a broken model then fails per utterance, with an error event
                 log.exception("model warm-up failed")
         self.engine.start()
+        if self.config.diarize.default:  # serve --diarize: the internal sources diarize; load the voice model now
+            try:
+                await self.voices.preload()
+            except Exception:  # serve anyway: diarized utterances then get an error event each, without a speaker
+                log.exception("voice encoder failed to load")
+        await self.engine.ready()  # remote: the workers' heartbeats read once, so admission is not a guess
         await self.bus.start(self.hub.deliver)
         if self.webhook is not None:
             self.webhook.start()
@@ -168,6 +177,7 @@ class App:
         self.server.close(close_connections=True)
         await self.server.wait_closed()
         await asyncio.to_thread(self.engine.stop)
+        await asyncio.to_thread(self.voices.stop)
         if isinstance(self.engine, RemoteInferenceEngine):
             await self.engine.aclose()  # its Redis tasks live on this loop
         await self.bus.close()  # after the last event: queued ones still reach the other instances
@@ -186,13 +196,16 @@ class App:
 
     # ---- HTTP ----
     def health(self) -> dict[str, Any]:
-        degraded = self.store is not None and self.store.failing  # events go out live but are not stored
+        inference = self.engine.status()  # remote: not ok while no worker is alive or Redis is unreachable
+        store_failing = self.store is not None and self.store.failing  # events go out live but are not stored
+        degraded = store_failing or not inference["ok"]
         return {
             "status": "shutting_down" if self._shutdown is not None else "degraded" if degraded else "ok",
             "protocol": P.VERSION,
             "sessions": len(self.sessions),
             "subscribers": len(self.connections),
             "inference_queue": self.engine.depth,
+            "inference": inference,
             "bus": self.bus.status(),
             **({"store": self.store.status()} if self.store is not None else {}),
             "model": {"labels": list(self.model.config.labels), "device": str(self.model.device)},
@@ -232,6 +245,9 @@ class App:
             return "shutting down"
         if len(self.sessions) >= sc.max_sessions:
             return f"{len(self.sessions)} sessions live (limit {sc.max_sessions})"
+        down = self.engine.unavailable()  # remote: no worker alive, or Redis unreachable
+        if down is not None:
+            return f"inference unavailable: {down}; try again later"
         load, wait = self.engine.load(), self.engine.wait_estimate_s()
         if load > sc.admit_max_load or wait > sc.admit_max_wait_s:
             return (f"at capacity: decoders busy {load:.0%} of the last 10 s (limit {sc.admit_max_load:.0%}), "
@@ -259,16 +275,20 @@ class App:
     # ---- internal sources (microphone, files) ----
     def add_source(self, session_id: str, chunks: AsyncIterator[np.ndarray], source: str,
                    speakers: list[str] | None = None, interim: bool = False,
-                   word_timestamps: bool = False) -> asyncio.Task[None]:
+                   word_timestamps: bool = False, diarize: bool | None = None) -> asyncio.Task[None]:
         """Run a server-side session fed by `chunks` (16 kHz float32); subscribers see it via '*'.
         With `speakers`, chunks are (channels, n) and each channel is its own speaker; `interim` and
-        `word_timestamps` as in a start message."""
+        `word_timestamps` as in a start message; `diarize` too (None: the server's default, serve --diarize;
+        never with `speakers`)."""
 
         async def run() -> None:
             runner = self.new_runner(session_id, SeqCounter(), source, speakers)
             runner.interim, runner.words = interim, word_timestamps
+            if (self.config.diarize.default if diarize is None else diarize) and not speakers:
+                runner.diarize()
             runner.publish(P.SESSION_STARTED, sample_rate=16_000, encoding="float32", channels=len(speakers or [0]),
-                           source=source, protocol=P.VERSION, **({"speakers": speakers} if speakers else {}))
+                           source=source, protocol=P.VERSION, **({"speakers": speakers} if speakers else {}),
+                           **({"diarize": True} if runner.speakers is not None else {}))
             try:
                 async for chunk in chunks:
                     if speakers:

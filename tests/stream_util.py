@@ -118,6 +118,8 @@ def check_session_events(events: list[dict[str, Any]]) -> None:
             assert e["label"] == max(e["scores"], key=e["scores"].get)
             assert sum(e["modality_weights"].values()) == pytest.approx(1.0, abs=1e-4)
             assert e["confidence"] in (P.LOW_CONFIDENCE, P.OK_CONFIDENCE)
+            if "sentiment" in e:  # a model with a sentiment head
+                assert e["sentiment"] in ("negative", "neutral", "positive") and -1.0 <= e["sentiment_score"] <= 1.0
         if e["type"] == P.EMOTION:
             assert 0.0 <= e["latency_ms"] < 60_000
         if e["type"] == P.EMOTION_REVISED:

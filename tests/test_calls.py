@@ -114,6 +114,27 @@ def said(events: list[dict], speaker: str) -> str:
     return " ".join(e["text"] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == speaker)
 
 
+async def twilio_call(app, call_sid: str, inbound: np.ndarray, outbound: np.ndarray) -> list[dict]:  # type: ignore[no-untyped-def]
+    """One call through /v1/twilio at real-time pace (both tracks), watched on /v1/subscribe."""
+    async with connect(f"{app.url}{P.SUBSCRIBE_PATH}?session={call_sid}") as watcher, \
+            connect(f"{app.url}{P.TWILIO_PATH}") as twilio:
+        await twilio.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await twilio.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
+            "streamSid": "MZ1", "accountSid": "AC1", "callSid": call_sid, "tracks": ["inbound", "outbound"],
+            "customParameters": {"queue": "billing"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+        t0, n = time.monotonic(), 160  # Twilio sends 20 ms (160 μ-law bytes) per message and track
+        for k, i in enumerate(range(0, len(inbound), n)):
+            delay = t0 + k * 0.02 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # real-time pacing, as a phone call arrives
+            for track, audio in (("inbound", inbound), ("outbound", outbound)):
+                await twilio.send(json.dumps(media_message("MZ1", track, k, k * 20, mulaw_encode(audio[i:i + n]))))
+        await twilio.send(json.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": "end"}}))
+        await twilio.send(json.dumps({"event": "stop", "streamSid": "MZ1", "stop": {"callSid": call_sid}}))
+        return await recv_until(watcher, P.SESSION_ENDED, timeout=120)
+
+
 def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, whisper, transcripts, tmp_path, webhook):  # noqa: F811
     customer = load("LJ001-0004.wav", sr=8000)  # the caller, first
     agent = load("LJ001-0008.wav", sr=8000)  # then the agent answers
@@ -124,23 +145,7 @@ def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, 
         app = calls_app(emotion_model, whisper, tmp_path, webhook)
         await app.start()
         try:
-            async with connect(f"{app.url}{P.SUBSCRIBE_PATH}?session={call_sid}") as watcher, \
-                    connect(f"{app.url}{P.TWILIO_PATH}") as twilio:
-                await twilio.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-                await twilio.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
-                    "streamSid": "MZ1", "accountSid": "AC1", "callSid": call_sid, "tracks": ["inbound", "outbound"],
-                    "customParameters": {"queue": "billing"},
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
-                t0, n = time.monotonic(), 160  # Twilio sends 20 ms (160 μ-law bytes) per message and track
-                for k, i in enumerate(range(0, len(inbound), n)):
-                    delay = t0 + k * 0.02 - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)  # real-time pacing, as a phone call arrives
-                    for track, audio in (("inbound", inbound), ("outbound", outbound)):
-                        await twilio.send(json.dumps(media_message("MZ1", track, k, k * 20, mulaw_encode(audio[i:i + n]))))
-                await twilio.send(json.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": "end"}}))
-                await twilio.send(json.dumps({"event": "stop", "streamSid": "MZ1", "stop": {"callSid": call_sid}}))
-                return await recv_until(watcher, P.SESSION_ENDED, timeout=120)
+            return await twilio_call(app, call_sid, inbound, outbound)
         finally:
             await asyncio.wait_for(app.shutdown(), 60)
 
@@ -161,6 +166,35 @@ def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, 
     assert json.loads((tmp_path / "summaries" / f"{call_sid}.json").read_text())["session_id"] == call_sid
     assert webhook.wait_for(P.ALERT)["rule"] == "customer-spoke"
     assert webhook.wait_for(P.CALL_SUMMARY)["session_id"] == call_sid
+
+
+def test_score_sides_customer_transcribes_the_agent_without_scoring_it(emotion_model, whisper, transcripts, tmp_path):  # noqa: F811
+    """--score-sides customer (EU AI Act art. 5(1)(f)): the agent's track is transcribed, and its words
+    are the customer's context, but it gets no emotion, revision, sentiment, alert or summary entry."""
+    from streamer.__main__ import build_parser, config_from_args
+    from streamer.server import create_app
+
+    assert config_from_args(build_parser().parse_args(["--score-sides", "customer"])).calls.score_sides == ("customer",)
+    assert config_from_args(build_parser().parse_args([])).calls.score_sides == ()
+    inbound, outbound = turns(load("LJ001-0004.wav", sr=8000), load("LJ001-0008.wav", sr=8000), 8000, tail=1.6)
+    call_sid = "CA" + "0" * 30 + "2"
+    calls = CallsConfig(alert_rules=rules_file(tmp_path), score_sides=("customer",))
+
+    async def go() -> list[dict]:
+        app = create_app(replace(app_config(), calls=calls), model=emotion_model, asr=whisper)
+        await app.start()
+        try:
+            return await twilio_call(app, call_sid, inbound, outbound)
+        finally:
+            await asyncio.wait_for(app.shutdown(), 60)
+
+    events = asyncio.run(go())
+    scored = [e for e in events if e["type"] in (P.EMOTION, P.EMOTION_REVISED, P.EMOTION_PARTIAL, P.ALERT)]
+    assert scored and {e["speaker"] for e in scored} == {"customer"}
+    assert wer(transcripts["LJ001-0008.wav"], said(events, "agent")) <= 0.3, "the agent is still transcribed"
+    assert {e["speaker"] for e in events if e["type"] == P.UTTERANCE_ENDED} == {"customer", "agent"}
+    summary = next(e for e in events if e["type"] == P.CALL_SUMMARY)
+    assert set(summary["speakers"]) == {"customer"}
 
 
 def test_stereo_call_recording_through_clients_file(emotion_model, whisper, transcripts, tmp_path, webhook):  # noqa: F811

@@ -33,7 +33,7 @@ from streamer.infer.transcriber import Transcript
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
                                recv_until, served, whisper)
 from tests.test_bus import instance, redis_server, silence  # noqa: F401
-from tests.test_remote_inference import front_end
+from tests.test_remote_inference import fake_worker, front_end
 from tests.test_stream_cli import start_server
 
 SHUTDOWN_BOUND_S = 15.0
@@ -347,10 +347,12 @@ def test_bus_redis_lost_mid_session_the_session_goes_on_and_shutdown_is_prompt(r
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_remote_inference_redis_lost_mid_session_errors_and_prompt_shutdown(redis_server, tiny_checkpoint,  # noqa: F811
                                                                              fault) -> None:
-    """No worker runs, so the first utterance's job stays outstanding; then Redis goes. The next
-    utterance gets its `error` at once (killed) or after the socket timeout (hung); shutting down
-    with the session live fails the outstanding job at once instead of after remote_timeout_s
-    (30 s) and bounds the Redis clean-up: prompt, every utterance with its error, session.ended."""
+    """No worker takes jobs (a heartbeat alone admits the session), so the first utterance's job
+    stays outstanding; then Redis goes. The next utterance gets its `error` at once (killed) or
+    after the socket timeout (hung); shutting down with the session live fails the outstanding job
+    at once instead of after remote_timeout_s (30 s) and bounds the Redis clean-up: prompt, every
+    utterance with its error, session.ended."""
+    fake_worker(redis_server.url)
 
     async def scenario() -> dict[str, Any]:
         async with front_end(tiny_checkpoint, redis_server.url) as app:

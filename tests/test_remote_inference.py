@@ -2,17 +2,22 @@
 `python -m streamer.infer.worker` process and a real Redis (Debian's redis-server on a private unix socket).
 Transcripts and emotions of real speech match the in-process engine; a killed worker costs one
 utterance an error event (the session and the service go on); a job a worker took and never
-acknowledged is taken over by another worker (XAUTOCLAIM). Plus the head-only checkpoint loader."""
+acknowledged is taken over by another worker (XAUTOCLAIM). Admission and /healthz follow the
+workers' heartbeats: no worker alive, Redis unreachable or a queue deeper than the workers can clear
+refuses new sessions (`overloaded`, close 1013), and the first two make /healthz `degraded`. Plus
+the head-only checkpoint loader."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
@@ -22,10 +27,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from websockets.asyncio.client import connect
 
 from streamer import protocol as P
 from streamer.client import stream_audio
-from streamer.config import InferenceConfig
+from streamer.config import InferenceConfig, WorkerConfig
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load,  # noqa: F401
                                wer, whisper)
 from tests.test_bus import redis_server  # noqa: F401
@@ -76,6 +82,66 @@ async def front_end(checkpoint: Path, url: str, **inference: Any) -> AsyncIterat
         yield app
     finally:
         await asyncio.wait_for(app.shutdown(), WAIT_S)
+
+
+def fake_worker(url: str, name: str = "fake-worker", ttl_s: float = WAIT_S, **load: Any) -> None:
+    """The heartbeat a worker writes (WorkerLoad fields in `load`), for a worker that takes no jobs:
+    front-ends count it alive for `ttl_s`."""
+    import redis
+
+    from streamer.infer.remote import WORKER_INDEX, WorkerLoad, encode_heartbeat, heartbeat_key
+
+    client = redis.Redis.from_url(url)
+    client.set(heartbeat_key(name), encode_heartbeat(WorkerLoad(name, ttl_s=ttl_s, **load)), px=int(ttl_s * 1000))
+    client.sadd(WORKER_INDEX, name)
+
+
+async def healthz(app: Any) -> dict[str, Any]:
+    """GET /healthz over HTTP (so the answer is shown to be plain JSON)."""
+
+    def get() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.port}{P.HEALTH_PATH}", timeout=WAIT_S) as r:
+            assert r.status == 200
+            return json.loads(r.read())
+
+    return await asyncio.to_thread(get)
+
+
+async def healthz_until(app: Any, pred: Any, what: str) -> dict[str, Any]:
+    """Poll /healthz until pred(health), bounded by WAIT_S (the front-end reads heartbeats every WATCH_S)."""
+    deadline = time.monotonic() + WAIT_S
+    while not pred(health := await healthz(app)):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {health}"
+        await asyncio.sleep(0.05)  # polling the service's state, bounded by WAIT_S
+    return health
+
+
+async def until(pred: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)  # polling the service's state, bounded by WAIT_S
+
+
+async def try_start(app: Any) -> tuple[dict[str, Any], int | None]:
+    """A start without audio: (the first event, the close code); an admitted session is stopped at once."""
+    async with asyncio.timeout(WAIT_S), connect(app.url + P.STREAM_PATH) as ws:
+        await ws.send(P.StartMessage(sample_rate=16_000).to_json())
+        first = json.loads(await ws.recv())
+        if first["type"] == P.SESSION_STARTED:
+            await ws.send(P.STOP_MESSAGE)
+        await ws.wait_closed()  # the service closes it: 1000 after session.ended, 1013 when refused
+    return first, ws.close_code
+
+
+def refused(start: tuple[dict[str, Any], int | None], why: str) -> bool:
+    first, code = start
+    return first["type"] == P.ERROR and first["code"] == P.E_OVERLOADED and why in first["message"] \
+        and code == P.CLOSE_TRY_AGAIN
+
+
+def admitted(start: tuple[dict[str, Any], int | None]) -> bool:
+    return start[0]["type"] == P.SESSION_STARTED and start[1] == P.CLOSE_NORMAL
 
 
 def of(events: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
@@ -183,13 +249,15 @@ def test_a_dead_worker_costs_one_utterance_and_its_pending_jobs_are_taken_over(r
         out: dict[str, Any] = {}
         async with front_end(tiny_checkpoint, redis_server.url, remote_timeout_s=timeout_s) as app:
             with worker_process(redis_server.url, tiny_checkpoint, tmp_path / "w1.log") as w1:
+                await healthz_until(app, lambda h: h["status"] == "ok", "the worker's heartbeat")
                 out["before"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
                 w1.send_signal(signal.SIGKILL)
                 w1.wait(WAIT_S)
-            t0 = time.monotonic()
+            t0 = time.monotonic()  # its heartbeat lives on until its TTL: this session is admitted
             out["dead"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
             out["dead_s"] = time.monotonic() - t0
-            out["health"] = app.health()
+            out["health"] = await healthz_until(app, lambda h: h["status"] == "degraded", "the heartbeat to expire")
+            out["gone_s"] = time.monotonic() - t0
             out["timeouts"] = app.metrics.value("emostream_remote_timeouts_total")
             # a worker that died holding a job: delivered to consumer "gone", never acknowledged
             client.xadd(JOBS, job_fields("orphan-1", "emostream:infer:r:orphan", speech, time.time() + WAIT_S))
@@ -199,6 +267,7 @@ def test_a_dead_worker_costs_one_utterance_and_its_pending_jobs_are_taken_over(r
                 reply = await asyncio.to_thread(client.xread, {"emostream:infer:r:orphan": "0-0"}, 1, int(WAIT_S * 1000))
                 out["orphan_reply"] = parse_reply(reply[0][1][0][1], torch.device("cpu"))
                 out["pending"] = client.xpending(JOBS, GROUP)["pending"]
+                await healthz_until(app, lambda h: h["status"] == "ok", "the second worker's heartbeat")
                 out["after"] = (await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)).events
         return out
 
@@ -212,7 +281,10 @@ def test_a_dead_worker_costs_one_utterance_and_its_pending_jobs_are_taken_over(r
     assert errors and all(e["code"] == P.E_INTERNAL and "no inference worker answered" in e["message"] for e in errors)
     assert dead[-1]["type"] == P.SESSION_ENDED and not of(dead, P.EMOTION)
     assert out["dead_s"] < timeout_s + 10  # bounded by the job timeout, not by a hung session
-    assert out["timeouts"] == len(errors) and out["health"]["status"] == "ok"
+    assert out["timeouts"] == len(errors)
+    assert out["gone_s"] < WorkerConfig().heartbeat_ttl_s + 10  # the killed worker is seen gone within its TTL
+    gone = out["health"]["inference"]
+    assert gone["workers"]["alive"] == 0 and "no inference worker alive" in gone["problem"], gone
     assert out["orphaned"] == 1 and out["pending"] == 0
     job_id, analysis = out["orphan_reply"]
     assert job_id == "orphan-1" and wer(ref, analysis.transcript.text) <= 0.3
@@ -277,20 +349,112 @@ def test_engine_bounds_withdraws_and_expires_jobs(redis_server, tiny_checkpoint)
     assert out == {"first_cancelled": True, "depth": 0, "timeouts": 1}
 
 
-def test_redis_unreachable_fails_utterances_not_the_service(tiny_checkpoint, tmp_path):
-    """--inference pointing at no Redis: each utterance gets an `internal` error at once, the
-    session ends normally, and the service stays healthy."""
+def test_redis_unreachable_refuses_sessions_and_degrades_health(tiny_checkpoint, tmp_path):
+    """--inference pointing at no Redis: the service starts at once and serves HTTP, /healthz says
+    `degraded` with inference.redis "down", and a start is refused (`overloaded`, close 1013)
+    instead of admitting a session whose every utterance would fail. (Redis lost mid-session:
+    tests/test_faults.py.)"""
     url = f"unix://{tmp_path / 'nobody.sock'}"
 
     async def scenario() -> dict[str, Any]:
+        t0 = time.monotonic()
         async with front_end(tiny_checkpoint, url) as app:
-            t0 = time.monotonic()
-            events = (await stream_audio(app.url, load("LJ001-0008.wav"), realtime=False, timeout_s=WAIT_S)).events
-            return {"events": events, "s": time.monotonic() - t0, "health": app.health(),
-                    "errors": app.metrics.value("emostream_remote_errors_total")}
+            up_s = time.monotonic() - t0
+            return {"up_s": up_s, "health": await healthz(app), "start": await try_start(app),
+                    "errors": app.metrics.value("emostream_remote_errors_total"),
+                    "overloaded": app.metrics.value("emostream_overloaded_total")}
 
     out = asyncio.run(scenario())
-    errors = of(out["events"], P.ERROR)
-    assert errors and all(e["code"] == P.E_INTERNAL and "inference queue unavailable" in e["message"] for e in errors)
-    assert out["events"][-1]["type"] == P.SESSION_ENDED and not of(out["events"], P.EMOTION)
-    assert out["s"] < 10 and out["health"]["status"] == "ok" and out["errors"] >= 1
+    assert out["health"]["status"] == "degraded" and refused(out["start"], "inference Redis unreachable"), out
+    inference = out["health"]["inference"]
+    assert inference["redis"] == "down" and not inference["ok"], inference
+    assert "inference Redis unreachable" in inference["problem"] and inference["workers"]["alive"] == 0
+    assert out["up_s"] < 10 and out["errors"] >= 1 and out["overloaded"] == 1
+
+
+def test_admission_and_healthz_follow_the_workers_heartbeats(redis_server, tiny_checkpoint, transcripts,  # noqa: F811
+                                                              tmp_path):
+    """No worker yet: /healthz `degraded` (workers.alive 0) and a start refused (`overloaded`, close
+    1013). A worker up: its heartbeat is read, /healthz `ok` with its load, a session is admitted
+    and served, and the worker's job count shows in its heartbeat. The worker stopped: it deletes
+    its heartbeat, so /healthz is `degraded` again well within the TTL. Redis killed: `degraded`
+    with inference.redis "down", and starts refused."""
+    speech = load("LJ001-0008.wav")
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with front_end(tiny_checkpoint, redis_server.url) as app:
+            out["none"] = await healthz(app), await try_start(app)
+            with worker_process(redis_server.url, tiny_checkpoint, tmp_path / "worker.log"):
+                out["up"] = await healthz_until(app, lambda h: h["status"] == "ok", "the worker's heartbeat")
+                out["start"] = await try_start(app)
+                res = await stream_audio(app.url, speech, realtime=False, timeout_s=WAIT_S)
+                out["served"] = res.events, res.close_code
+                out["counted"] = await healthz_until(
+                    app, lambda h: any(w["jobs"] >= 1 for w in h["inference"]["workers"]["list"]), "the worker's job count")
+            t0 = time.monotonic()
+            out["stopped"] = await healthz_until(app, lambda h: h["status"] == "degraded", "the worker gone")
+            out["stopped_s"] = time.monotonic() - t0
+            redis_server.kill()
+            out["down"] = await healthz_until(app, lambda h: h["inference"]["redis"] == "down", "Redis gone")
+            out["down_start"] = await try_start(app)
+        return out
+
+    out = asyncio.run(scenario())
+    health, start = out["none"]
+    assert health["status"] == "degraded" and health["inference"]["redis"] == "up", health
+    assert health["inference"]["workers"]["alive"] == 0 and health["inference"]["wait_s"] is None
+    assert refused(start, "no inference worker alive"), start
+    up = out["up"]["inference"]
+    assert up["ok"] and up["problem"] is None and up["workers"]["alive"] == 1 and up["workers"]["decoders"] == 1
+    (beat,) = up["workers"]["list"]
+    assert beat["decoders"] == 1 and 0 <= beat["load"] <= 1 and beat["job_s"] > 0
+    assert 0 <= beat["age_s"] <= beat["ttl_s"] == WorkerConfig().heartbeat_ttl_s
+    assert admitted(out["start"]), out["start"]
+    events, close = out["served"]
+    check_session_events(events)
+    assert not of(events, P.ERROR) and of(events, P.EMOTION) and close == P.CLOSE_NORMAL, events
+    assert wer(transcripts["LJ001-0008.wav"], text_of(events)) <= 0.3
+    assert out["counted"]["inference"]["workers"]["list"][0]["load"] > 0
+    assert out["stopped"]["inference"]["workers"]["alive"] == 0
+    assert out["stopped_s"] < WorkerConfig().heartbeat_ttl_s  # deleted at exit, not expired
+    down = out["down"]
+    assert down["status"] == "degraded" and "inference Redis unreachable" in down["inference"]["problem"]
+    assert refused(out["down_start"], "inference Redis unreachable"), out["down_start"]
+
+
+def test_a_queue_deeper_than_the_workers_can_clear_refuses_sessions(redis_server, tiny_checkpoint):  # noqa: F811
+    """One live worker (a heartbeat that takes no jobs) at 1 s a job: with 3 jobs in the stream a
+    new utterance would wait 3 s, past admit_max_wait_s (1 s), so a start is refused (`overloaded`,
+    close 1013) and an utterance past max_queue_s (2 s here) gets Overloaded; /healthz stays `ok`
+    (busy is not broken). The queue drained: sessions are admitted again."""
+    import redis
+
+    from streamer.infer.engine import Overloaded
+    from streamer.infer.remote import JOBS, job_fields
+
+    client = redis.Redis.from_url(redis_server.url)
+    fake_worker(redis_server.url, job_s=1.0)
+    silence = np.zeros(1600, dtype=np.float32)
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with front_end(tiny_checkpoint, redis_server.url, max_queue_s=2.0) as app:
+            out["empty"] = app.engine.wait_estimate_s(), await try_start(app)
+            for i in range(3):
+                client.xadd(JOBS, job_fields(f"queued-{i}", "emostream:infer:r:nobody", silence, time.time() + WAIT_S))
+            await until(lambda: app.engine.wait_estimate_s() > 0, "the front-end to read the queue")
+            out["deep"] = app.engine.wait_estimate_s(), await try_start(app), await healthz(app)
+            with pytest.raises(Overloaded, match="workers are 3.0 s behind"):
+                app.engine.analyze(silence)
+            client.xtrim(JOBS, maxlen=0)
+            await until(lambda: app.engine.wait_estimate_s() == 0, "the front-end to read the drained queue")
+            out["drained"] = await try_start(app)
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["empty"][0] == 0 and admitted(out["empty"][1]), out["empty"]
+    wait, start, health = out["deep"]
+    assert wait == 3.0 and refused(start, "would wait 3.0 s"), (wait, start)
+    assert health["status"] == "ok" and health["inference"]["queue"] == 3 and health["inference"]["wait_s"] == 3.0
+    assert admitted(out["drained"]), out["drained"]

@@ -9,6 +9,21 @@ from typing import Any
 from streamer import protocol as P
 
 
+def sentiment_trend(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A speaker's sentiment over the call: the distribution, the mean score in [-1, 1], the means
+    of the first and last thirds of their utterances, and `trend` = last - first (> 0: the call
+    went better for them). None when no utterance carried a sentiment."""
+    scores = [e["sentiment_score"] for e in entries if "sentiment_score" in e]
+    if not scores:
+        return None
+    third = max(1, len(scores) // 3)
+    first, last = sum(scores[:third]) / third, sum(scores[-third:]) / third
+    counts = Counter(e["sentiment"] for e in entries if "sentiment" in e)
+    return {"distribution": {k: round(c / len(scores), 4) for k, c in counts.most_common()},
+            "mean": round(sum(scores) / len(scores), 4), "start": round(first, 4), "end": round(last, 4),
+            "trend": round(last - first, 4)}
+
+
 @dataclass
 class CallSummary:
     session_id: str
@@ -32,6 +47,8 @@ class CallSummary:
                 "scores": ev["scores"], "start_s": self._spans.get(uid, (None, None))[0],
                 "end_s": self._spans.get(uid, (None, None))[1], "text": self._texts.get(uid, ""),
             }
+            if ev.get("sentiment") is not None:
+                entry |= {"sentiment": ev["sentiment"], "sentiment_score": ev.get("sentiment_score", 0.0)}
             for i, old in enumerate(entries):
                 if old["utterance_id"] == uid:  # a revision replaces the live prediction
                     entries[i] = {**entry, "revised": True}
@@ -39,8 +56,22 @@ class CallSummary:
             else:
                 if t == P.EMOTION:
                     entries.append(entry)
+        elif t == P.SPEAKER_REVISED:  # diarized: the utterance moves to its new speaker's timeline
+            self._move(uid, ev.get("previous_speaker") or "speaker", ev.get("speaker") or "speaker")
         elif t == "alert":
             self.alerts.append({k: v for k, v in ev.items() if k not in ("type", "session_id")})
+
+    def _move(self, uid: Any, old: str, new: str) -> None:
+        entries = self.timeline.get(old, [])
+        moved = [e for e in entries if e["utterance_id"] == uid]
+        if not moved or old == new:
+            return
+        entries[:] = [e for e in entries if e["utterance_id"] != uid]
+        if not entries:
+            del self.timeline[old]  # a speaker left with no utterance is not in the summary
+        target = self.timeline[new]
+        target.extend(moved)
+        target.sort(key=lambda e: e["utterance_id"])
 
     def to_dict(self) -> dict[str, Any]:
         speakers = {}
@@ -57,6 +88,10 @@ class CallSummary:
                 "distribution": {lab: round(c / n, 4) for lab, c in counts.most_common()},
                 "dominant": counts.most_common(1)[0][0] if counts else None,
                 "peaks": dict(sorted(peaks.items(), key=lambda kv: -kv[1]["score"])[:3]),
-                "timeline": [{k: e[k] for k in ("utterance_id", "start_s", "end_s", "label", "score", "text")} for e in entries],
+                "timeline": [{k: e[k] for k in ("utterance_id", "start_s", "end_s", "label", "score", "text", "sentiment", "sentiment_score")
+                              if k in e} for e in entries],
             }
+            trend = sentiment_trend(entries)
+            if trend is not None:
+                speakers[speaker]["sentiment"] = trend
         return {"session_id": self.session_id, "speakers": speakers, "alerts": self.alerts}

@@ -15,8 +15,10 @@ they never queue behind a decode; it alone touches the sessions' dialogue contex
 abandoned before they run (speech resumed after a speculative decode) are skipped.
 
 Load: the engine keeps how long a decode takes per utterance and how busy the decoders were over
-the last LOAD_WINDOW_S; wait_estimate_s() and load() feed the admission policy (server.py) and
-the per-utterance bound `max_queue_s` (beyond it a new utterance is refused with Overloaded).
+the last LOAD_WINDOW_S; wait_estimate_s(), load() and unavailable() feed the admission policy
+(server.py), status() /healthz, and wait_estimate_s() the per-utterance bound `max_queue_s` (beyond
+it a new utterance is refused with Overloaded). RemoteInferenceEngine offers the same methods,
+fed by the remote workers' heartbeats.
 """
 
 from __future__ import annotations
@@ -240,6 +242,18 @@ class InferenceEngine:
         return DialogueContext(self.model, revise=self.config.revise, modalities=self.config.modalities)
 
     # ---- load ----
+    async def ready(self) -> None:
+        """Admission can be decided at once: the decoders are in this process (RemoteInferenceEngine waits)."""
+
+    def unavailable(self) -> str | None:
+        """Never: the decoders are in this process, and a dead thread is replaced."""
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """For /healthz: the decoders, how busy they were lately, how long a new utterance would wait."""
+        return {"kind": "local", "ok": True, "problem": None, "decoders": self.workers,
+                "load": round(self.load(), 3), "wait_s": round(self.wait_estimate_s(), 3)}
+
     def wait_estimate_s(self) -> float:
         """How long an utterance queued now would wait before a decoder starts on it."""
         with self._lock:

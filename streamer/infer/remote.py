@@ -14,10 +14,18 @@ from every front-end):
   embedding, float32 bytes, empty when absent), timings (asr, enc) and the worker (w), or err.
   A job that asked for word timings gets wd too: a JSON list of [word, start_s, end_s, probability]
   (seconds from the utterance's start; [] when there is no text); without wd, Transcript.words is None.
+- heartbeats: every worker writes `emostream:infer:hb:{worker}` (a JSON WorkerLoad: decoders, busy,
+  jobs in hand, per-job decode time, load over the last 10 s, jobs done, ttl_s) with a TTL of a few
+  beats and keeps its name in the set `emostream:infer:hb`; a clean exit deletes both. A key that
+  expired is a worker that stopped beating (killed, hung, cut off).
 A worker acknowledges (XACK) a job only in the transaction that writes its reply; a job whose
 worker died stays pending and is taken over (XAUTOCLAIM) by another worker after `claim_idle_s`.
 The front-end fails a job nobody answered within `remote_timeout_s` (the utterance gets an error
 event, the session goes on) and bounds its outstanding jobs by `queue_size` (then Overloaded).
+Every WATCH_S it reads the heartbeats and the job stream's length: admission (server.py) refuses
+new sessions while no worker is alive, Redis is unreachable, or the queue is deeper than the live
+workers clear within the admission bound; an utterance that would wait past max_queue_s is refused
+with Overloaded, as in process; /healthz reports `degraded` while no worker is alive or Redis is down.
 Shutting down while Redis is unreachable, outstanding jobs fail at once (begin_shutdown) and each
 Redis call of the clean-up gets 2 s, so a dead or hung Redis never holds shutdown up.
 """
@@ -27,10 +35,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,10 +57,15 @@ log = logging.getLogger(__name__)
 JOBS = "emostream:infer:jobs"
 GROUP = "emostream:infer:workers"
 JOBS_MAXLEN = 100_000  # approximate cap on the job stream (workers delete what they finished)
+WORKER_INDEX = "emostream:infer:hb"  # set: names of workers that have sent a heartbeat
 
 
 def reply_key(instance: str) -> str:
     return f"emostream:infer:r:{instance}"
+
+
+def heartbeat_key(worker: str) -> str:
+    return f"{WORKER_INDEX}:{worker}"
 
 
 class RemoteTimeout(RuntimeError):
@@ -147,6 +161,52 @@ def error_fields(job_id: bytes, message: str, worker: str) -> dict[str, Any]:
     return {"j": job_id, "ok": "0", "err": message[:2000], "w": worker}
 
 
+@dataclass(frozen=True)
+class WorkerLoad:
+    """One worker's heartbeat: what it is doing now and how fast it decodes."""
+
+    worker: str
+    decoders: int = 1  # decoding threads (a worker process runs one)
+    busy: int = 0  # decoders inside a batch now
+    in_hand: int = 0  # jobs taken from the stream and not answered yet
+    job_s: float = 0.3  # running mean of one job's decode + encode time (s)
+    load: float = 0.0  # fraction of the last 10 s spent decoding (0..1)
+    jobs: int = 0  # jobs answered since the worker started
+    ttl_s: float = 5.0  # the heartbeat key's TTL as written
+    age_s: float = 0.0  # front-end side: seconds since the heartbeat was written (from the key's TTL left)
+
+
+_LOAD_FIELDS = {"decoders": int, "busy": int, "in_hand": int, "job_s": float, "load": float, "jobs": int,
+                "ttl_s": float}
+
+
+def encode_heartbeat(load: WorkerLoad) -> str:
+    return json.dumps({"worker": load.worker, **{k: getattr(load, k) for k in _LOAD_FIELDS}})
+
+
+def decode_heartbeat(raw: bytes, pttl_ms: int) -> WorkerLoad:
+    """A heartbeat key's value and its remaining TTL (PTTL) as a WorkerLoad. Raises ValueError
+    when malformed (TypeError and KeyError are turned into it)."""
+    try:
+        value = json.loads(raw.decode())
+        fields = {k: cast(value[k]) for k, cast in _LOAD_FIELDS.items()}
+        load = WorkerLoad(str(value["worker"]), **fields)  # type: ignore[arg-type]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed heartbeat: {type(e).__name__}: {e}") from None
+    if load.decoders < 1 or not 0 < load.job_s < math.inf:
+        raise ValueError(f"heartbeat of {load.worker}: need decoders >= 1 and a finite job_s > 0")
+    return replace(load, age_s=max(0.0, load.ttl_s - max(0, pttl_ms) / 1000))
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the front-end last read from Redis: the live workers and the job stream's length."""
+
+    workers: tuple[WorkerLoad, ...] = ()
+    queue: int = 0  # entries in the job stream: waiting, or in some worker's hands
+    error: str | None = None  # that read failed (Redis unreachable): why
+
+
 def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, Analysis | RemoteError]:
     """(job id, the Analysis or the worker's error) from a reply entry."""
     job_id = fields[b"j"].decode()
@@ -223,11 +283,20 @@ class RemoteInferenceEngine:
         self._n = 0
         self.connected = False
         self._closing = False  # begin_shutdown() was called
+        # aclose() was called: the Redis loops end (the flag as well as the cancel: on Python 3.11 a
+        # cancel that lands as a Redis read times out can surface as that TimeoutError instead)
+        self._stopped = False
+        self.view: WorkerView | None = None  # the last read of the workers' heartbeats; None: not read yet
+        self._looked = asyncio.Event()  # set once the first read of the heartbeats has finished (or failed)
         metrics.gauge("emostream_remote_jobs_outstanding", "analyze jobs sent to inference workers, not yet answered",
                       lambda: len(self._jobs))
+        metrics.gauge("emostream_remote_workers_alive", "inference workers with a live heartbeat in Redis",
+                      lambda: len(self.view.workers) if self.view else 0)
 
     BLOCK_S = 1.0  # one XREAD on the reply stream waits this long
     BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+    WATCH_S = 1.0  # the workers' heartbeats and the job queue's depth are read this often
+    READY_S = 6.0  # ready() waits at most this for the first read (a hung Redis: one socket timeout)
 
     @property
     def depth(self) -> int:
@@ -238,7 +307,16 @@ class RemoteInferenceEngine:
         self.local.start()
         self._outbox = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_loop(), name="inference-writer"),
-                       asyncio.create_task(self._read_loop(), name="inference-reader")]
+                       asyncio.create_task(self._read_loop(), name="inference-reader"),
+                       asyncio.create_task(self._watch_loop(), name="inference-watch")]
+
+    async def ready(self) -> None:
+        """Return once the workers' heartbeats were read (or could not be: Redis down), so that
+        admission never decides on a guess; bounded by READY_S."""
+        try:
+            await asyncio.wait_for(self._looked.wait(), self.READY_S)
+        except asyncio.TimeoutError:
+            log.warning("inference: no answer from Redis within %g s; admitting nobody until it answers", self.READY_S)
 
     def warmup(self) -> float:
         """One prediction through the head (the workers warm up their own models)."""
@@ -269,7 +347,7 @@ class RemoteInferenceEngine:
         """Fail what is still outstanding, stop the Redis tasks, drop our reply stream, disconnect.
         Bounded: each Redis call here gets `timeout_s` (Redis may hang or be gone; the reply stream
         then expires on its own after the workers' reply_ttl_s)."""
-        self._closing = True
+        self._closing = self._stopped = True
         self._fail_outstanding("service shutting down")
         for t in (*self._tasks, *self._side):  # a pending withdrawal (XDEL) is moot: workers skip expired jobs
             t.cancel()
@@ -293,18 +371,43 @@ class RemoteInferenceEngine:
         return self.local.new_context()
 
     def status(self) -> dict[str, Any]:
-        return {"kind": "remote", "instance": self.instance, "connected": self.connected, "outstanding": len(self._jobs)}
+        """For /healthz: `ok` false with the `problem` while no worker is alive or Redis is unreachable."""
+        view, problem, wait = self.view or WorkerView(), self.unavailable(), self.wait_estimate_s()
+        workers = {"alive": len(view.workers), "decoders": sum(w.decoders for w in view.workers),
+                   "busy": sum(w.busy for w in view.workers),
+                   "list": [{k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(w).items()}
+                            for w in view.workers]}
+        return {"kind": "remote", "ok": problem is None, "problem": problem, "instance": self.instance,
+                "redis": "unknown" if self.view is None else "down" if view.error else "up",
+                "connected": self.connected, "outstanding": len(self._jobs), "queue": view.queue,
+                "wait_s": round(wait, 3) if math.isfinite(wait) else None, "workers": workers}
+
+    def unavailable(self) -> str | None:
+        """Why no remote inference can be counted on now (None: some worker is alive)."""
+        view = self.view
+        if view is None:
+            return "the inference workers' heartbeats have not been read yet"
+        if view.error is not None:
+            return f"inference Redis unreachable ({view.error})"
+        if not view.workers:
+            return "no inference worker alive (no worker heartbeat in Redis)"
+        return None
 
     # ---- event-loop side ----
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
                 max_wait_s: float | None = None) -> RemoteJob:
         """Queue an utterance for a remote worker; await job.future for an Analysis. `context`: the
         session's earlier transcripts, most recent first (sent with the job); `words`: the
-        transcript should carry word timings (Transcript.words). `max_wait_s` is accepted for the
-        in-process engine's interface: the workers' queue is not visible here, so outstanding jobs
-        are bounded by queue_size and each by remote_timeout_s instead."""
+        transcript should carry word timings (Transcript.words). Raises Overloaded when queue_size
+        jobs are outstanding, or when live workers are more than `max_wait_s` (default max_queue_s)
+        behind; with no worker alive the job is sent anyway (one may come back within
+        remote_timeout_s, after which the job fails)."""
         if len(self._jobs) >= self.config.queue_size:
             raise Overloaded(f"{len(self._jobs)} inference jobs outstanding (limit {self.config.queue_size})")
+        limit = self.config.max_queue_s if max_wait_s is None else max_wait_s
+        wait = self.wait_estimate_s()
+        if math.isfinite(wait) and wait > limit:
+            raise Overloaded(f"inference workers are {wait:.1f} s behind (limit {limit:g} s)")
         assert self._outbox is not None, "start() first"
         loop = asyncio.get_running_loop()
         self._n += 1
@@ -326,7 +429,8 @@ class RemoteInferenceEngine:
 
     def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob | None:
         """An interim analyze job, only while no job of this front-end is outstanding (the workers'
-        load is not visible from here; this keeps interim work from queueing ahead of finals)."""
+        heartbeats are too coarse to find an idle decoder; this keeps interim work from queueing
+        ahead of finals)."""
         if self._jobs:
             return None
         try:
@@ -335,11 +439,25 @@ class RemoteInferenceEngine:
             return None
 
     def load(self) -> float:
-        """Remote workers scale on their own: admission here is bounded by max_sessions and queue_size."""
-        return 0.0
+        """Fraction of the live workers' decoders' time spent decoding over their last 10 s, as
+        their heartbeats last said (0..1); 1.0 with no worker alive (no spare capacity)."""
+        workers = self.view.workers if self.view else ()
+        if not workers:
+            return 1.0
+        return min(1.0, sum(w.load * w.decoders for w in workers) / sum(w.decoders for w in workers))
 
     def wait_estimate_s(self) -> float:
-        return 0.0
+        """How long a job sent now would wait before a worker starts on it: the jobs in the stream
+        not in a worker's hands (at least this front-end's outstanding ones, newer than the last
+        read), plus one when every decoder is busy, at the rate the live workers clear jobs
+        (decoders / job_s each, from their heartbeats); inf with no worker alive."""
+        view = self.view
+        if view is None or not view.workers:
+            return math.inf
+        taken = sum(w.in_hand for w in view.workers)
+        waiting = max(0, max(view.queue, len(self._jobs)) - taken)
+        full = all(w.busy >= w.decoders for w in view.workers)
+        return (waiting + full) / sum(w.decoders / w.job_s for w in view.workers)
 
     def _finish(self, job: RemoteJob) -> bool:
         """Take `job` out of the outstanding set; False when it was already finished."""
@@ -399,6 +517,8 @@ class RemoteInferenceEngine:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self._stopped:
+                    return
                 self._error(f"sending {len(batch)} jobs", e)
                 for j, _ in batch:
                     self._fail(j, RemoteError(f"inference queue unavailable: {type(e).__name__}: {e}"))
@@ -421,6 +541,8 @@ class RemoteInferenceEngine:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self._stopped:
+                    return
                 self._error("reading replies", e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.BACKOFF_MAX_S)
@@ -429,6 +551,46 @@ class RemoteInferenceEngine:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
                     self._reply(fields)
+
+    async def _watch_loop(self) -> None:
+        """Every WATCH_S until aclose(): read the workers' heartbeats and the job queue's depth into `view`."""
+        while not self._stopped:
+            try:
+                self.view = await self._look()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self._stopped:
+                    return
+                self.metrics.inc("emostream_remote_errors_total")
+                if self.view is None or self.view.error is None:  # once per streak
+                    log.error("inference: reading worker heartbeats: %s: %s", type(e).__name__, e)
+                self.view = WorkerView(error=f"{type(e).__name__}: {e}")
+            self._looked.set()
+            await asyncio.sleep(self.WATCH_S)
+
+    async def _look(self) -> WorkerView:
+        """One read: the workers in WORKER_INDEX whose heartbeat key is alive (the expired ones are
+        dropped from the index) and the job stream's length."""
+        names = sorted(await self.redis.smembers(WORKER_INDEX))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(JOBS)
+        for name in names:
+            pipe.get(heartbeat_key(name.decode()))
+            pipe.pttl(heartbeat_key(name.decode()))
+        queue, *beats = await pipe.execute()
+        workers, gone = [], []
+        for name, raw, pttl in zip(names, beats[::2], beats[1::2]):
+            if raw is None:
+                gone.append(name)
+                continue
+            try:
+                workers.append(decode_heartbeat(raw, pttl))
+            except ValueError as e:
+                log.warning("inference: ignoring the heartbeat of %s: %s", name.decode(errors="replace"), e)
+        if gone:
+            await self.redis.srem(WORKER_INDEX, *gone)
+        return WorkerView(tuple(workers), int(queue))
 
     def _reply(self, fields: dict[bytes, bytes]) -> None:
         try:

@@ -8,7 +8,9 @@ one Redis consumer group, batches them (the first job, then whatever arrives wit
 to max_batch), decodes and encodes them, and answers each on its front-end's reply stream. A reply
 and the job's XACK are written in one transaction; jobs left pending by a dead worker are taken over
 after claim_idle_s (XAUTOCLAIM); jobs past their deadline (the front-end gave up) are dropped unread.
-SIGINT/SIGTERM: the batch in hand is finished, then the worker exits.
+A heartbeat thread writes the worker's load to Redis every heartbeat_s (a key with a TTL: see
+remote.py), which front-ends read for admission and /healthz. SIGINT/SIGTERM: the batch in hand is
+finished, the heartbeat deleted, then the worker exits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,9 @@ import numpy as np
 from model import EmotionModel
 from streamer.memory import tune_allocator
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
-from streamer.infer.engine import SpeechToText, transcribe_and_encode
-from streamer.infer.remote import GROUP, JOBS, decode_audio, decode_context, error_fields, reply_fields, wants_words
+from streamer.infer.engine import LOAD_WINDOW_S, SpeechToText, transcribe_and_encode
+from streamer.infer.remote import (GROUP, JOBS, WORKER_INDEX, WorkerLoad, decode_audio, decode_context, encode_heartbeat,
+                                   error_fields, heartbeat_key, reply_fields, wants_words)
 
 log = logging.getLogger("streamer.infer.worker")
 
@@ -56,6 +60,13 @@ class Worker:
         self.stopping = threading.Event()
         self.jobs = self.batches = self.expired = self.failed = 0
         self._last_claim = 0.0
+        self._lock = threading.Lock()  # guards the load bookkeeping below (the heartbeat thread reads it)
+        self._busy, self._in_hand, self._since = 0, 0, 0.0  # in a batch; its jobs; since when (monotonic s)
+        self._job_s = 0.3  # running mean of one job's decode + encode time (s), as the in-process engine keeps
+        self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent batches, for the load
+        self._beats: threading.Thread | None = None
+        self._quiet = threading.Event()  # set when run() ends: no more heartbeats
+        self._beat_failing = False
 
     def warmup(self) -> float:
         """One tiny utterance through both models, so the first real job pays no lazy init."""
@@ -78,18 +89,22 @@ class Worker:
         import redis
 
         backoff = 0.1
-        while not self.stopping.is_set():
-            try:
-                self.ensure_group()
-                while not self.stopping.is_set():
-                    batch = self._next_batch()
-                    if batch:
-                        self.process(batch)
-                    backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.error("worker %s: Redis: %s: %s (retrying in %.1f s)", self.name, type(e).__name__, e, backoff)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        self.start_heartbeat()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.ensure_group()
+                    while not self.stopping.is_set():
+                        batch = self._next_batch()
+                        if batch:
+                            self.process(batch)
+                        backoff = 0.1
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.error("worker %s: Redis: %s: %s (retrying in %.1f s)", self.name, type(e).__name__, e, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:  # a worker that stopped serving, for whatever reason, must not look alive
+            self._stop_heartbeat()
         try:  # leave the group tidy: a consumer with nothing pending is forgotten
             pending = self.redis.xpending_range(JOBS, GROUP, min="-", max="+", count=1, consumername=self.name)
             if not pending:
@@ -99,6 +114,69 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    # ---- heartbeat ----
+    def load_now(self) -> WorkerLoad:
+        """What the heartbeat says: in a batch or not, its jobs, one job's decode time, and the share
+        of the last LOAD_WINDOW_S spent decoding (the batch in hand included)."""
+        now = time.monotonic()
+        lo = now - LOAD_WINDOW_S
+        with self._lock:
+            while self._spans and self._spans[0][1] < lo:
+                self._spans.popleft()
+            spans = [*self._spans, *([(self._since, now)] if self._busy else [])]
+            busy, in_hand, job_s = self._busy, self._in_hand, self._job_s
+        used = sum(end - max(start, lo) for start, end in spans)
+        return WorkerLoad(self.name, busy=busy, in_hand=in_hand, job_s=job_s, load=min(1.0, used / LOAD_WINDOW_S),
+                          jobs=self.jobs, ttl_s=self.config.heartbeat_ttl_s)
+
+    def beat(self) -> bool:
+        """Write one heartbeat (the key with its TTL and the index entry, in one transaction);
+        False when Redis failed (logged once per streak; the next beat tries again)."""
+        import redis
+
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(heartbeat_key(self.name), encode_heartbeat(self.load_now()),
+                     px=int(self.config.heartbeat_ttl_s * 1000))
+            pipe.sadd(WORKER_INDEX, self.name)
+            pipe.execute()
+        except redis.RedisError as e:
+            if not self._beat_failing:
+                log.error("worker %s: heartbeat: %s: %s (retrying every %g s)", self.name, type(e).__name__, e,
+                          self.config.heartbeat_s)
+            self._beat_failing = True
+            return False
+        self._beat_failing = False
+        return True
+
+    def start_heartbeat(self) -> None:
+        """One heartbeat now, then one every heartbeat_s on a thread of its own (a long batch must not
+        look like a dead worker) until run() ends. Idempotent."""
+        if self._beats is not None:
+            return
+        self.beat()
+        self._beats = threading.Thread(target=self._beat_loop, name="emostream-heartbeat", daemon=True)
+        self._beats.start()
+
+    def _beat_loop(self) -> None:
+        while not self._quiet.wait(self.config.heartbeat_s):
+            self.beat()
+
+    def _stop_heartbeat(self) -> None:
+        """No more beats, and the heartbeat deleted: front-ends see this worker gone at once, not after its TTL."""
+        import redis
+
+        self._quiet.set()
+        if self._beats is not None:
+            self._beats.join(self.config.timeout_s)  # a beat in flight must not bring the key back
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(heartbeat_key(self.name))
+            pipe.srem(WORKER_INDEX, self.name)
+            pipe.execute()
+        except redis.RedisError as e:
+            log.warning("worker %s: could not delete its heartbeat (it expires by itself): %s", self.name, e)
 
     # ---- taking jobs ----
     def _read(self, count: int, block_ms: int) -> list[Entry]:
@@ -139,7 +217,25 @@ class Worker:
     # ---- doing them ----
     def process(self, entries: list[Entry]) -> None:
         """Decode + encode the live jobs, in ASR-sized slices; each slice's replies go out as soon
-        as it is done. Dead entries (withdrawn, past their deadline, malformed) are just acknowledged."""
+        as it is done. Dead entries (withdrawn, past their deadline, malformed) are just acknowledged.
+        The batch counts in the heartbeat's load and per-job time."""
+        t0 = time.monotonic()
+        with self._lock:
+            self._busy, self._in_hand, self._since = 1, len(entries), t0
+        decoded = 0
+        try:
+            decoded = self._process(entries)
+        finally:
+            t1 = time.monotonic()
+            with self._lock:
+                self._busy = self._in_hand = 0
+                self._spans.append((t0, t1))
+                if decoded:
+                    self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / decoded
+        self.batches += 1
+
+    def _process(self, entries: list[Entry]) -> int:
+        """process() without the bookkeeping; returns how many live jobs were decoded."""
         live: list[Live] = []
         dead: list[bytes] = []
         errors: list[tuple[bytes, bytes, dict[str, Any]]] = []
@@ -167,7 +263,7 @@ class Worker:
         step = max(1, int(getattr(self.asr, "batch_size", len(live)) or 1))
         for s in range(0, len(live), step):
             self._answer(self._analyze(live[s : s + step]), [])
-        self.batches += 1
+        return len(live)
 
     def _analyze(self, jobs: list[Live]) -> list[tuple[bytes, bytes, dict[str, Any]]]:
         """Replies for a slice of jobs; a failing batch is retried job by job (only the bad one errs).
@@ -253,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = worker.warmup()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
+    worker.start_heartbeat()  # before 'ready': a front-end started after it sees this worker alive
     print(f"worker {worker.name} ready (models on {model.device}/{asr.device}, warm-up {warm:.2f} s); "
           f"serving {JOBS} on {config.url}", flush=True)
     worker.run()

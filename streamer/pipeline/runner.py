@@ -17,12 +17,21 @@ from streamer.config import SAMPLE_RATE
 from streamer.infer.engine import CONTEXT_TRANSCRIPTS, Analysis, Overloaded
 from streamer.pipeline.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
 from streamer.pipeline.session import Session
+from streamer.pipeline.diarize import SpeakerClusters
+from streamer.pipeline.speakers import SessionSpeakers
 from streamer.calls.summary import CallSummary
 
 if TYPE_CHECKING:
     from streamer.server import App
 
 log = logging.getLogger("streamer")
+
+
+def sentiment_fields(pred: Any) -> dict[str, Any]:
+    """`sentiment` and `sentiment_score` of an emotion event; none when the model has no sentiment head."""
+    if getattr(pred, "sentiment", None) is None:
+        return {}
+    return {"sentiment": pred.sentiment, "sentiment_score": pred.sentiment_score}
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class _Pending:
     job: Any  # the inference job whose future gives an Analysis
     channel: Channel
     utterance_id: int
+    voice: Any = None  # diarized sessions: the voice embedding's future (SessionSpeakers.ended)
 
 
 @dataclass(eq=False)
@@ -87,6 +97,7 @@ class SessionRunner:
         self.closing = False
         self.interim = False  # start flag: transcript.partial / emotion.partial while someone speaks
         self.words = False  # start flag: final transcripts carry word timings
+        self.speakers: SessionSpeakers | None = None  # start flag diarize: speakers within the one channel
         self._open: dict[int, _Interim] = {}  # channel -> its open utterance's interim state
         self._interim_tasks: set[asyncio.Task[None]] = set()
 
@@ -100,6 +111,16 @@ class SessionRunner:
                 self.publish(P.ALERT, **alert)
                 if self.app.webhook is not None:
                     self.app.webhook.send({"type": P.ALERT, "session_id": self.session.session_id, **alert})
+
+    def diarize(self, max_speakers: int | None = None) -> None:
+        """Start flag diarize: label the speakers within this session's one channel (the voice
+        model loads on the voice thread now if no session loaded it yet)."""
+        if self.multi:
+            raise ValueError("diarize is for one channel; named channels have their speakers already")
+        dc, voices = self.app.config.diarize, self.app.voices
+        clusters = SpeakerClusters(dc.threshold, max_speakers, dc.window, dc.cap, center=voices.center)
+        self.speakers = SessionSpeakers(voices, clusters)
+        voices.preload()
 
     def publish_interim(self, type_: str, **fields: Any) -> None:
         self.app.hub.publish_interim(self.session.event(type_, **fields))
@@ -154,14 +175,14 @@ class SessionRunner:
             if text and text != st.text:  # nothing recognised yet, or no change: nothing to show
                 st.text = text
                 self.publish_interim(P.TRANSCRIPT_PARTIAL, utterance_id=st.utterance_id, text=text, **who)
-            if not emotion:
+            if not emotion or not self.scores(ch):
                 return
             pred = await self.app.engine.peek(self.context, analysis.encoded)
             if self._open.get(ch.number) is not st:
                 return
             self.publish_interim(P.EMOTION_PARTIAL, utterance_id=st.utterance_id, label=pred.label, scores=pred.scores,
                                  confidence=pred.confidence, modality_weights=pred.modality_weights,
-                                 text=analysis.transcript.text, **who)
+                                 text=analysis.transcript.text, **sentiment_fields(pred), **who)
         except asyncio.CancelledError:
             if not job.future.cancelled():
                 raise
@@ -169,6 +190,12 @@ class SessionRunner:
             log.exception("interim result of %s failed", self.session.session_id)
         finally:
             st.busy = False
+
+    def scores(self, ch: Channel) -> bool:
+        """Whether this channel's utterances get emotion and sentiment (CallsConfig.score_sides,
+        --score-sides: a named side not listed is transcribed only; docs/calls.md)."""
+        sides = self.app.config.calls.score_sides
+        return not sides or ch.speaker is None or ch.speaker in sides
 
     def _who(self, ch: Channel) -> dict[str, Any]:
         return {"speaker": ch.speaker, "channel": ch.number} if self.multi else {}
@@ -198,11 +225,15 @@ class SessionRunner:
                     metrics.inc("emostream_speculative_decodes_total")
                 except Overloaded:
                     pass  # decoders behind: the decode is requested when the utterance ends
+                if self.speakers is not None:
+                    self.speakers.paused(ev.index, ev.audio)
             elif isinstance(ev, SpeechResumed):
                 spec = self._speculative.pop((ch.number, ev.index), None)
                 if spec is not None:
                     spec[1].abandoned = True
                     metrics.inc("emostream_speculative_wasted_total")
+                if self.speakers is not None:
+                    self.speakers.resumed(ev.index)
             elif isinstance(ev, SpeechEnded):
                 self._open.pop(ch.number, None)  # interim results of it still in flight are dropped
                 metrics.inc("emostream_utterances_total")
@@ -223,7 +254,8 @@ class SessionRunner:
                         metrics.inc("emostream_overloaded_total")
                         self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
                         continue
-                self._finish.put_nowait(_Pending(ev, job, ch, uid))
+                voice = self.speakers.ended(ev.index, ev.audio) if self.speakers is not None else None
+                self._finish.put_nowait(_Pending(ev, job, ch, uid, voice))
 
     async def _finish_loop(self) -> None:
         """Publish transcript, emotion (and revision) for each ended utterance, in order. Nothing
@@ -246,15 +278,23 @@ class SessionRunner:
     async def _finish_one(self, item: _Pending) -> None:
         """Transcript, emotion and revision events for one ended utterance."""
         ev, uid, who = item.end, item.utterance_id, self._who(item.channel)
+        moved: list[Any] = []  # diarized: earlier utterances this one moved to another speaker
         try:
             analysis: Analysis = await item.job.future
+            if self.speakers is not None:
+                who, moved = await self._speaker(uid, item.voice)
             words = getattr(analysis.transcript, "words", None)
             timed = {"words": [{"word": w.word, "start_s": round(ev.start_s + w.start_s, 3),
                                 "end_s": round(ev.start_s + w.end_s, 3), "probability": round(w.probability, 3)}
                                for w in words]} if self.words and words is not None else {}
             self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **timed, **who)
+            for r in moved:
+                self.publish(P.SPEAKER_REVISED, utterance_id=r.utterance_id, speaker=r.speaker,
+                             previous_speaker=r.previous_speaker, revised_with=uid)
             if analysis.transcript.text.strip():
                 self.recent.appendleft(analysis.transcript.text)
+            if not self.scores(item.channel):  # --score-sides: transcribed, its words read as context, never scored
+                return
             scored = await self.app.engine.predict(self.context, uid, analysis.encoded)
         except asyncio.CancelledError:
             if not item.job.future.cancelled():
@@ -273,16 +313,37 @@ class SessionRunner:
         pred = scored.prediction
         self.publish(
             P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores, confidence=pred.confidence,
-            modality_weights=pred.modality_weights, latency_ms=latency,
+            modality_weights=pred.modality_weights, **sentiment_fields(pred), latency_ms=latency,
             asr_ms=round(analysis.asr_s * 1000, 1), text_masked=pred.modality_weights["text"] == 0.0, **who,
         )
         if scored.revised is not None:
             r = scored.revised
-            rwho = self._who(self.channels[self._uid_channel[scored.revised_id]]) if self.multi else {}
+            rwho = self._who(self.channels[self._uid_channel[scored.revised_id]]) if self.multi else \
+                self._speaker_of(scored.revised_id)
             self.publish(
                 P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
-                confidence=r.confidence, modality_weights=r.modality_weights, revised_with=uid, **rwho,
+                confidence=r.confidence, modality_weights=r.modality_weights, **sentiment_fields(r), revised_with=uid, **rwho,
             )
+
+    async def _speaker(self, uid: int, voice: Any) -> tuple[dict[str, Any], list[Any]]:
+        """A diarized utterance's {"speaker": label} (empty when unknown: no voice, or the embedding
+        failed, which gets an error event; the utterance goes on) and the earlier ones it moved."""
+        assert self.speakers is not None
+        try:
+            label, moved = await self.speakers.assign(uid, voice)
+        except Overloaded as e:
+            self.app.metrics.inc("emostream_overloaded_total")
+            self.error(P.E_OVERLOADED, f"speaker of utterance {uid} unknown: {e}")
+            return {}, []
+        except Exception as e:  # the emotion still follows, without a speaker
+            log.exception("speaker of utterance %s of %s failed", uid, self.session.session_id)
+            self.error(P.E_INTERNAL, f"speaker of utterance {uid} unknown: {type(e).__name__}: {e}")
+            return {}, []
+        return ({"speaker": label} if label else {}), moved
+
+    def _speaker_of(self, uid: int) -> dict[str, Any]:
+        label = self.speakers.label(uid) if self.speakers is not None else None
+        return {"speaker": label} if label else {}
 
     @property
     def detached(self) -> bool:

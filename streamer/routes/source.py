@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamer import protocol as P
 from streamer.events.fanout import Subscriber
+from streamer.infer.voice import available as voice_available
 from streamer.pipeline.runner import SessionRunner
 from streamer.pipeline.session import PcmDecoder, SeqCounter
 from streamer.routes.subscribe import attach
@@ -122,6 +123,10 @@ class SourceConnection:
             self.reply_error(P.E_BAD_START, str(e))
             return False
         problem = app.check_format(start)
+        if start.diarize and problem is None and not voice_available():
+            self.reply_error(P.E_BAD_START, "diarize is not available on this server (resemblyzer is not installed); "
+                             "start without it")
+            return False
         if problem:
             self.reply_error(P.E_UNSUPPORTED_FORMAT, problem)
             return False
@@ -153,10 +158,13 @@ class SourceConnection:
         app.hub.add(sid, self.sub)
         runner = self.runner = app.new_runner(sid, self.seq, "websocket", start.speakers)
         runner.interim, runner.words = start.interim, start.word_timestamps
+        if start.diarize:  # one channel, several people: label the speakers (never with `speakers`: refused above)
+            runner.diarize(start.max_speakers)
         runner.publish(
             P.SESSION_STARTED, sample_rate=start.sample_rate, encoding=start.encoding,
             channels=start.channels, language=start.language, metadata=start.metadata, protocol=P.VERSION,
             **({"speakers": start.speakers} if start.speakers else {}),
+            **({"diarize": True, "max_speakers": start.max_speakers} if start.diarize else {}),
         )
         return False
 

@@ -21,6 +21,9 @@ function setStatus(text, cls) { const s = $("status"); s.textContent = text; s.c
 // interim results (transcript.partial / emotion.partial while someone speaks): asked for by the
 // microphone's start message and by the watcher subscription while the checkbox is ticked
 const interimOn = () => $("interim").checked;
+// speakers within the microphone's one channel: asked for by its start message while "Speakers" is ticked;
+// any session's `speaker` (named channels or diarized S1, S2, ...) is shown with its utterances
+const diarizeOn = () => $("diarize").checked;
 
 // ---- subscription -------------------------------------------------------------------------
 function subscribe(session, resume) {
@@ -54,7 +57,8 @@ function utteranceEl(ev) {
       '<div class="bars"></div>';
     $("utterances").prepend(li);
     $("empty").style.display = "none";
-    u = { key, li, session: ev.session_id, label: null, start: null, speaker: ev.speaker || null, final: false };
+    u = { key, li, session: ev.session_id, label: null, start: null, speaker: ev.speaker || null, final: false,
+      span: null, was: null };
     state.utterances.set(key, u);
     state.order.push(u);
     $("count").textContent = state.order.length;
@@ -84,6 +88,18 @@ function showPartial(u, ev) {
   }
 }
 
+// the utterance's session, speaker and time span; a diarized speaker arrives with the transcript
+// (after utterance.ended) and may be revised later (speaker.revised)
+function showMeta(u) {
+  if (u.span == null) return;
+  const who = u.speaker ? " · " + u.speaker + (u.was ? ` (was ${u.was})` : "") : "";
+  u.li.querySelector(".meta").textContent = `${u.session}${who} · ${u.span}`;
+}
+
+function setSpeaker(u, ev) {
+  if (ev.speaker && ev.speaker !== u.speaker) { u.speaker = ev.speaker; showMeta(u); }
+}
+
 function showScores(u, ev) {
   const label = ev.label;
   u.label = label;
@@ -103,7 +119,8 @@ function showScores(u, ev) {
   }
   const w = ev.modality_weights || {};
   u.li.querySelector(".weights").textContent =
-    `speech ${(w.speech ?? 0).toFixed(2)} · text ${(w.text ?? 0).toFixed(2)}` + (ev.latency_ms != null ? ` · ${Math.round(ev.latency_ms)} ms` : "");
+    `speech ${(w.speech ?? 0).toFixed(2)} · text ${(w.text ?? 0).toFixed(2)}` + (ev.latency_ms != null ? ` · ${Math.round(ev.latency_ms)} ms` : "")
+    + (ev.sentiment ? ` · ${ev.sentiment} ${ev.sentiment_score >= 0 ? "+" : ""}${ev.sentiment_score.toFixed(2)}` : "");  // absent: no sentiment head
   drawTimeline();
 }
 
@@ -127,7 +144,7 @@ function callEvent(ev) {
     c.alerts.push(ev);
     c.tr.classList.add("alerting");
     c.tr.querySelector(".alerts").innerHTML = `${c.alerts.length} <div class="alert-msg">${ev.message || ev.rule}</div>`;
-  } else if ((ev.type === "emotion" || ev.type === "emotion.revised") && ev.speaker) {
+  } else if ((ev.type === "emotion" || ev.type === "emotion.revised") && ev.speaker && ev.channel !== undefined) {
     const c = callRow(ev.session_id);
     let cell = c.tr.querySelector(`[data-speaker="${ev.speaker}"]`);
     if (!cell) {
@@ -152,8 +169,9 @@ function handle(ev) {
     case "utterance.ended": {
       const u = utteranceEl(ev);
       u.start = ev.start_s;
-      u.li.querySelector(".meta").textContent =
-        `${ev.session_id}${ev.speaker ? " · " + ev.speaker : ""} · ${ev.start_s.toFixed(1)}–${ev.end_s.toFixed(1)} s`;
+      u.span = `${ev.start_s.toFixed(1)}–${ev.end_s.toFixed(1)} s`;
+      if (ev.speaker) u.speaker = ev.speaker;
+      showMeta(u);
       break;
     }
     case "transcript.partial":
@@ -161,15 +179,22 @@ function handle(ev) {
     case "transcript": {
       const u = utteranceEl(ev);
       u.final = true;
+      setSpeaker(u, ev);
       const t = u.li.querySelector(".text");
       t.textContent = ev.text || "(no words)";
       t.classList.remove("pending", "interim");
       break;
     }
-    case "emotion": showScores(utteranceEl(ev), ev); break;
+    case "emotion": { const u = utteranceEl(ev); setSpeaker(u, ev); showScores(u, ev); break; }
+    case "speaker.revised": {
+      const u = utteranceEl(ev);
+      u.was = ev.previous_speaker; u.speaker = ev.speaker; showMeta(u);
+      break;
+    }
     case "emotion.revised": {
       const u = utteranceEl(ev);
       const before = u.label;
+      setSpeaker(u, ev);
       showScores(u, ev);
       u.li.querySelector(".revised").textContent = before && before !== ev.label ? `revised from ${before}` : "";
       break;
@@ -224,7 +249,7 @@ async function startMic() {
   const chunk = Math.round(ctx.sampleRate / 10); // 100 ms
   let buf = new Float32Array(0), started = false;
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate, encoding: "pcm_s16le", channels: 1,
-    metadata: { source: "dashboard" }, ...(interimOn() ? { interim: true } : {}) }));
+    metadata: { source: "dashboard" }, ...(interimOn() ? { interim: true } : {}), ...(diarizeOn() ? { diarize: true } : {}) }));
   ws.onmessage = (m) => {
     const ev = JSON.parse(m.data);
     if (ev.type === "session.started") {
@@ -261,6 +286,7 @@ $("mic").onclick = () => (state.mic ? stopMic() : startMic().catch((e) => setSta
 $("session").onchange = (e) => subscribe(e.target.value);
 $("interim").onchange = () => subscribe(state.watching, true);
 if (params.get("interim") === "0") $("interim").checked = false;
+if (params.get("diarize") === "1") $("diarize").checked = true;
 $("legend").innerHTML = LABELS.map((l) => `<span style="--c:${colour(l)}">${l}</span>`).join("");
 drawTimeline();
 subscribe(params.get("session") || "*");

@@ -1,0 +1,217 @@
+"""Speakers within one channel: online clustering of a session's utterance voice embeddings.
+
+Synchronous and I/O-free, like the segmenter: feed each utterance's embedding in the order the
+utterances ended, get its speaker label ("S1", "S2", ... in order of first appearance) and the
+earlier utterances whose label changed now that more of the conversation is known.
+
+How: every add() re-clusters the last `window` utterances agglomeratively and maps the new
+clusters onto the old labels so that labels stay stable (Hungarian assignment on how many
+utterances each cluster shares with each label). Embeddings are first centred on the voice model's
+mean embedding (`center`) and scaled to unit length. The merge cost of clusters a and b is Ward's,
+sqrt(2 h) * |c_a - c_b| with h = n_a n_b / (n_a + n_b), except that h is capped at `cap`: a
+small cluster (one odd utterance: a shout, a whisper) joins a big one easily, as with Ward, but
+two big clusters are compared by their centroids alone, so the threshold does not drift with the
+length of the conversation as plain Ward's does. Clusters merge while the cheapest merge costs
+less than `threshold`, and further until at most `max_speakers` remain.
+
+A cluster that matches no label takes the label of a voice that has left the window when it is
+close enough by the same cost (the same person talking again after a long while), else a new
+label. Labels are never reused for another voice: a label whose utterances all moved elsewhere
+is retired. Utterances older than the window keep their last label and still make up their
+label's centroid.
+
+Defaults (`threshold` 1.5, `cap` 3) were chosen on RAVDESS actors 1-20 and EmoDB conversations
+(bench/diarization.py --tune), never on the bench's test actors 21-24.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+LABEL_PREFIX = "S"  # labels are S1, S2, ...
+DEFAULT_THRESHOLD = 1.5
+DEFAULT_CAP = 3.0
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An earlier utterance now attributed to another speaker (the `speaker.revised` event)."""
+
+    utterance_id: int
+    speaker: str
+    previous_speaker: str
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    if not np.isfinite(n).all() or (n == 0).any():
+        raise ValueError("a voice embedding must be a finite vector away from the model's mean")
+    return v / n
+
+
+def merge_cost(ca: np.ndarray, na: float, cb: np.ndarray, nb: np.ndarray | float, cap: float) -> np.ndarray:
+    """The capped Ward cost of merging cluster (centroid ca, size na) with each of cb (sizes nb)."""
+    h = np.minimum(na * np.asarray(nb) / (na + np.asarray(nb)), cap)
+    return np.sqrt(2.0 * h) * np.linalg.norm(np.atleast_2d(cb) - ca, axis=-1)
+
+
+def gram_matrix(x: np.ndarray) -> np.ndarray:
+    """Dot products of the rows of x, (n, n), without BLAS: its worker threads spin after a small
+    product and slowed the merge loop below 5-fold on a loaded 2-core machine (measured)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x[:, None, :] * x[None, :, :]).sum(-1) if len(x) else np.zeros((0, 0))
+
+
+def cluster(gram: np.ndarray, threshold: float, cap: float = DEFAULT_CAP, max_clusters: int | None = None,
+            weights: np.ndarray | None = None) -> np.ndarray:
+    """Agglomerative clusters of unit vectors given their Gram matrix (see the module docstring),
+    each vector counting `weights` (default 1) in the cluster sizes. Returns a cluster number per
+    vector: 0, 1, ... in order of each cluster's first vector."""
+    n = len(gram)
+    if n <= 1:
+        return np.zeros(n, dtype=np.int64)
+    # centroid dot products, updated in O(n) per merge: c = (na ca + nb cb) / (na + nb) is linear
+    gram = np.array(gram, dtype=np.float64)  # a copy: updated in place
+    size = np.ones(n) if weights is None else np.array(weights, dtype=np.float64)
+    if size.shape != (n,) or not (size > 0).all():
+        raise ValueError("one positive weight per vector")
+    alive = np.ones(n, dtype=bool)
+    owner = np.arange(n)  # row -> the cluster that holds it (clusters are named by a row index)
+    diag = np.diag(gram).copy()
+    h0 = np.minimum(size[:, None] * size[None, :] / (size[:, None] + size[None, :]), cap)
+    cost = np.sqrt(2.0 * h0 * np.maximum(diag[:, None] + diag[None, :] - 2.0 * gram, 0.0))
+    np.fill_diagonal(cost, np.inf)
+    live = n
+    while live > 1:
+        i, j = divmod(int(np.argmin(cost)), n)
+        if cost[i, j] >= threshold and (max_clusters is None or live <= max_clusters):
+            break
+        na, nb = size[i], size[j]
+        row = (na * gram[i] + nb * gram[j]) / (na + nb)  # new centroid . every centroid
+        gii = (na * na * gram[i, i] + 2 * na * nb * gram[i, j] + nb * nb * gram[j, j]) / (na + nb) ** 2
+        gram[i], gram[:, i] = row, row
+        gram[i, i] = diag[i] = gii
+        size[i] = na + nb
+        alive[j] = False
+        owner[owner == j] = i
+        live -= 1
+        h = np.minimum(size[i] * size / (size[i] + size), cap)
+        c = np.sqrt(2.0 * h * np.maximum(gii + diag - 2.0 * row, 0.0))
+        c[~alive] = np.inf
+        c[i] = np.inf
+        cost[i], cost[:, i] = c, c
+        cost[j], cost[:, j] = np.inf, np.inf
+    order: dict[int, int] = {}
+    for o in owner:  # renumber by first appearance
+        order.setdefault(int(o), len(order))
+    return np.array([order[int(o)] for o in owner], dtype=np.int64)
+
+
+class SpeakerClusters:
+    """One session's speakers. add() an utterance's voice embedding, get (label, revisions)."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, max_speakers: int | None = None, window: int = 64,
+                 cap: float = DEFAULT_CAP, center: np.ndarray | None = None) -> None:
+        if threshold <= 0 or cap <= 0:
+            raise ValueError(f"threshold and cap must be > 0, got {threshold}, {cap}")
+        if max_speakers is not None and max_speakers < 1:
+            raise ValueError(f"max_speakers must be >= 1, got {max_speakers}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        self.threshold, self.cap, self.max_speakers, self.window = threshold, cap, max_speakers, window
+        self.center = None if center is None else np.asarray(center, dtype=np.float64).reshape(-1)
+        self._ids: list[int] = []  # utterance ids in the window, in the order they were added
+        self._vecs: list[np.ndarray] = []  # their centred unit embeddings
+        self._weights: list[float] = []  # their weights (seconds of voice, as the runner gives them)
+        self._gram = np.zeros((0, 0))  # their dot products (kept up to date: O(window) per add)
+        self.labels: dict[int, str] = {}  # every utterance's current label (frozen ones included)
+        self._frozen: dict[str, tuple[np.ndarray, float]] = {}  # label -> weighted sum, total weight of its frozen utterances
+        self._next = 1  # number of the next new label
+
+    @property
+    def speakers(self) -> list[str]:
+        """Labels that some utterance carries now, in order of first appearance."""
+        return sorted(set(self.labels.values()), key=lambda s: int(s[len(LABEL_PREFIX):]))
+
+    def add(self, utterance_id: int, embedding: np.ndarray, weight: float = 1.0) -> tuple[str, list[Revision]]:
+        """The newest utterance's label, and every earlier utterance whose label changed. `weight`:
+        how much the utterance counts (the service gives seconds of voice: a short utterance's
+        embedding is noisy, so it joins a speaker easily and rarely makes one on its own)."""
+        if utterance_id in self.labels:
+            raise ValueError(f"utterance {utterance_id} was added already")
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        v = np.asarray(embedding, dtype=np.float64).reshape(-1)
+        if self.center is not None:
+            if self.center.shape != v.shape:
+                raise ValueError(f"embedding of size {v.size}, the centre has {self.center.size}")
+            v = v - self.center
+        v = _unit(v)
+        dots = np.array([float((u * v).sum()) for u in self._vecs] + [float((v * v).sum())])
+        n = len(self._vecs)
+        gram = np.empty((n + 1, n + 1))
+        gram[:n, :n], gram[n, :], gram[:, n] = self._gram, dots, dots
+        self._ids.append(utterance_id)
+        self._vecs.append(v)
+        self._weights.append(float(weight))
+        if len(self._ids) > self.window:  # the oldest leaves the window with its label
+            old, vec, w = self._ids.pop(0), self._vecs.pop(0), self._weights.pop(0)
+            gram = gram[1:, 1:]
+            label = self.labels[old]
+            total, count = self._frozen.get(label, (np.zeros_like(vec), 0.0))
+            self._frozen[label] = (total + w * vec, count + w)
+        self._gram = gram
+        vecs, weights = np.stack(self._vecs), np.array(self._weights)
+        clusters = cluster(gram, self.threshold, self.cap, self.max_speakers, weights)
+        mapping = self._map(clusters, vecs, weights)
+        revisions = []
+        for uid, c in zip(self._ids, clusters):
+            new, old = mapping[int(c)], self.labels.get(uid)
+            if old is not None and new != old:
+                revisions.append(Revision(uid, new, old))
+            self.labels[uid] = new
+        return self.labels[utterance_id], revisions
+
+    def _map(self, clusters: np.ndarray, vecs: np.ndarray, weights: np.ndarray) -> dict[int, str]:
+        """Cluster number -> label: the old label it shares the most utterances with (one cluster
+        per label), else a label held only by frozen utterances that is close enough, else new."""
+
+        k = int(clusters.max()) + 1
+        old = [self.labels.get(uid) for uid in self._ids]
+        names = sorted({o for o in old if o is not None})
+        mapping: dict[int, str] = {}
+        if names:
+            overlap = np.zeros((k, len(names)))
+            first: dict[str, int] = {}
+            for c, o in zip(clusters, old):
+                if o is not None:
+                    overlap[c, names.index(o)] += 1
+                    first.setdefault(o, int(c))
+            for o, c in first.items():  # a tie goes to the cluster holding the label's earliest utterance
+                overlap[c, names.index(o)] += 0.5
+            rows, cols = linear_sum_assignment(-overlap)
+            mapping = {int(r): names[c] for r, c in zip(rows, cols) if overlap[r, c] > 0}
+        frozen_only = [lab for lab in self._frozen if lab not in mapping.values()]
+        in_use = set(mapping.values()) | set(self._frozen)
+        for c in range(k):  # clusters are numbered by first appearance: new labels keep that order
+            if c in mapping:
+                continue
+            mine = clusters == c
+            w = float(weights[mine].sum())
+            centroid = (weights[mine, None] * vecs[mine]).sum(0) / w
+            costs = {lab: float(merge_cost(centroid, w, self._frozen[lab][0] / self._frozen[lab][1],
+                                           self._frozen[lab][1], self.cap)[0]) for lab in frozen_only}
+            best = min(costs, key=costs.__getitem__) if costs else None
+            full = self.max_speakers is not None and len(in_use) >= self.max_speakers
+            if best is not None and (costs[best] < self.threshold or full):
+                label = best
+                frozen_only.remove(best)
+            else:
+                label = f"{LABEL_PREFIX}{self._next}"
+                self._next += 1
+            mapping[c] = label
+            in_use.add(label)
+        return mapping

@@ -1,0 +1,182 @@
+"""Speakers within one channel, without models: the start message's diarize / max_speakers, the
+online clustering on synthetic voice embeddings (new speakers, stable labels, a revision,
+max_speakers, a voice coming back after leaving the window), the call summary following
+speaker.revised, and the terminal view's line for it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamer import protocol as P
+from streamer.calls.summary import CallSummary
+from streamer.pipeline.diarize import Revision, SpeakerClusters, cluster, gram_matrix
+
+DIM = 256
+
+
+def voices(n: int, seed: int = 0) -> np.ndarray:
+    """n orthonormal 'speaker' directions."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((DIM, n)))
+    return q.T
+
+
+def utter(v: np.ndarray, rng: np.random.Generator, spread: float = 0.2) -> np.ndarray:
+    x = v + spread * rng.standard_normal(DIM) / np.sqrt(DIM)
+    return x / np.linalg.norm(x)
+
+
+# ---- protocol ------------------------------------------------------------------------------------------
+def test_start_message_diarize_fields() -> None:
+    s = P.StartMessage.from_dict({"type": "start", "sample_rate": 16000, "diarize": True, "max_speakers": 3})
+    assert s.diarize is True and s.max_speakers == 3
+    assert json.loads(s.to_json())["diarize"] is True and json.loads(s.to_json())["max_speakers"] == 3
+    plain = P.StartMessage.from_dict({"type": "start", "sample_rate": 16000})
+    assert plain.diarize is False and plain.max_speakers is None
+    assert "diarize" not in json.loads(plain.to_json()) and "max_speakers" not in json.loads(plain.to_json())
+    assert P.StartMessage.from_dict(json.loads(P.StartMessage(diarize=True).to_json())).diarize is True
+    assert P.SPEAKER_REVISED in P.EVENT_TYPES
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"diarize": "yes"}, "diarize must be true or false"),
+    ({"diarize": 1}, "diarize must be true or false"),
+    ({"diarize": True, "max_speakers": 0}, "max_speakers"),
+    ({"diarize": True, "max_speakers": 17}, "max_speakers"),
+    ({"diarize": True, "max_speakers": "2"}, "max_speakers"),
+    ({"diarize": True, "max_speakers": True}, "max_speakers"),
+    ({"diarize": True, "max_speakers": 2.0}, "max_speakers"),
+    ({"max_speakers": 2}, "sent with diarize"),
+    ({"diarize": True, "channels": 2, "speakers": ["agent", "customer"]}, "one or the other"),
+])
+def test_start_message_refuses_bad_diarize_fields(fields: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        P.StartMessage.from_dict({"type": "start", "sample_rate": 16000, **fields})
+
+
+def test_diarize_with_two_channels_downmixed_is_one_channel() -> None:
+    assert P.StartMessage.from_dict({"type": "start", "sample_rate": 16000, "channels": 2, "diarize": True}).diarize
+
+
+# ---- clustering ----------------------------------------------------------------------------------------
+def test_a_new_voice_is_a_new_speaker_and_labels_stay_stable() -> None:
+    rng = np.random.default_rng(1)
+    a, b, c = voices(3)
+    sc = SpeakerClusters(threshold=1.0)
+    got = []
+    for i, v in enumerate([a, b, a, b, b, a, c, a, c, b]):
+        label, revisions = sc.add(i, utter(v, rng))
+        got.append(label)
+        assert revisions == []
+    assert got == ["S1", "S2", "S1", "S2", "S2", "S1", "S3", "S1", "S3", "S2"]  # in order of first appearance
+    assert sc.speakers == ["S1", "S2", "S3"]
+
+
+def test_a_later_utterance_revises_an_earlier_one() -> None:
+    """Utterance 1 sits between A and B: alone with A it joins A, but once B has spoken it is B's."""
+    rng = np.random.default_rng(2)
+    a, b = voices(2)
+    between = (a + 1.5 * b) / np.linalg.norm(a + 1.5 * b)
+    sc = SpeakerClusters(threshold=1.0)
+    assert sc.add(0, a) == ("S1", [])
+    assert sc.add(1, between) == ("S1", [])
+    label, revisions = sc.add(2, utter(b, rng))
+    assert label == "S2"
+    assert revisions == [Revision(utterance_id=1, speaker="S2", previous_speaker="S1")]
+    assert sc.labels == {0: "S1", 1: "S2", 2: "S2"}
+    label, revisions = sc.add(3, utter(b, rng))
+    assert (label, revisions) == ("S2", [])  # settled: no revision back and forth
+
+
+def test_max_speakers_is_honoured() -> None:
+    rng = np.random.default_rng(3)
+    vs = voices(4)
+    free, capped = SpeakerClusters(threshold=1.0), SpeakerClusters(threshold=1.0, max_speakers=2)
+    for i in range(12):
+        x = utter(vs[i % 4], rng)
+        free.add(i, x)
+        capped.add(i, x)
+    assert len(free.speakers) == 4
+    assert len(capped.speakers) == 2 and len(set(capped.labels.values())) == 2
+
+
+def test_a_voice_back_after_leaving_the_window_gets_its_label_again() -> None:
+    rng = np.random.default_rng(4)
+    a, b = voices(2)
+    sc = SpeakerClusters(threshold=1.0, window=4)
+    for i in range(3):
+        sc.add(i, utter(a, rng))
+    for i in range(3, 8):  # A's utterances leave the window (frozen with their label)
+        assert sc.add(i, utter(b, rng))[0] == "S2"
+    assert sc.add(8, utter(a, rng)) == ("S1", [])
+    assert [sc.labels[i] for i in range(3)] == ["S1"] * 3
+
+
+def test_centering_on_the_model_mean() -> None:
+    """Voices that all share one big component (like resemblyzer's positive cone) separate only
+    once the component is subtracted."""
+    rng = np.random.default_rng(5)
+    common = voices(3)[2] * 4.0
+    a, b = voices(2)
+    xs = [common + (a if i % 2 else b) for i in range(6)]
+    raw, centred = SpeakerClusters(threshold=1.0), SpeakerClusters(threshold=1.0, center=common)
+    for i, x in enumerate(xs):
+        raw.add(i, x + 0.01 * rng.standard_normal(DIM))
+        centred.add(i, x + 0.01 * rng.standard_normal(DIM))
+    assert len(raw.speakers) == 1 and len(centred.speakers) == 2
+
+
+def test_cluster_edge_cases_and_bad_input() -> None:
+    assert cluster(np.zeros((0, 0)), 1.0).tolist() == []
+    assert cluster(gram_matrix(voices(1)), 1.0).tolist() == [0]
+    assert cluster(gram_matrix(np.repeat(voices(2), 2, axis=0)), 1.0).tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError):
+        SpeakerClusters(threshold=0)
+    with pytest.raises(ValueError):
+        SpeakerClusters(max_speakers=0)
+    sc = SpeakerClusters()
+    with pytest.raises(ValueError):
+        sc.add(0, np.zeros(DIM))
+    sc.add(0, voices(1)[0])
+    with pytest.raises(ValueError):
+        sc.add(0, voices(1)[0])  # the same utterance twice
+
+
+# ---- summary and rendering -------------------------------------------------------------------------------
+def emotion(uid: int, speaker: str, label: str = "joy", type_: str = P.EMOTION) -> dict:
+    scores = {"neutral": 0.1, "joy": 0.1, "anger": 0.1}
+    scores[label] = 0.8
+    return {"type": type_, "session_id": "s", "utterance_id": uid, "label": label, "scores": scores, "speaker": speaker}
+
+
+def test_call_summary_follows_speaker_revisions() -> None:
+    s = CallSummary("s")
+    for ev in [emotion(0, "S1"), emotion(1, "S1", "anger"),
+               {"type": P.SPEAKER_REVISED, "utterance_id": 1, "speaker": "S2", "previous_speaker": "S1"},
+               emotion(1, "S2", "neutral", P.EMOTION_REVISED), emotion(2, "S1")]:
+        s.add(ev)
+    out = s.to_dict()["speakers"]
+    assert {k: [e["utterance_id"] for e in v["timeline"]] for k, v in out.items()} == {"S1": [0, 2], "S2": [1]}
+    assert out["S2"]["timeline"][0]["label"] == "neutral"  # the revision found the moved entry
+    s.add({"type": P.SPEAKER_REVISED, "utterance_id": 1, "speaker": "S1", "previous_speaker": "S2"})
+    assert list(s.to_dict()["speakers"]) == ["S1"]  # a speaker left with no utterance is dropped
+
+
+def test_renderer_shows_the_speaker_and_its_revision() -> None:
+    from clients.client import Event
+    from clients.render import Renderer
+
+    r = Renderer(colour=False)
+
+    def ev(d: dict) -> Event:
+        return Event(d["type"], "s", 0, {"session_id": "s", **d})
+
+    r.render(ev({"type": P.UTTERANCE_ENDED, "utterance_id": 0, "start_s": 1.0, "end_s": 2.5}))
+    r.render(ev({"type": P.TRANSCRIPT, "utterance_id": 0, "text": "hello", "speaker": "S1"}))
+    line, = r.render(ev({**emotion(0, "S1"), "modality_weights": {"speech": 0.6, "text": 0.4}}))
+    assert "S1" in line and "joy" in line
+    line, = r.render(ev({"type": P.SPEAKER_REVISED, "utterance_id": 0, "speaker": "S2", "previous_speaker": "S1",
+                         "revised_with": 3}))
+    assert "S1 → S2" in line and "00:01.0" in line
