@@ -15,8 +15,9 @@ within a conversation until they run out.
 --tune (offline, no service): RAVDESS actors 1-20 (60 clips each) and EmoDB's ten speakers, the
 training speakers of the bundled model; the bench's test actors 21-24 are never used. The voice
 model's mean embedding over every training clip is what the clustering centres on
-(streamer/assets/voice_mean.npy: `--write-center` writes it). Each turn is embedded as the
-service would (0.4 s pre-roll and 0.25 s tail of noise around it, streamer.infer.voice), then every
+(streamer/assets/voice_mean.npy: `--write-center` writes it). Each conversation is cut into
+utterances by the service's own segmenter (so a turn may be split, as live), each utterance is
+embedded as the service does (streamer.infer.voice) and counts its seconds of voice, then every
 (cap, threshold) of a grid replays the conversation through streamer.pipeline.diarize online;
 the pair with the best mean final accuracy over 2, 3 and 4 speakers is reported (and is what
 streamer.config.DiarizeConfig ships). Writes bench/results/diarization_tune.{json,png}.
@@ -196,13 +197,26 @@ def score_conversation(turns: Sequence[Turn], spans: Sequence[tuple[float, float
     }
 
 
-def replay(embeddings: np.ndarray, threshold: float, cap: float, center: np.ndarray) -> tuple[list[str], list[str]]:
-    """Online clustering of one conversation's turn embeddings: (live labels, final labels)."""
+def replay(embeddings: np.ndarray, seconds: Sequence[float], threshold: float, cap: float,
+           center: np.ndarray) -> tuple[list[str], list[str]]:
+    """Online clustering of one conversation's utterances as the service does it (each weighted by
+    its seconds of voice, streamer.pipeline.speakers): (live labels, final labels)."""
     from streamer.pipeline.diarize import SpeakerClusters
+    from streamer.pipeline.speakers import MIN_WEIGHT_S
 
     c = SpeakerClusters(threshold, cap=cap, center=center, window=64)
-    live = [c.add(i, e)[0] for i, e in enumerate(embeddings)]
+    live = [c.add(i, e, max(w, MIN_WEIGHT_S))[0] for i, (e, w) in enumerate(zip(embeddings, seconds))]
     return live, [c.labels[i] for i in range(len(embeddings))]
+
+
+def segment(audio: np.ndarray) -> list[Any]:
+    """The utterances the service's segmenter cuts from `audio` (default SegmenterConfig, 100 ms chunks)."""
+    from streamer.config import SegmenterConfig
+    from streamer.pipeline.segmenter import Segmenter, SpeechEnded
+
+    seg = Segmenter(SegmenterConfig())
+    events = [e for i in range(0, len(audio), SR // 10) for e in seg.feed(audio[i : i + SR // 10])]
+    return [e for e in [*events, *seg.flush()] if isinstance(e, SpeechEnded)]
 
 
 # ---- voices --------------------------------------------------------------------------------------------
@@ -262,6 +276,7 @@ def tune(a: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # as in the service with two decoders
+    started, t_start = machine(), time.time()
     rng = np.random.default_rng(a.seed)
     embedder = VoiceEmbedder(device=a.device)
     corpora = {"ravdess": ravdess_voices(TRAIN_ACTORS), "emodb": emodb_voices()}
@@ -271,7 +286,7 @@ def tune(a: argparse.Namespace) -> int:
 
     clips = [c for voices in corpora.values() for v in voices.values() for c in v]
     t0 = time.perf_counter()
-    vecs = np.stack([embedder.embed_now(pad(c)) for c in tqdm(clips, desc="training clips", unit="clip")])
+    vecs = np.stack([embedder.embed_now(pad(c))[0] for c in tqdm(clips, desc="training clips", unit="clip")])
     embed_s = (time.perf_counter() - t0) / len(clips)
     center = vecs.astype(np.float64).mean(0)
     convs = []
@@ -281,16 +296,24 @@ def tune(a: argparse.Namespace) -> int:
             for _ in range(a.conversations):
                 who = [names[i] for i in rng.choice(len(names), n, replace=False)]
                 turns = make_conversation(voices, who, a.turns, rng)
-                convs.append((corpus, n, [t.speaker for t in turns], [pad(t.audio) for t in turns]))
-    embedded = []
-    for corpus, n, who, audios in tqdm(convs, desc="conversations", unit="conv"):
-        embedded.append((corpus, n, who, np.stack([embedder.embed_now(x) for x in audios])))
+                convs.append((corpus, n, turns, *assemble(turns, rng)))
+    embedded, n_utt, n_split = [], 0, 0
+    for corpus, n, turns, audio, spans in tqdm(convs, desc="conversations", unit="conv"):
+        ends = segment(audio)  # the utterances as the live service cuts them: a turn may be split
+        m = match_clips(spans, [(k, e.start_s, e.end_s) for k, e in enumerate(ends)])
+        truth = {u: turns[i].speaker for i, us in enumerate(m.per_clip) for u in us}
+        voices_ = [(truth[k], embedder.embed_now(e.audio)) for k, e in enumerate(ends) if k in truth]
+        voices_ = [(who, v) for who, v in voices_ if v is not None]
+        n_utt += len(voices_)
+        n_split += sum(len(us) > 1 for us in m.per_clip)
+        embedded.append((corpus, n, [w for w, _ in voices_], np.stack([v[0] for _, v in voices_]),
+                         [v[1] for _, v in voices_]))
     grid: list[dict[str, Any]] = []
     for cap in a.caps:
         for th in np.round(np.arange(a.th_min, a.th_max + 1e-9, a.th_step), 3):
             res: dict[str, list[tuple[float, float, int]]] = {}
-            for corpus, n, who, e in embedded:
-                live, final = replay(e, float(th), cap, center)
+            for corpus, n, who, e, secs in embedded:
+                live, final = replay(e, secs, float(th), cap, center)
                 res.setdefault(str(n), []).append((mapped_accuracy(who, final), mapped_accuracy(who, live),
                                                    abs(len(set(final)) - n)))
             per_n = {k: {"acc_final": float(np.mean([r[0] for r in v])), "acc_live": float(np.mean([r[1] for r in v])),
@@ -301,8 +324,11 @@ def tune(a: argparse.Namespace) -> int:
     report = {
         "what": "choice of the diarization clustering (capped-Ward merge threshold and cap) on training speakers: "
                 "RAVDESS actors 1-20 and EmoDB; never the bench's test actors 21-24",
-        "machine": machine(), "git": git_state(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**started, "load_avg_at_end": list(os.getloadavg())}, "git": git_state(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "conversations": len(embedded), "turns": a.turns, "seed": a.seed,
+        "utterances": n_utt, "turns_split_by_the_vad": n_split,
+        "weighting": "each utterance counts its seconds of voice (streamer.pipeline.speakers)",
         "embedding_ms_per_clip": round(1000 * embed_s, 1), "training_clips": len(clips),
         "best": best, "grid": grid,
     }
@@ -440,6 +466,7 @@ def summarize(accuracy: list[dict[str, Any]], subset: str | None = None) -> dict
 def live(a: argparse.Namespace) -> int:
     from model import DEFAULT_CHECKPOINT
 
+    started, t_start = machine(), time.time()
     rng = np.random.default_rng(a.seed)
     voices = {**ravdess_voices(TEST_ACTORS), **speech_voices()}
     names = sorted(voices)
@@ -473,7 +500,7 @@ def live(a: argparse.Namespace) -> int:
         "voices": {"ravdess_test_actors": [f"A{x}" for x in TEST_ACTORS], "speech": ["LJ (LJ001-*.wav)", "JFK (jfk.flac)"]},
         "note": "LJ and JFK have 4 recordings each: their turns repeat audio within a conversation; "
                 "'ravdess_only' excludes them",
-        "machine": machine(), "git": git_state(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": started, "git": git_state(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "checkpoint": os.path.relpath(a.checkpoint, ROOT), "speed": a.speed, "turns": a.turns, "seed": a.seed,
         "device": a.device,
         "targets": {"acc_2_speakers": 0.90, "acc_4_speakers": 0.80, "added_p50_ms": 50},
@@ -542,9 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-conversations", type=int, default=2,
                     help="live: conversations streamed again in real time with diarize off and on")
     ap.add_argument("--speed", type=float, default=8.0, help="live accuracy runs: x real time (<= 20)")
-    ap.add_argument("--caps", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="--tune: caps tried")
-    ap.add_argument("--th-min", type=float, default=0.8)
-    ap.add_argument("--th-max", type=float, default=2.4)
+    ap.add_argument("--caps", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0], help="--tune: caps tried (s)")
+    ap.add_argument("--th-min", type=float, default=1.5)
+    ap.add_argument("--th-max", type=float, default=4.5)
     ap.add_argument("--th-step", type=float, default=0.1)
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
@@ -555,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--speed must be in (0, 20]")
     if a.tune:
         a.conversations = a.conversations or 12
-        a.turns = a.turns or 16
+        a.turns = a.turns or 14
         return tune(a)
     a.conversations = a.conversations or 4
     a.turns = a.turns or 12

@@ -209,14 +209,17 @@ class DiarizeConfig:
     (bench/diarization.py --tune)."""
 
     default: bool = False  # serve --diarize: internal sources (--mic, --file, the demo) diarize; model loaded at start
-    threshold: float = 1.5  # capped-Ward merge cost below which two groups of utterances are one voice
-    cap: float = 3.0  # the cap on Ward's size factor (see pipeline/diarize.py)
-    window: int = 64  # utterances re-clustered after each one (older ones keep their label); ~1 ms at 64
+    threshold: float = 3.2  # capped-Ward merge cost below which two groups of utterances are one voice
+    cap: float = 16.0  # the cap on Ward's size factor, in seconds of voice (see pipeline/diarize.py)
+    window: int = 64  # utterances re-clustered after each one (older ones keep their label); ~1.3 ms at 64
     max_pending: int = 64  # voice embeddings waiting for the voice thread before new ones are refused
+    # the voice thread's nice value above the service's (Linux): on a busy CPU the Whisper decoders, whose
+    # result the emotion waits for anyway, get the cores first (0: the same priority)
+    voice_nice: int = 5
 
     def __post_init__(self) -> None:
-        if self.threshold <= 0 or self.cap <= 0 or self.window < 2 or self.max_pending < 1:
-            raise ValueError("need threshold > 0, cap > 0, window >= 2 and max_pending >= 1")
+        if self.threshold <= 0 or self.cap <= 0 or self.window < 2 or self.max_pending < 1 or not 0 <= self.voice_nice <= 19:
+            raise ValueError("need threshold > 0, cap > 0, window >= 2, max_pending >= 1 and 0 <= voice_nice <= 19")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class App:
         self.bus = make_bus(config.bus, self.metrics, config.server.replay_events)
         self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions, self.bus)
         # speakers within one channel (diarize): the voice model loads when a session first asks, or at start
-        self.voices = VoiceEmbedder(config.inference.device, config.diarize.max_pending)
+        self.voices = VoiceEmbedder(config.inference.device, config.diarize.max_pending, config.diarize.voice_nice)
         self.sessions: dict[str, SessionRunner] = {}
         self.connections: set[Subscriber] = set()
         self.server: Server | None = None

@@ -201,3 +201,53 @@ def test_dashboard_interim_checkbox_sets_the_subscription(tiny_checkpoint):
     paths = [u.removeprefix(base.replace("http", "ws")) for u in urls]
     assert paths == ["/v1/subscribe?session=*&interim=1", "/v1/subscribe?session=*", "/v1/subscribe?session=*&interim=1"]
     assert unticked[0] is False and unticked[1][-1].endswith("/v1/subscribe?session=*")
+
+
+def test_dashboard_speakers_box_and_diarized_labels(tiny_checkpoint, tmp_path):
+    """"Speakers" (or ?diarize=1) makes the microphone's start ask for diarize; a diarized session
+    streamed beside the page shows each utterance's speaker (S1, S2) with it, follows
+    speaker.revised, and is not mistaken for a call (no calls-table row: it has no channels)."""
+    import asyncio
+    import concurrent.futures
+
+    from playwright.sync_api import sync_playwright
+    from streamer.client import stream_audio
+    from tests.test_diarize_service import conversation
+
+    a, _ = sf.read(SPEECH / "LJ001-0002.wav", dtype="float32")
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([np.zeros(11025, np.float32), a]), 22050, subtype="PCM_16")
+    audio, _ = conversation()
+    with running_service(tiny_checkpoint) as app, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            *CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_init_script(SPY)
+            page.goto(f"http://127.0.0.1:{app.port}/?diarize=1&interim=0")
+            page.wait_for_function("window.emostream.sub && window.emostream.sub.readyState === 1", timeout=30_000)
+            ticked = page.eval_on_selector("#diarize", "b => b.checked")
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # playwright owns this thread's loop
+                res = pool.submit(asyncio.run, stream_audio(app.url, audio, realtime=False, diarize=True,
+                                                            session_id="pair")).result(timeout=120)
+            page.wait_for_function("[...document.querySelectorAll('li.utt')].filter(li => li.querySelector('.bars')"
+                                   ".children.length).length >= 12", timeout=60_000)
+            metas = page.eval_on_selector_all("li.utt .meta", "els => els.map(e => e.textContent)")
+            calls_hidden = page.eval_on_selector("#calls-panel", "p => p.hidden")
+            page.click("#mic")  # the microphone's start message asks for diarize
+            page.wait_for_function("window.__spy.sent.some(m => m.type === 'start')", timeout=30_000)
+            start = page.evaluate("window.__spy.sent.find(m => m.type === 'start')")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert ticked and start.get("diarize") is True, start
+    final = {e["utterance_id"]: e["speaker"] for e in res.events if e["type"] == "transcript"}
+    final.update({e["utterance_id"]: e["speaker"] for e in res.events if e["type"] == "speaker.revised"})
+    shown = [m for m in metas if m.startswith("pair")]
+    assert len(shown) == len(final) and {m.split(" · ")[1].split(" ")[0] for m in shown} == {"S1", "S2"}, metas
+    # what the page shows is each utterance's last label (speaker.revised applied)
+    assert sorted(m.split(" · ")[1].split(" ")[0] for m in shown) == sorted(final.values()), (metas, final)
+    assert calls_hidden, "a diarized session is not a call"

@@ -180,3 +180,57 @@ def test_renderer_shows_the_speaker_and_its_revision() -> None:
     line, = r.render(ev({"type": P.SPEAKER_REVISED, "utterance_id": 0, "speaker": "S2", "previous_speaker": "S1",
                          "revised_with": 3}))
     assert "S1 → S2" in line and "00:01.0" in line
+
+
+def test_a_short_odd_utterance_joins_a_speaker_a_long_one_makes_its_own() -> None:
+    """Weights (the service gives seconds of voice): a 0.3 s utterance of an unheard voice is too
+    little to make a speaker (its embedding is noisy) and sits with one; 4 s of it is a new speaker."""
+    rng = np.random.default_rng(6)
+    a, b, c = voices(3)
+    for seconds, expect_new in ((0.3, False), (4.0, True)):
+        sc = SpeakerClusters(threshold=3.2, cap=16.0)
+        for i in range(6):
+            sc.add(i, utter(a if i % 2 == 0 else b, rng), weight=4.0)
+        assert sc.speakers == ["S1", "S2"]
+        label, _ = sc.add(6, utter(c, rng), weight=seconds)
+        assert (label == "S3") is expect_new, (seconds, label)
+    with pytest.raises(ValueError):
+        sc.add(7, utter(c, rng), weight=0.0)
+
+
+def test_the_faster_silence_trim_matches_resemblyzers() -> None:
+    """streamer.infer.voice.trim_long_silences makes the PCM bytes with numpy; it must cut exactly
+    what resemblyzer's own does (real speech with pauses, tests/fixtures/speech)."""
+    from resemblyzer.audio import normalize_volume
+    from resemblyzer.audio import trim_long_silences as reference
+
+    from model.features import load_audio
+    from streamer.infer.voice import trim_long_silences
+    from tests.conftest import SPEECH
+
+    for name in ("jfk.flac", "noisy_pauses.flac"):
+        audio = np.clip(normalize_volume(load_audio(str(SPEECH / name), sr=16_000), -30, increase_only=True), -1, 1)
+        ours, theirs = trim_long_silences(audio.astype(np.float32)), reference(audio.astype(np.float32))
+        assert len(ours) < len(audio) and np.array_equal(ours, theirs), name
+
+
+def test_the_voice_thread_runs_at_a_lower_priority() -> None:
+    import os
+    import threading
+
+    from streamer.infer.voice import lower_thread_priority
+
+    seen = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        lower_thread_priority(3)
+        seen.append((before, os.getpriority(os.PRIO_PROCESS, tid)))
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    before, after = seen[0]
+    assert after == min(19, before + 3)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # only that thread

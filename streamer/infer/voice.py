@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from streamer.infer.engine import Overloaded
 log = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 256  # resemblyzer's d-vector
+INT16_MAX = 2**15 - 1
 
 MIN_VOICED_S = 0.3  # under this much voiced audio after trimming, the untrimmed utterance is embedded
 # the VoiceEncoder's mean embedding over RAVDESS actors 1-20 + EmoDB clips (bench/diarization.py --tune
@@ -48,11 +50,34 @@ def available() -> bool:
     return importlib.util.find_spec("resemblyzer") is not None
 
 
+def trim_long_silences(wav: np.ndarray) -> np.ndarray:
+    """resemblyzer.audio.trim_long_silences with the PCM bytes made by numpy: the same output
+    (checked in tests), but resemblyzer's struct.pack of every sample held the GIL ~5 ms per 5 s
+    utterance, time the event loop and the decoders' Python side then wait for."""
+    import webrtcvad
+    from resemblyzer.hparams import vad_max_silence_length, vad_moving_average_width, vad_window_length
+    from scipy.ndimage import binary_dilation
+
+    step = vad_window_length * SAMPLE_RATE // 1000  # 30 ms windows
+    wav = wav[: len(wav) - len(wav) % step]
+    pcm = np.round(wav * INT16_MAX).astype("<i2").tobytes()
+    vad = webrtcvad.Vad(mode=3)
+    flags = np.array([vad.is_speech(pcm[i * 2 : (i + step) * 2], sample_rate=SAMPLE_RATE)
+                      for i in range(0, len(wav), step)], dtype=np.float64)
+    width = vad_moving_average_width  # moving average, as resemblyzer computes it
+    padded = np.concatenate((np.zeros((width - 1) // 2), flags, np.zeros(width // 2)))
+    ret = np.cumsum(padded, dtype=float)
+    ret[width:] = ret[width:] - ret[:-width]
+    mask = np.round(ret[width - 1 :] / width).astype(bool)
+    mask = binary_dilation(mask, np.ones(vad_max_silence_length + 1))
+    return wav[np.repeat(mask, step)]
+
+
 def prepare(audio: np.ndarray) -> np.ndarray | None:
     """The utterance as resemblyzer expects it (16 kHz float32, quiet audio raised to -30 dBFS, long
     silences cut with webrtcvad: resemblyzer.preprocess_wav without resampling); None when it is
     silent (an all-zero utterance has no voice to embed)."""
-    from resemblyzer.audio import normalize_volume, trim_long_silences
+    from resemblyzer.audio import normalize_volume
     from resemblyzer.hparams import audio_norm_target_dBFS
 
     wav = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -63,16 +88,32 @@ def prepare(audio: np.ndarray) -> np.ndarray | None:
     return voiced if len(voiced) >= MIN_VOICED_S * SAMPLE_RATE else wav
 
 
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by `by` (Linux schedules threads as tasks; raising
+    needs no privilege). Run on the voice thread: its embedding is needed only once Whisper's
+    decode of the same utterance is done (several times longer), so on a busy CPU the decoders
+    should get the cores first. Elsewhere (no per-thread nice) it does nothing."""
+    if by <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (AttributeError, OSError) as e:  # not Linux, or not permitted: run at the normal priority
+        log.info("voice thread priority unchanged: %s", e)
+
+
 class VoiceEmbedder:
     """resemblyzer's VoiceEncoder on a single worker thread. embed() returns an asyncio future of
-    the utterance's unit 256-d embedding (None for a silent one); at most `max_pending` jobs wait."""
+    the utterance's (unit 256-d embedding, seconds of voice it was computed from), None for a silent
+    utterance; at most `max_pending` jobs wait."""
 
-    def __init__(self, device: str = "auto", max_pending: int = 64) -> None:
+    def __init__(self, device: str = "auto", max_pending: int = 64, nice: int = 0) -> None:
         self.device = device
         self.max_pending = max_pending
         self._encoder: Any = None
         self._lock = threading.Lock()  # guards the one-time load
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="emostream-voice")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="emostream-voice",
+                                            initializer=lower_thread_priority, initargs=(nice,))
         self._pending = 0
         self._center: np.ndarray | None = None
         self.load_s: float | None = None
@@ -122,15 +163,16 @@ class VoiceEmbedder:
         fut.add_done_callback(report)
         return fut
 
-    def embed_now(self, audio: np.ndarray) -> np.ndarray | None:
-        """The embedding, computed on the calling thread (the bench's offline mode, tests)."""
+    def embed_now(self, audio: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """(embedding, seconds of voice), computed on the calling thread (the voice thread; the
+        bench's offline mode); None for a silent utterance."""
         self.load()
         wav = prepare(audio)
         if wav is None:
             return None
-        return np.asarray(self._encoder.embed_utterance(wav), dtype=np.float32)
+        return np.asarray(self._encoder.embed_utterance(wav), dtype=np.float32), len(wav) / SAMPLE_RATE
 
-    def embed(self, audio: np.ndarray) -> asyncio.Future[np.ndarray | None]:
+    def embed(self, audio: np.ndarray) -> asyncio.Future[tuple[np.ndarray, float] | None]:
         """Queue one utterance (16 kHz float32); raises Overloaded past `max_pending` waiting jobs.
         Cancelling the future before the thread starts on it skips the work."""
         if self._pending >= self.max_pending:

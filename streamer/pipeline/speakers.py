@@ -2,7 +2,8 @@
 voice embedding is started on the voice thread when the segmenter first sees the pause (beside the
 speculative Whisper decode, and dropped with it if speech resumes), so it is normally done before
 the transcript; labels are assigned in utterance order, when the runner publishes the transcript.
-The clustering itself is streamer/pipeline/diarize.py (synchronous, ~1 ms per utterance)."""
+The clustering itself is streamer/pipeline/diarize.py (synchronous, ~1.3 ms per utterance);
+each utterance counts there with its seconds of voice."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from streamer.infer.engine import Overloaded
 from streamer.pipeline.diarize import Revision, SpeakerClusters
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from streamer.infer.voice import VoiceEmbedder
 
+    VoiceFuture: TypeAlias = "asyncio.Future[tuple[np.ndarray, float] | None]"  # (embedding, seconds of voice)
+
+MIN_WEIGHT_S = 0.1  # an utterance counts its seconds of voice in the clustering (at least this)
 
 
 class SessionSpeakers:
@@ -25,9 +31,9 @@ class SessionSpeakers:
     def __init__(self, embedder: VoiceEmbedder, clusters: SpeakerClusters) -> None:
         self.embedder = embedder
         self.clusters = clusters
-        self._speculative: dict[int, tuple[int, asyncio.Future[np.ndarray | None]]] = {}
+        self._speculative: dict[int, tuple[int, VoiceFuture]] = {}
 
-    def _embed(self, audio: np.ndarray) -> asyncio.Future[np.ndarray | None] | Exception:
+    def _embed(self, audio: np.ndarray) -> VoiceFuture | Exception:
         try:
             return self.embedder.embed(audio)
         except (Overloaded, RuntimeError) as e:  # refused, or the voice thread is gone (shutting down)
@@ -44,7 +50,7 @@ class SessionSpeakers:
         if spec is not None:
             spec[1].cancel()  # skipped if the voice thread has not started it
 
-    def ended(self, index: int, audio: np.ndarray) -> asyncio.Future[np.ndarray | None] | Exception:
+    def ended(self, index: int, audio: np.ndarray) -> VoiceFuture | Exception:
         """The utterance's embedding: the speculative one when it saw exactly this audio."""
         spec = self._speculative.pop(index, None)
         if spec is not None and spec[0] == len(audio):
@@ -54,7 +60,7 @@ class SessionSpeakers:
         return self._embed(audio)
 
     async def assign(self, utterance_id: int,
-                     voice: asyncio.Future[np.ndarray | None] | Exception) -> tuple[str | None, list[Revision]]:
+                     voice: VoiceFuture | Exception) -> tuple[str | None, list[Revision]]:
         """The utterance's speaker (None when it has no voice: silence) and the earlier utterances
         it moved. Raises what the embedding raised (Overloaded when it was refused)."""
         if isinstance(voice, Exception):
@@ -67,7 +73,8 @@ class SessionSpeakers:
             raise RuntimeError("the voice embedding was cancelled (shutting down)") from None
         if embedding is None:
             return None, []
-        return self.clusters.add(utterance_id, embedding)
+        vector, seconds = embedding
+        return self.clusters.add(utterance_id, vector, weight=max(seconds, MIN_WEIGHT_S))
 
     def label(self, utterance_id: int) -> str | None:
         return self.clusters.labels.get(utterance_id)
