@@ -115,7 +115,16 @@ def said(events: list[dict], speaker: str) -> str:
 
 
 async def twilio_call(app, call_sid: str, inbound: np.ndarray, outbound: np.ndarray) -> list[dict]:  # type: ignore[no-untyped-def]
-    """One call through /v1/twilio at real-time pace (both tracks), watched on /v1/subscribe."""
+    """Start `app`, run one call through /v1/twilio at real-time pace (both tracks) watched on
+    /v1/subscribe, shut the app down; the watcher's events."""
+    await app.start()
+    try:
+        return await _call(app, call_sid, inbound, outbound)
+    finally:
+        await asyncio.wait_for(app.shutdown(), 60)
+
+
+async def _call(app, call_sid: str, inbound: np.ndarray, outbound: np.ndarray) -> list[dict]:  # type: ignore[no-untyped-def]
     async with connect(f"{app.url}{P.SUBSCRIBE_PATH}?session={call_sid}") as watcher, \
             connect(f"{app.url}{P.TWILIO_PATH}") as twilio:
         await twilio.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
@@ -140,16 +149,7 @@ def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, 
     agent = load("LJ001-0008.wav", sr=8000)  # then the agent answers
     inbound, outbound = turns(customer, agent, 8000, tail=1.6)
     call_sid = "CA" + "0" * 30 + "1"
-
-    async def go() -> list[dict]:
-        app = calls_app(emotion_model, whisper, tmp_path, webhook)
-        await app.start()
-        try:
-            return await twilio_call(app, call_sid, inbound, outbound)
-        finally:
-            await asyncio.wait_for(app.shutdown(), 60)
-
-    events = asyncio.run(go())
+    events = asyncio.run(twilio_call(calls_app(emotion_model, whisper, tmp_path, webhook), call_sid, inbound, outbound))
     check_call(events, {"customer", "agent"})
     assert events[0]["session_id"] == call_sid and events[0]["metadata"]["queue"] == "billing"
     assert wer(transcripts["LJ001-0004.wav"], said(events, "customer")) <= 0.3, said(events, "customer")
@@ -179,16 +179,8 @@ def test_score_sides_customer_transcribes_the_agent_without_scoring_it(emotion_m
     inbound, outbound = turns(load("LJ001-0004.wav", sr=8000), load("LJ001-0008.wav", sr=8000), 8000, tail=1.6)
     call_sid = "CA" + "0" * 30 + "2"
     calls = CallsConfig(alert_rules=rules_file(tmp_path), score_sides=("customer",))
-
-    async def go() -> list[dict]:
-        app = create_app(replace(app_config(), calls=calls), model=emotion_model, asr=whisper)
-        await app.start()
-        try:
-            return await twilio_call(app, call_sid, inbound, outbound)
-        finally:
-            await asyncio.wait_for(app.shutdown(), 60)
-
-    events = asyncio.run(go())
+    app = create_app(replace(app_config(), calls=calls), model=emotion_model, asr=whisper)
+    events = asyncio.run(twilio_call(app, call_sid, inbound, outbound))
     scored = [e for e in events if e["type"] in (P.EMOTION, P.EMOTION_REVISED, P.EMOTION_PARTIAL, P.ALERT)]
     assert scored and {e["speaker"] for e in scored} == {"customer"}
     assert wer(transcripts["LJ001-0008.wav"], said(events, "agent")) <= 0.3, "the agent is still transcribed"

@@ -19,7 +19,7 @@ from streamer import protocol as P
 from streamer.calls.summary import CallSummary, sentiment_trend
 from streamer.infer.transcriber import Transcript
 
-from tests.stream_util import WAIT_S, check_session_events, load
+from tests.stream_util import check_session_events, load, served
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -33,16 +33,10 @@ class WordsAsr:
 
 def _stream(model: EmotionModel) -> list[dict]:
     from streamer.client import stream_audio
-    from streamer.config import AppConfig, InferenceConfig, ServerConfig
-    from streamer.server import create_app
 
     async def scenario():  # type: ignore[no-untyped-def]
-        app = create_app(AppConfig(server=ServerConfig(port=0), inference=InferenceConfig(device="cpu")), model=model, asr=WordsAsr())
-        await app.start()
-        try:
+        async with served(model, WordsAsr()) as app:
             return await stream_audio(app.url, load("jfk.flac"), realtime=False)
-        finally:
-            await asyncio.wait_for(app.shutdown(), WAIT_S)
 
     res = asyncio.run(scenario())
     check_session_events(res.events)

@@ -32,6 +32,7 @@ from model.config import SENTIMENT_LABELS
 from training.datasets import load_meld
 from training.metrics import classification_report, format_report
 from training.text_finetune import previous_texts
+from training.text_transfer import features
 
 
 def encoder_key(model: torch.nn.Module) -> str:
@@ -48,12 +49,9 @@ def sentence_vectors(model, texts: list[str], contexts: list[list[str]], cache: 
     if cache is not None and cache.is_file():
         return np.load(cache)
     vecs = np.zeros((len(texts), model.config.encoder_dim), np.float32)
-    n = model.config.text_context
-    order = sorted((i for i, t in enumerate(texts) if t), key=lambda i: len(texts[i]) + sum(map(len, contexts[i])))
-    with torch.inference_mode():
-        for s in range(0, len(order), 64):
-            ids = order[s : s + 64]
-            vecs[ids] = model.text_encoder([texts[i] for i in ids], contexts=[contexts[i][:n] for i in ids]).float().cpu().numpy()
+    n, rows = model.config.text_context, [i for i, t in enumerate(texts) if t]
+    if rows:
+        vecs[rows] = features(model.text_encoder, [texts[i] for i in rows], [contexts[i][:n] for i in rows])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, vecs)
