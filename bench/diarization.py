@@ -63,7 +63,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.live_accuracy import Service, git_state, match_clips  # noqa: E402
+from bench.live_accuracy import Service, match_clips  # noqa: E402
+from bench.provenance import git_state  # noqa: E402
 
 SR = 16_000
 DATA = ROOT.parent / "shared" / "data"

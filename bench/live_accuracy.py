@@ -73,6 +73,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import git_state  # noqa: E402
 from training.datasets import EMODB_CODES, RAVDESS_CODES, TO_MELD  # noqa: E402
 
 SR = 16_000
@@ -317,20 +318,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def git_state() -> dict[str, Any]:
-    """The commit the bench ran at and whether the working tree had uncommitted changes."""
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-
-    try:
-        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"commit": None, "dirty": None, "error": str(e)}
-    if head.returncode:
-        return {"commit": None, "dirty": None, "error": head.stderr.strip()}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 class Service:

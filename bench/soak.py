@@ -54,6 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import git_state  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
@@ -114,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         asr = FakeAsr() if args.asr == "fake" else None  # None: the app loads Whisper from config.asr
         app = create_app(config, asr=asr)
         await app.start()
-        print(f"PORT {app.port}", flush=True)
+        print(f"PORT {app.port} {app.allocator}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -290,6 +291,7 @@ async def soak(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if not line.startswith("PORT "):
         raise RuntimeError(f"service did not start: {line!r}")
     url = f"ws://127.0.0.1:{int(line.split()[1])}"
+    report["allocator"] = line.split()[2]  # what the service process runs under (streamer/memory.py)
     http = url.replace("ws://", "http://")
     loop = asyncio.get_running_loop()
     samples: list[dict[str, Any]] = []
@@ -487,6 +489,9 @@ def main() -> int:
     if a.max_realtime_factor is None:
         a.max_realtime_factor = 4 * a.speed
     if a.serve:
+        from streamer.memory import relaunch_with_allocator
+
+        relaunch_with_allocator()  # the service's own start-up: re-executes under jemalloc when chosen
         return serve(a)
 
     import torch
@@ -506,6 +511,7 @@ def main() -> int:
                    ("tiny random model (2-layer 32-wide BERT + speech CNN)" if a.model == "tiny" else str(a.checkpoint)),
                    "max_realtime_factor": a.max_realtime_factor, "realtime_burst_s": 30.0, "chunk_s": CHUNK_S,
                    "clips": CLIPS, "pauses_s": [0.6, 2.4], "buckets": a.buckets},
+        "git": git_state(), "allocator_choice": os.environ.get("EMOSTREAM_ALLOCATOR", "auto"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     asyncio.run(soak(a, report))

@@ -64,6 +64,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import git_state  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
 from streamer.config import SAMPLE_RATE, AppConfig, AsrConfig, InferenceConfig, SegmenterConfig, ServerConfig  # noqa: E402
@@ -461,6 +462,9 @@ def main() -> int:
     from model import load_checkpoint
     from streamer.infer.transcriber import Transcriber
 
+    from streamer.memory import tune_allocator
+
+    allocator = tune_allocator()  # what each App would set up, before the models allocate
     configs = variants(a.checkpoint)
     model = load_checkpoint(configs["emostream"].inference.checkpoint, device="cpu")
     asrs = {name: Transcriber(cfg.asr) for name, cfg in configs.items() if name in a.variants}
@@ -471,6 +475,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "load_avg_at_start": list(os.getloadavg()), "load_avg_at_end": None,
                     "note": "shared machine: other jobs may run concurrently"},
+        "git": git_state(), "allocator": allocator,
         "audio": {"name": a.audio.name, "seconds_per_copy": copy_s, "utterances_alone": u1,
                   "utterances_per_further_copy": u2 - u1, "counted_by": "offline Segmenter(SegmenterConfig())"},
         "checkpoint": jsonable(configs["emostream"].inference.checkpoint),
@@ -504,4 +509,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # as the service's own commands do (EMOSTREAM_ALLOCATOR)
     sys.exit(main())

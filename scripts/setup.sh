@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(python3 python3-venv python3-dev make git libportaudio2 pulseaudio pulseaudio-utils chromium libasound2-plugins openssl redis-server)
+DEBS=(python3 python3-venv python3-dev make git libportaudio2 pulseaudio pulseaudio-utils chromium libasound2-plugins openssl redis-server libjemalloc2)
 
 missing=()
 for p in "${DEBS[@]}"; do

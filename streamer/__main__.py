@@ -250,7 +250,7 @@ async def run(a: argparse.Namespace) -> int:
     await app.start()
     own_token = next((t for t, roles in config.auth.tokens if auth.ADMIN in roles), None)  # for the built-in clients
     print(f"emostream listening on {app.url} (stream: {app.url}{P.STREAM_PATH}, "
-          f"events: {app.url}{P.SUBSCRIBE_PATH}?session=*, health: http://{config.server.host}:{app.port}{P.HEALTH_PATH})",
+          f"events: {app.url}{P.SUBSCRIBE_PATH}?session=*, health: http://{config.server.host}:{app.port}{P.HEALTH_PATH}; allocator {app.allocator})",
           flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,4 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # returns, or re-executes this command line under jemalloc
     sys.exit(main())

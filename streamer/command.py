@@ -23,16 +23,17 @@ class Command(NamedTuple):
     module: str
     prefix: tuple[str, ...]  # arguments put before the user's
     help: str
+    service: bool = False  # a long-running process: started under the chosen allocator (streamer/memory.py)
 
 
 COMMANDS = {
-    "serve": Command("streamer.__main__", (), "run the service (WebSocket/HTTP; --mic, --file F, --demo)"),
-    "demo": Command("streamer.__main__", ("--demo",), "the service fed the bundled recording, printing live emotions"),
+    "serve": Command("streamer.__main__", (), "run the service (WebSocket/HTTP; --mic, --file F, --demo)", True),
+    "demo": Command("streamer.__main__", ("--demo",), "the service fed the bundled recording, printing live emotions", True),
     "mic": Command("clients.mic", (), "talk into this machine's microphone, watch each utterance's emotion"),
     "file": Command("clients.file", (), "stream an audio file to a service"),
     "subscribe": Command("clients.subscribe", (), "watch one session or all (*) of a service"),
     "export": Command("streamer.events.export", (), "export sessions from the durable event log (--store)"),
-    "worker": Command("streamer.infer.worker", (), "a remote inference worker (Whisper + encoders) fed through Redis"),
+    "worker": Command("streamer.infer.worker", (), "a remote inference worker (Whisper + encoders) fed through Redis", True),
     "train": Command("training.__main__", ("train",), "train a model (paper defaults)"),
     "evaluate": Command("training.__main__", ("evaluate",), "score a checkpoint on a dataset split"),
 }
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"emostream: unknown command {args[0]!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
+    if command.service and argv is None:  # the real command line, not a call from Python
+        from streamer.memory import relaunch_with_allocator
+
+        relaunch_with_allocator()  # returns, or re-executes this command line under jemalloc
     sys.argv[0] = f"emostream {args[0]}"  # argparse's prog in the command's own --help and errors
     entry = importlib.import_module(command.module)
     return int(entry.main([*command.prefix, *args[1:]]) or 0)

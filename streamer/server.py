@@ -59,7 +59,7 @@ class App:
     ) -> None:
         self.config = config
         self.clock = clock
-        tune_allocator()  # before the inference threads allocate: keeps RSS flat over days (streamer/memory.py)
+        self.allocator = tune_allocator()  # before the inference threads allocate (streamer/memory.py)
         self.metrics = Metrics()
         self.engine: InferenceEngine | RemoteInferenceEngine
         if config.inference.remote:  # Whisper + text encoder live in streamer.infer.worker processes
@@ -209,6 +209,7 @@ class App:
             "bus": self.bus.status(),
             **({"store": self.store.status()} if self.store is not None else {}),
             "model": {"labels": list(self.model.config.labels), "device": str(self.model.device)},
+            "allocator": self.allocator,  # jemalloc | tcmalloc | pinned | glibc (streamer/memory.py)
             "uptime_s": round(self.clock() - self.started_at, 1),
         }
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from streamer.memory import AUTO
+
 from streamer.command import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +75,4 @@ def test_the_wheel_carries_everything_the_demo_needs(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert demo.stdout.count("emotion:") >= 3, demo.stdout[-3000:]
+    assert f"; allocator {AUTO})" in demo.stdout, demo.stdout[:2000]  # the command set it up (streamer/memory.py)

@@ -359,4 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # returns, or re-executes this command line under jemalloc
     sys.exit(main())

@@ -1,0 +1,23 @@
+"""Where a bench result came from: the commit it ran at (every bench JSON carries it)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the bench ran at and whether the working tree had uncommitted changes."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"commit": None, "dirty": None, "error": str(e)}
+    if head.returncode:
+        return {"commit": None, "dirty": None, "error": head.stderr.strip()}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
