@@ -179,13 +179,10 @@ HEALTHY = "healthy"  # the well-behaved sessions are healthy-0, healthy-1, ... (
 HEALTHY_FILE = "LJ001-0004.wav"
 
 
-HEALTHY_SPEED = 2.0  # x real time: the service segments on the audio's clock, so only the order matters here
-
-
 async def healthy_source(url: str, session_id: str, done: asyncio.Event,
                          headers: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], int, int | None]:
-    """LJ001-0004 then 1 s of silence, paced at HEALTHY_SPEED x real time, repeated until `done`
-    (at least once); then stop. Returns (every event, repetitions sent, close code)."""
+    """LJ001-0004 then 1 s of silence, at real-time pace, repeated until `done` (at least once);
+    then stop. Returns (every event, repetitions sent, close code)."""
     rep = np.concatenate([load(HEALTHY_FILE), np.zeros(16_000, np.float32)])
     chunk = 1_600  # 100 ms
     events: list[dict[str, Any]] = []
@@ -201,9 +198,9 @@ async def healthy_source(url: str, session_id: str, done: asyncio.Event,
         t0, sent, reps = loop.time(), 0, 0
         while reps == 0 or not done.is_set():
             for i in range(0, len(rep), chunk):
-                delay = t0 + sent / (16_000 * HEALTHY_SPEED) - loop.time()
+                delay = t0 + sent / 16_000 - loop.time()
                 if delay > 0:
-                    await asyncio.sleep(delay)  # pacing to the audio's own clock, sped up
+                    await asyncio.sleep(delay)  # pacing to the audio's own clock
                 await ws.send(to_pcm16(rep[i : i + chunk]))
                 sent += len(rep[i : i + chunk])
             reps += 1

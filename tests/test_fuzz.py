@@ -4,7 +4,7 @@ garbage, frames over the size limit, and clients that vanish mid-utterance.
 
 Every fuzz connection may only get well-formed events back (JSON objects with `type`,
 `session_id`, `seq`) and a clean close; the server must stay up; and a healthy session streaming
-real speech (paced at 2x real time) on the same service during each test must get exactly its normal
+real speech at real-time pace on the same service during each test must get exactly its normal
 events (no error, gap-free seq, one transcript + emotion per utterance, WER <= 0.3).
 
 The service and all clients run on one event loop in a background thread; hypothesis drives it
