@@ -43,15 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_state  # noqa: E402
+from streamer.memory import fresh_environment  # noqa: E402
 
 VARIANTS = ("glibc", "trim", "pinned", "jemalloc")
 FLAT = 1.0  # the rule: a steady RSS slope of at most 1 MiB a minute over the soak (bench/soak.py's fit)
-
-
-def env_for(variant: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "EMOSTREAM_ALLOCATOR_RELAUNCHED")}
-    env["EMOSTREAM_ALLOCATOR"] = variant
-    return env
 
 
 def latency_run(variant: str, streams: list[int], out: Path) -> dict[str, Any]:
@@ -61,7 +56,7 @@ def latency_run(variant: str, streams: list[int], out: Path) -> dict[str, Any]:
            "--streams", *map(str, streams), "--out", str(out)]
     t0 = time.monotonic()
     with open(out / "stream_bench.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env_for(variant), stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=fresh_environment(variant), stdout=log, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"stream_bench under {variant} exited {rc}: see {out / 'stream_bench.log'}")
     report = json.loads((out / "stream_bench.json").read_text())
@@ -86,7 +81,7 @@ def soak_runs(variants: list[str], a: argparse.Namespace, out: Path) -> dict[str
         cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--asr", "whisper", "--model", "bundled",
                "--sessions", str(a.soak_sessions), "--minutes", str(a.soak_minutes), "--speed", "1", "--out", str(d)]
         log = open(d / "soak.log", "w")
-        procs[v] = (subprocess.Popen(cmd, cwd=ROOT, env=env_for(v), stdout=log, stderr=subprocess.STDOUT), log, d)
+        procs[v] = (subprocess.Popen(cmd, cwd=ROOT, env=fresh_environment(v), stdout=log, stderr=subprocess.STDOUT), log, d)
     results = {}
     for v, (p, log, d) in procs.items():
         rc = p.wait()

@@ -17,9 +17,9 @@ them side by side; `auto` is AUTO, the one that measured best there):
             `MALLOC_CONF` is set to JEMALLOC_CONF unless the user set one. Where the library is
             missing, GLIBC_FALLBACK.
   trim      glibc untouched, plus a thread that calls `malloc_trim(0)` every TRIM_EVERY_S (or
-            `EMOSTREAM_TRIM_EVERY_S`): the free
-            holes inside the arenas go back to the kernel, so RSS follows the memory in use; a hole
-            reused later faults its pages in again, far fewer than `pinned` maps.
+            `EMOSTREAM_TRIM_EVERY_S`): the pages of the free holes inside the arenas
+            go back to the kernel (a hole reused later faults its pages in again, far fewer than
+            `pinned` maps); in bench/allocator.py's soak it slowed RSS growth but did not stop it.
   pinned    glibc with the mmap threshold pinned at 128 KiB (`mallopt`): no holes, but every large
             temporary is a fresh mmap whose pages fault in, which costs CPU on the inference path.
   glibc     glibc untouched.
@@ -152,7 +152,8 @@ def tune_allocator() -> str:
     return "pinned"
 
 _trimmer: threading.Thread | None = None
-trims = {"count": 0, "seconds": 0.0, "max_s": 0.0}  # what the trimming thread has cost so far
+trims = 0  # malloc_trim calls made so far by the trimming thread
+trimmed = threading.Condition()  # notified after each of them
 
 
 def _start_trimmer(malloc_trim: ctypes._CFuncPtr) -> None:
@@ -162,21 +163,28 @@ def _start_trimmer(malloc_trim: ctypes._CFuncPtr) -> None:
     if _trimmer is not None:
         return
     malloc_trim.argtypes = [ctypes.c_size_t]
-
     try:
         every = float(os.environ.get("EMOSTREAM_TRIM_EVERY_S", TRIM_EVERY_S))
     except ValueError:
         every = TRIM_EVERY_S
 
     def loop() -> None:
+        global trims
         while True:
-            time.sleep(every)
-            t0 = time.perf_counter()
+            time.sleep(every)  # the period itself, not a wait for something
             malloc_trim(0)
-            dt = time.perf_counter() - t0
-            trims["count"] += 1
-            trims["seconds"] += dt
-            trims["max_s"] = max(trims["max_s"], dt)
+            with trimmed:
+                trims += 1
+                trimmed.notify_all()
 
     _trimmer = threading.Thread(target=loop, name="malloc-trim", daemon=True)
     _trimmer.start()
+
+
+def fresh_environment(choice: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default os.environ) for a child process that starts afresh under `choice`: without
+    this process's LD_PRELOAD, MALLOC_CONF and re-execution marker (the benches' and tests' runs)."""
+    out = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", _RELAUNCHED)}
+    out[ALLOCATOR_ENV] = choice
+    return out

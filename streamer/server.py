@@ -209,7 +209,7 @@ class App:
             "bus": self.bus.status(),
             **({"store": self.store.status()} if self.store is not None else {}),
             "model": {"labels": list(self.model.config.labels), "device": str(self.model.device)},
-            "allocator": self.allocator,  # jemalloc | tcmalloc | pinned | glibc (streamer/memory.py)
+            "allocator": self.allocator,  # jemalloc | tcmalloc | trim | pinned | glibc (streamer/memory.py)
             "uptime_s": round(self.clock() - self.started_at, 1),
         }
 

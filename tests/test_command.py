@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer.memory import AUTO
-
 from streamer.command import COMMANDS, main
+from streamer.memory import AUTO
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "emostream"  # installed by the set-up (pip install -e .)

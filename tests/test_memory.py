@@ -14,14 +14,13 @@ soak, not this test.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from streamer.memory import ALLOCATOR_ENV, AUTO, jemalloc_library
+from streamer.memory import AUTO, fresh_environment, jemalloc_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,19 +63,17 @@ for r in range(4):
                    "kept_mb": sum(k.nbytes for k in keep) / 2**20})
 after_trim = None
 if allocator == "trim":  # wait (bounded) for two trims after the work, then look again
-    import time
-    from streamer.memory import trims
-    seen, deadline = trims["count"], time.monotonic() + 20
-    while trims["count"] < seen + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    from streamer import memory
+    with memory.trimmed:
+        seen = memory.trims
+        assert memory.trimmed.wait_for(lambda: memory.trims >= seen + 2, timeout=20), "no trim within 20 s"
     after_trim = rss_mb()
 print(json.dumps({"allocator": allocator, "loaded": loaded_allocator(), "rounds": rounds, "rss_after_trim_mb": after_trim}))
 """
 
 
 def run(choice: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "EMOSTREAM_ALLOCATOR_RELAUNCHED")}
-    env[ALLOCATOR_ENV] = choice
+    env = fresh_environment(choice)
     env["EMOSTREAM_TRIM_EVERY_S"] = "0.2"  # `trim`: several trims within each round of the workload
     out = subprocess.run([sys.executable, "-c", WORKLOAD.replace("ROOT", repr(str(ROOT)))], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -115,8 +112,7 @@ def test_rss_stays_bounded_and_only_pinning_pays_in_page_faults(runs: dict[str, 
 
 
 def test_a_relaunched_process_is_not_relaunched_again() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "EMOSTREAM_ALLOCATOR_RELAUNCHED")}
-    env[ALLOCATOR_ENV] = "jemalloc"
+    env = fresh_environment("jemalloc")
     code = ("import os, sys; sys.path.insert(0, %r)\n"
             "from streamer.memory import relaunch_with_allocator\n"
             "print('start', flush=True)\n"
