@@ -32,26 +32,38 @@ def list_devices() -> str:
     return str(sd.query_devices())
 
 
-async def capture(device: str | int | None, sample_rate: int, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
-    """Microphone chunks (int16 mono, CHUNK_S each) until `stop` is set. The PortAudio callback
-    runs on its own thread and only hands blocks to the event loop."""
-    import sounddevice as sd
+class Capture:
+    """The input device, capturing from `with` on into a bounded queue (so what is said once
+    "listening" shows is not lost while the connection opens); `chunks()` yields int16 mono
+    blocks (CHUNK_S each) until `stop` is set. The PortAudio callback runs on its own thread and
+    only hands blocks to the event loop; when the queue is full the oldest block is dropped."""
 
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=100)
+    def __init__(self, device: str | int | None, sample_rate: int) -> None:
+        import sounddevice as sd
 
-    def on_block(indata, frames, time_info, status) -> None:  # PortAudio thread
-        loop.call_soon_threadsafe(_put, indata[:, 0].copy())
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=100)
+        self.stream = sd.InputStream(device=device, channels=1, samplerate=sample_rate, dtype="int16",
+                                     blocksize=int(sample_rate * CHUNK_S), callback=self._on_block)
 
-    def _put(block: np.ndarray) -> None:
-        if queue.full():
-            queue.get_nowait()  # never block capture: drop the oldest block
-        queue.put_nowait(block)
+    def __enter__(self) -> Capture:
+        self.stream.start()
+        return self
 
-    with sd.InputStream(device=device, channels=1, samplerate=sample_rate, dtype="int16",
-                        blocksize=int(sample_rate * CHUNK_S), callback=on_block):
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+    def _on_block(self, indata, frames, time_info, status) -> None:  # PortAudio thread
+        self.loop.call_soon_threadsafe(self._put, indata[:, 0].copy())
+
+    def _put(self, block: np.ndarray) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()  # never block capture: drop the oldest block
+        self.queue.put_nowait(block)
+
+    async def chunks(self, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
         while not stop.is_set():
-            getter = asyncio.ensure_future(queue.get())
+            getter = asyncio.ensure_future(self.queue.get())
             stopper = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -86,14 +98,15 @@ async def session(args: argparse.Namespace, printer: Printer) -> int:
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id, metadata={"source": "clients.mic"},
-                            interim=args.interim, word_timestamps=args.words, **diarize_options(args),
-                            **connection_args(args)) as client:
-        extras = [x for x, on in (("interim results", args.interim), ("word timings", args.words),
-                                  ("speaker labels", args.diarize)) if on]
-        print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
-              f"→ {args.url}{' with ' + ' and '.join(extras) if extras else ''} (Ctrl-C to stop)", file=sys.stderr)
-        await run_source(client, capture(device, rate, stop), printer, stop_when=stop)
+    with Capture(device, rate) as mic:  # capturing before the session starts: the first words are not lost
+        async with StreamClient(args.url, sample_rate=rate, session_id=args.session_id, metadata={"source": "clients.mic"},
+                                interim=args.interim, word_timestamps=args.words, **diarize_options(args),
+                                **connection_args(args)) as client:
+            extras = [x for x, on in (("interim results", args.interim), ("word timings", args.words),
+                                      ("speaker labels", args.diarize)) if on]
+            print(f"● listening on {'default input' if device is None else device} at {rate} Hz "
+                  f"→ {args.url}{' with ' + ' and '.join(extras) if extras else ''} (Ctrl-C to stop)", file=sys.stderr)
+            await run_source(client, mic.chunks(stop), printer, stop_when=stop)
     return 0
 
 

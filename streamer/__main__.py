@@ -281,6 +281,7 @@ async def run(a: argparse.Namespace) -> int:
     elif a.mic is not None:
         try:
             mic = Microphone(a.mic or None)
+            mic.start()  # capturing before "listening" is printed: the first words are not lost
             app.add_source("mic", mic.chunks(), "microphone", interim=a.interim, word_timestamps=a.words)
         except SourceError as e:
             print(f"error: {e}", file=sys.stderr)

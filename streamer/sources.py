@@ -71,9 +71,11 @@ def _resolve_input_device(device: str | int | None) -> int | str | None:
 
 
 class Microphone:
-    """An input device, opened (and checked) at construction; `chunks()` yields 16 kHz float32
-    until cancelled or `stop` is set. Captures at the device's default rate, resampled; chunks that
-    overflow the bounded queue are dropped (a stalled consumer must not grow memory)."""
+    """An input device, opened (and checked) at construction. `start()` begins capturing into a
+    bounded queue, so nothing said after the caller announces "listening" is lost while the rest
+    of the pipeline gets going; `chunks()` (which starts it if needed) yields 16 kHz float32 until
+    cancelled or `stop` is set. Captures at the device's default rate, resampled; chunks that
+    overflow the queue are dropped (a stalled consumer must not grow memory)."""
 
     def __init__(self, device: str | int | None = None, block_s: float = 0.05, queue_size: int = 200) -> None:
         try:
@@ -87,39 +89,43 @@ class Microphone:
             raise SourceError(f"no input device {device!r}: {e} (see --list-devices)") from e
         self.rate = int(self.info["default_samplerate"])
         self.block_s = block_s
-        self.queue_size = queue_size
         self.dropped = 0
+        self._queue: asyncio.Queue[np.ndarray] = asyncio.Queue(queue_size)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        try:
+            self._stream = sd.InputStream(device=self.device, channels=1, samplerate=self.rate, dtype="float32",
+                                          blocksize=int(self.rate * block_s), callback=self._callback)
+        except sd.PortAudioError as e:
+            raise SourceError(f"cannot open input device {self.info['name']!r}: {e}") from e
+
+    def _push(self, x: np.ndarray) -> None:
+        try:
+            self._queue.put_nowait(x)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def _callback(self, indata: np.ndarray, frames: int, t: object, status: object) -> None:  # PortAudio thread
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._push, indata[:, 0].copy())
+
+    def start(self) -> None:
+        """Begin capturing (from the running event loop); idempotent."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._stream.start()
 
     async def chunks(self, stop: asyncio.Event | None = None) -> AsyncIterator[np.ndarray]:
-        import sounddevice as sd
-
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[np.ndarray] = asyncio.Queue(self.queue_size)
-
-        def push(x: np.ndarray) -> None:
-            try:
-                q.put_nowait(x)
-            except asyncio.QueueFull:
-                self.dropped += 1
-
-        def callback(indata: np.ndarray, frames: int, t: object, status: object) -> None:
-            loop.call_soon_threadsafe(push, indata[:, 0].copy())
-
+        self.start()
         resampler = None
         if self.rate != SAMPLE_RATE:
             import soxr
 
             resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
-        try:
-            stream = sd.InputStream(device=self.device, channels=1, samplerate=self.rate, dtype="float32",
-                                    blocksize=int(self.rate * self.block_s), callback=callback)
-        except sd.PortAudioError as e:
-            raise SourceError(f"cannot open input device {self.info['name']!r}: {e}") from e
         stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
-        with stream:
+        with self._stream:
             try:
                 while True:
-                    get = asyncio.ensure_future(q.get())
+                    get = asyncio.ensure_future(self._queue.get())
                     waits = {get} | ({stop_wait} if stop_wait is not None else set())
                     done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     if get not in done:

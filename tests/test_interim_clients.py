@@ -242,15 +242,25 @@ def test_file_cli_passes_interim_and_words(monkeypatch: pytest.MonkeyPatch, flag
 def test_mic_cli_passes_interim_and_words(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import clients.mic as cli
 
-    async def no_audio(device: Any, rate: int, stop: asyncio.Event):  # type: ignore[no-untyped-def]
-        return
-        yield
+    class NoAudio:  # stands in for clients.mic.Capture: a device that yields nothing
+        def __init__(self, device: Any, rate: int) -> None:
+            pass
+
+        def __enter__(self) -> NoAudio:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        async def chunks(self, stop: asyncio.Event):  # type: ignore[no-untyped-def]
+            return
+            yield
 
     FakeStreamClient.made = []
     monkeypatch.setattr(cli, "StreamClient", FakeStreamClient)
     monkeypatch.setattr(cli, "run_source", fake_run_source)
     monkeypatch.setattr(cli, "pick_rate", lambda device: 16_000)
-    monkeypatch.setattr(cli, "capture", no_audio)
+    monkeypatch.setattr(cli, "Capture", NoAudio)
     assert cli.main(["--interim", "--words", "--jsonl"]) == 0
     assert FakeStreamClient.made[0]["interim"] is True and FakeStreamClient.made[0]["word_timestamps"] is True
     assert "with interim results and word timings" in capsys.readouterr().err

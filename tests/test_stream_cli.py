@@ -28,19 +28,25 @@ def streamer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamer", *args]
 
 
-async def start_server(*args: str, **extra_env: str):  # type: ignore[no-untyped-def]
-    """Start `python -m streamer ARGS`; return (process, ws url) once it prints its address."""
+async def start_server(*args: str, ready: str | None = None, seen: list[str] | None = None,
+                       **extra_env: str):  # type: ignore[no-untyped-def]
+    """Start `python -m streamer ARGS`; return (process, ws url) once it prints its address (and
+    then a line matching `ready`, when given); the lines read so far are appended to `seen`."""
     proc = await asyncio.create_subprocess_exec(
         *streamer_cmd(*args), cwd=ROOT, env=env(**extra_env),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
+    url = None
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
         assert line, "server exited before listening"
+        if seen is not None:
+            seen.append(line)
         m = re.search(r"listening on (ws://[\d.]+:\d+)", line)
-        if m:
-            return proc, m.group(1)
+        url = url or (m.group(1) if m else None)
+        if url and (ready is None or re.search(ready, line)):
+            return proc, url
 
 
 @pytest.mark.slow
@@ -150,11 +156,12 @@ def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, 
     """`python -m streamer --mic pulse`: speech played into the null sink comes out as session
     'mic' events to a `*` subscriber, and --json lines on stdout. With --interim --words the
     printed events include the partials, and the transcripts (also the subscriber's) word timings."""
+    head: list[str] = []  # what the server printed up to "listening to the microphone"
     with VirtualMic(tmp_path) as mic:
 
         async def scenario():  # type: ignore[no-untyped-def]
             proc, url = await start_server("--port", "0", "--checkpoint", str(tiny_checkpoint), "--mic", "pulse",
-                                           "--json", *flags, **mic.env)
+                                           "--json", *flags, ready="listening to the microphone", seen=head, **mic.env)
             try:
                 async with connect(f"{url}{P.SUBSCRIBE_PATH}?session=*") as sub:
                     player = mic.play(SPEECH / "LJ001-0004.wav")
@@ -164,7 +171,7 @@ def test_microphone_session_through_a_virtual_mic(tiny_checkpoint, transcripts, 
                     got += await recv_until(sub, P.SESSION_ENDED, timeout=WAIT_S)
                 rc = await asyncio.wait_for(proc.wait(), WAIT_S)
                 assert proc.stdout is not None
-                printed = (await proc.stdout.read()).decode()
+                printed = "".join(head) + (await proc.stdout.read()).decode()
                 return got, rc, printed
             finally:
                 if proc.returncode is None:
