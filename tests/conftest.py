@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,3 +73,57 @@ def tiny_checkpoint(tiny_config, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(EmotionModel(tiny_config), path, metadata={"note": "untrained tiny test model"})
     return path
+
+
+# ---- two workers on two cores (pytest-xdist, `-n 2` in pyproject's addopts) -----------------------
+# Every test holds a shared lock for its whole run (set-up, call, tear-down); a test marked
+# `exclusive` (real-time capture, interim decodes, admission: an outcome that depends on the CPU
+# being free) holds it exclusively, so it runs while the other worker waits between tests. The
+# exclusive side takes a turnstile first, which new shared holders pass through: it cannot starve.
+# A plain `pytest` without xdist (or `-p no:xdist`) takes no locks.
+class _WorkerLock:
+    def __init__(self, path: str) -> None:
+        self.main = open(path, "a+")  # noqa: SIM115 (held for the worker's life)
+        self.turnstile = open(path + ".turnstile", "a+")  # noqa: SIM115
+
+    @contextmanager
+    def held(self, exclusive: bool) -> Iterator[None]:
+        fcntl.flock(self.turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self.turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.main, fcntl.LOCK_UN)
+
+
+_worker_lock: _WorkerLock | None = None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # type: ignore[no-untyped-def]  # xdist controller, per worker
+    node.workerinput["emostream_lock"] = node.config._emostream_lock
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _worker_lock
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:  # the controller (or a run without xdist)
+        config._emostream_lock = str(Path(tempfile.mkdtemp(prefix="emostream-workers-")) / "lock")
+    elif "emostream_lock" in workerinput:
+        _worker_lock = _WorkerLock(workerinput["emostream_lock"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is None and hasattr(config, "_emostream_lock"):
+        shutil.rmtree(Path(config._emostream_lock).parent, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    if _worker_lock is None:
+        return (yield)
+    with _worker_lock.held(exclusive=item.get_closest_marker("exclusive") is not None):
+        return (yield)

@@ -31,7 +31,7 @@ from streamer import protocol as P
 from streamer.client import to_pcm16
 
 from tests.stream_util import (  # noqa: F401
-    HEALTHY, HEALTHY_FILE, WAIT_S, ServiceThread, app_config, check_session_events, emotion_model, healthy_session, load,
+    HEALTHY, HEALTHY_FILE, NO_LOAD_ADMISSION, WAIT_S, ServiceThread, app_config, check_session_events, emotion_model, healthy_session, load,
     whisper,
 )
 
@@ -53,7 +53,7 @@ class Harness(ServiceThread):
         from streamer.server import create_app
 
         super().__init__("fuzz-service")
-        self.serve(create_app(app_config(resume_grace_s=GRACE_S), model=model, asr=asr))
+        self.serve(create_app(app_config(resume_grace_s=GRACE_S, **NO_LOAD_ADMISSION), model=model, asr=asr))
         self.url = self.app.url
         self.limit = self.app.config.limits.max_message_bytes
         self.connections = 0  # fuzz connections made (so a test can show it really ran concurrently)

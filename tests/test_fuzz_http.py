@@ -46,7 +46,7 @@ from streamer.client import stream_audio
 from streamer.routes.static import CONTENT_TYPES, STATIC_DIR
 
 from tests.stream_util import (  # noqa: F401
-    HEALTHY, HEALTHY_FILE, WAIT_S, ServiceThread, app_config, emotion_model, load, whisper,
+    HEALTHY, HEALTHY_FILE, NO_LOAD_ADMISSION, WAIT_S, ServiceThread, app_config, emotion_model, load, whisper,
 )
 from tests.stream_util import healthy_session as shared_healthy_session  # noqa: E402
 
@@ -78,7 +78,7 @@ class Harness(ServiceThread):
         first = replace(app_config(), store=store)  # an earlier run of the service writes STORED
         self.call(self._fill(create_app(replace(first, inference=replace(first.inference, warmup=False)),
                                         model=model, asr=asr)))
-        cfg = replace(app_config(), store=store, auth=auth.AuthConfig(tokens=TOKENS, allowed_origins=(ORIGIN,)))
+        cfg = replace(app_config(**NO_LOAD_ADMISSION), store=store, auth=auth.AuthConfig(tokens=TOKENS, allowed_origins=(ORIGIN,)))
         self.serve(create_app(cfg, model=model, asr=asr))
         self.url = self.app.url
         self.port = self.app.port

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.exclusive  # a healthy session beside hostile load, admission on
 def test_hostile_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "hostile.py"), "--smoke", "--out", str(out),

@@ -159,6 +159,7 @@ def test_interim_and_word_timings_end_to_end(emotion_model, whisper) -> None:  #
     assert all("words" not in e for e in plain if e["type"] == P.TRANSCRIPT)
 
 
+@pytest.mark.exclusive  # admission measures the decoders' load
 def test_sessions_are_refused_past_capacity_and_live_ones_go_on(emotion_model, whisper) -> None:  # noqa: F811
     async def go():  # type: ignore[no-untyped-def]
         async with served(emotion_model, whisper, admit_max_load=0.5) as app:
