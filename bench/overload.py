@@ -53,6 +53,7 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
 from streamer.config import SAMPLE_RATE, AppConfig, AsrConfig, InferenceConfig, ServerConfig  # noqa: E402
+from streamer.metrics import COUNTERS  # noqa: E402
 
 DEFAULT_AUDIO = ROOT / "tests" / "fixtures" / "speech" / "noisy_pauses.flac"
 SKIPPED = re.compile(r"utterance (\d+) skipped")
@@ -197,8 +198,8 @@ async def run(a: argparse.Namespace, model: Any, asr: Any, audio: np.ndarray, co
     wall, cpu = time.monotonic() - t0, cpu_seconds() - c0
     stop.set()
     await asyncio.gather(sampler, lagger)
-    counters = {k: v for k, (_, v) in getattr(app.metrics, "counters", {}).items() if v}
-    asr_hist = app.metrics.asr_seconds
+    counters = {name: int(app.metrics.value(name)) for name, _ in COUNTERS if app.metrics.value(name)}
+    asr_count, asr_sum = app.metrics.value("emostream_asr_seconds_count"), app.metrics.value("emostream_asr_seconds_sum")
     t_sd = time.monotonic()
     await app.shutdown()
     shutdown_s = time.monotonic() - t_sd
@@ -234,7 +235,7 @@ async def run(a: argparse.Namespace, model: Any, asr: Any, audio: np.ndarray, co
         "queue_wait_minus_estimate_max_s": max((j[1] - j[4] for j in jobs), default=None),
         "batch_decode_p50_s": pct([j[2] for j in jobs], 50), "batch_decode_max_s": max((j[2] for j in jobs), default=None),
         "loop_lag_p50_s": pct(lags, 50), "loop_lag_p99_s": pct(lags, 99), "loop_lag_max_s": max(lags, default=None),
-        "asr_batch_s_mean": asr_hist.sum / max(1, asr_hist.count) if hasattr(asr_hist, "sum") else None,
+        "asr_batch_s_mean": asr_sum / max(1, asr_count),
         "utterances_ended": sum(s["utterances_ended"] for s in sessions),
         "utterances_skipped_overloaded": sum(len(s["skipped_overloaded"]) for s in sessions),
         "utterances_lost": sum(len(s["lost"]) for s in sessions),

@@ -91,7 +91,8 @@ async def run_level(config: AppConfig, model: Any, asr: Any, audio: np.ndarray, 
     wall = time.monotonic() - w0
     c1 = os.times()
     m = app.metrics
-    remote = {"jobs": m.remote_seconds.count, "job_mean_s": m.remote_seconds.sum / max(1, m.remote_seconds.count),
+    jobs = int(m.value("emostream_remote_job_seconds_count"))
+    remote = {"jobs": jobs, "job_mean_s": m.value("emostream_remote_job_seconds_sum") / max(1, jobs),
               "timeouts": m.value("emostream_remote_timeouts_total"), "errors": m.value("emostream_remote_errors_total")}
     await app.shutdown()
     lat = []

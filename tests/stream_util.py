@@ -100,6 +100,19 @@ async def recv_until(ws: Any, type_: str, timeout: float = WAIT_S) -> list[dict[
             return out
 
 
+def scraped(text: str) -> dict[str, float]:
+    """GET /metrics text as prometheus_client's own parser reads it: sample -> value, a labelled
+    sample keyed like `name{le="0.5"}` (the parser raises on text a scraper would refuse)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
 def check_session_events(events: list[dict[str, Any]]) -> None:
     """The per-session contract: seq strictly increasing, one emotion per ended utterance, scores
     and modality weights are distributions, started first and ended last."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import struct
@@ -31,7 +30,7 @@ from streamer import protocol as P
 from streamer.client import stream_audio, to_pcm16
 from streamer.infer.transcriber import Transcript
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
-                               recv_until, served, whisper)
+                               recv_until, scraped, served, whisper)
 from tests.test_bus import instance, redis_server, silence  # noqa: F401
 from tests.test_remote_inference import fake_worker, front_end
 from tests.test_stream_cli import start_server
@@ -227,7 +226,7 @@ def test_a_subscriber_that_never_reads_is_dropped_and_stalls_nobody(emotion_mode
     assert out["watched"] == source  # the other subscriber: every event, in order
     assert out["code"] == P.CLOSE_POLICY and "too slow" in out["reason"], out
     assert 0 < out["texts"] <= out["dropped_at"] + 1  # what it got before the drop, nothing after
-    assert "emostream_subscribers_dropped_total 1" in out["metrics"]
+    assert scraped(out["metrics"])["emostream_subscribers_dropped_total"] == 1
 
 
 # ---- disk full under --store ------------------------------------------------------------------
@@ -293,8 +292,7 @@ def test_disk_full_under_store_degrades_visibly_and_recovers(tiny_checkpoint, tm
     assert h["status"] == "degraded" and h["store"]["ok"] is False and h["store"]["errors"] >= len(out["full"])
     assert "database or disk is full" in h["store"]["last_error"] or "disk I/O error" in h["store"]["last_error"], h
     assert out["health_after"]["status"] == "ok" and out["health_after"]["store"]["ok"] is True
-    errors = int(re.search(r"^emostream_store_errors_total (\d+)", out["metrics"], re.M).group(1))
-    assert errors == h["store"]["errors"]  # nothing failed once the disk had room again
+    assert scraped(out["metrics"])["emostream_store_errors_total"] == h["store"]["errors"]  # nothing failed once the disk had room again
     assert out["log"].count("could not store") == 1, out["log"]  # one line per streak, not one per event
     assert "storing events again" in out["log"]
     assert out["stored"]["before"]["ended"] and out["stored"]["after"]["ended"]

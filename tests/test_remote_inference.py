@@ -33,7 +33,7 @@ from streamer import protocol as P
 from streamer.client import stream_audio
 from streamer.config import InferenceConfig, WorkerConfig
 from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load,  # noqa: F401
-                               wer, whisper)
+                               scraped, wer, whisper)
 from tests.test_bus import redis_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -200,7 +200,7 @@ def test_remote_workers_match_the_in_process_engine(redis_server, tiny_checkpoin
             assert a.asr is None and isinstance(a.model.text_encoder, AbsentTextEncoder)
             ra, rb = await asyncio.gather(stream_audio(a.url, load(names[0]), realtime=False, timeout_s=WAIT_S),
                                           stream_audio(b.url, load(names[1]), realtime=False, timeout_s=WAIT_S))
-            return {"events": [ra.events, rb.events], "jobs": [a.metrics.remote_seconds.count, b.metrics.remote_seconds.count],
+            return {"events": [ra.events, rb.events], "jobs": [a.metrics.value("emostream_remote_job_seconds_count"), b.metrics.value("emostream_remote_job_seconds_count")],
                     "metrics": a.metrics.render(), "health": a.health(), "depth": [a.engine.depth, b.engine.depth]}
 
     async def local() -> list[list[dict[str, Any]]]:
@@ -228,7 +228,8 @@ def test_remote_workers_match_the_in_process_engine(redis_server, tiny_checkpoin
                 assert max(abs(x["modality_weights"][k] - y["modality_weights"][k]) for k in ("speech", "text")) < 1e-4
     assert len(of(got["events"][0], P.EMOTION)) >= 3
     assert got["jobs"][0] >= len(of(got["events"][0], P.EMOTION)) and got["jobs"][1] >= 1
-    assert "emostream_remote_job_seconds_count" in got["metrics"] and "emostream_remote_jobs_outstanding 0" in got["metrics"]
+    samples = scraped(got["metrics"])
+    assert samples["emostream_remote_job_seconds_count"] == got["jobs"][0] and samples["emostream_remote_jobs_outstanding"] == 0
     assert got["health"]["status"] == "ok" and got["depth"] == [0, 0]
 
 

@@ -28,7 +28,7 @@ from streamer.config import StoreConfig
 from streamer.metrics import Metrics
 from streamer.events.store import EventStore, StoreError
 
-from tests.stream_util import WAIT_S, app_config, emotion_model, load, whisper  # noqa: F401
+from tests.stream_util import WAIT_S, app_config, emotion_model, load, scraped, whisper  # noqa: F401
 from tests.test_stream_cli import ROOT, env, start_server
 
 
@@ -113,7 +113,7 @@ def test_a_failed_append_is_logged_counted_and_not_raised(tmp_path: Path, caplog
         publish(store, P.ERROR, "s", 0, code="x", message="a duplicate seq: the UNIQUE constraint refuses it")
     assert store.errors == 1 and metrics.value("emostream_store_errors_total") == 1
     assert "could not store error seq 0 of session s" in caplog.text and "IntegrityError" in caplog.text
-    assert "emostream_store_errors_total 1" in metrics.render()
+    assert scraped(metrics.render())["emostream_store_errors_total"] == 1
     publish(store, P.SESSION_ENDED, "s", 1, utterances=0)  # the store goes on
     assert [e["seq"] for e in store.events("s")] == [0, 1] and store.sessions()[0]["ended"]
     store.close()
@@ -221,7 +221,7 @@ def test_http_endpoints_and_export_return_exactly_what_the_source_received(emoti
 
             url = f"http://127.0.0.1:{app.port}/metrics"
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=WAIT_S).read().decode())
-            assert "emostream_store_errors_total 0" in metrics.splitlines()
+            assert scraped(metrics)["emostream_store_errors_total"] == 0
 
     asyncio.run(scenario())
     assert not Path(f"{db}-wal").exists()  # shutdown closed the store: the WAL is folded in and removed

@@ -19,7 +19,8 @@ from streamer.client import to_pcm16
 from streamer.metrics import Metrics
 from streamer.events.fanout import Hub, Subscriber
 
-from tests.stream_util import WAIT_S, check_session_events, emotion_model, load, recv_json, recv_until, served, whisper  # noqa: F401
+from tests.stream_util import (WAIT_S, check_session_events, emotion_model, load, recv_json, recv_until,  # noqa: F401
+                               scraped, served, whisper)
 
 
 async def expect_error(ws, code: str, others: list | None = None) -> dict:  # type: ignore[no-untyped-def]
@@ -144,11 +145,13 @@ def test_health_metrics_and_unknown_paths(emotion_model, whisper) -> None:  # no
     assert health[0] == 200 and health[1].startswith("application/json")
     body = json.loads(health[2])
     assert body["status"] == "ok" and body["protocol"] == P.VERSION and body["sessions"] == 0
-    assert metrics[0] == 200 and metrics[1].startswith("text/plain")
+    assert metrics[0] == 200 and metrics[1] == Metrics.content_type
+    samples = scraped(metrics[2])  # prometheus_client's parser reads the exposition
     for name in ("emostream_sessions_active", "emostream_utterances_total", "emostream_inference_queue_depth",
-                 "emostream_subscriber_queue_max", "emostream_utterances_pending",
-                 "emostream_asr_seconds_bucket", "emostream_model_seconds_count", "emostream_emotion_latency_seconds_sum"):
-        assert name in metrics[2]
+                 "emostream_subscriber_queue_max", "emostream_utterances_pending", 'emostream_asr_seconds_bucket{le="+Inf"}',
+                 "emostream_model_seconds_count", "emostream_emotion_latency_seconds_sum"):
+        assert samples[name] == 0, name  # nothing streamed yet
+    assert samples["emostream_subscribers"] == 0 and samples["emostream_sessions_total"] == 0
     assert missing[0] == 404
 
 

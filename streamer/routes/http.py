@@ -54,7 +54,7 @@ def process_request(app: App, connection: ServerConnection, request: Request) ->
         return resp
     if path == P.METRICS_PATH:
         resp = connection.respond(HTTPStatus.OK, app.metrics.render())
-        set_header(resp, "Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        set_header(resp, "Content-Type", app.metrics.content_type)
         return resp
     api = api_response(app, connection, request)
     if api is not None:  # /v1/sessions...
