@@ -44,9 +44,10 @@ from streamer.routes import auth
 from streamer import protocol as P
 from streamer.client import stream_audio
 from streamer.routes.static import CONTENT_TYPES, STATIC_DIR
+from streamer.metrics import Metrics
 
 from tests.stream_util import (  # noqa: F401
-    HEALTHY, HEALTHY_FILE, NO_LOAD_ADMISSION, WAIT_S, ServiceThread, app_config, emotion_model, load, whisper,
+    HEALTHY, HEALTHY_FILE, NO_LOAD_ADMISSION, WAIT_S, ServiceThread, app_config, emotion_model, load, scraped, whisper,
 )
 from tests.stream_util import healthy_session as shared_healthy_session  # noqa: E402
 
@@ -227,14 +228,17 @@ def static_files() -> dict[str, bytes]:
 
 
 def well_formed(reply: Reply) -> None:
-    """Never a 500; JSON when it says JSON; a 200 that is neither JSON nor metrics is a static file."""
+    """Never a 500; JSON when it says JSON; metrics a Prometheus scraper reads; a 200 that is neither
+    JSON nor metrics is a static file."""
     if reply.status is None:
         return
     assert 100 <= reply.status < 500 or reply.status in (503, 505), reply
     ctype = reply.header("Content-Type") or ""
     if ctype.startswith("application/json"):
         json.loads(reply.body)
-    if reply.status == 200 and not ctype.startswith(("application/json", "text/plain; version=0.0.4")):
+    if ctype == Metrics.content_type:
+        assert scraped(reply.body.decode())["emostream_sessions_total"] >= 0
+    if reply.status == 200 and not ctype.startswith("application/json") and ctype != Metrics.content_type:
         assert reply.body in static_files().values(), f"a 200 that is no static file: {reply.body[:200]!r}"
         assert ctype == CONTENT_TYPES[next(Path(n).suffix for n, b in static_files().items() if b == reply.body)]
 
