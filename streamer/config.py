@@ -63,8 +63,8 @@ class AsrConfig:
     beam_size: int = 1  # live use: greedy
     language: str = "en"
     # decoders run in parallel (CTranslate2 replicas, one inference thread each); 0: 2 on a CPU with
-    # 2+ cores, 1 on CUDA. On 2 cores two 1-thread decoders finish 4 utterances in 0.34 s where one
-    # 2-thread decoder takes 0.49 s (bench/decoder_bench.py, docs/latency.md)
+    # 2+ cores, 1 on CUDA. On a 2-core CPU two 1-thread decoders finish a burst of utterances sooner
+    # than one 2-thread decoder (bench/decoder_bench.py, docs/latency.md)
     workers: int = 0
     cpu_threads: int = 0  # threads per decoder; 0: the CPU's cores / workers
     max_batch: int = 8  # utterances decoded together (across sessions) on a GPU
@@ -96,7 +96,9 @@ class InferenceConfig:
     # interim decodes (sessions that ask for interim results) run only on an idle decoder, and use at
     # most this share of one decoder's time, so that a burst of finals rarely finds one busy with them
     interim_share: float = 0.5
-    torch_threads: int = 0  # 0: cores / decoding threads when there are several (8 synchronised streams: p95 1.52 -> 1.22 s), else torch's default
+    # 0: cores / decoding threads when there are several (lower p95 for synchronised streams in
+    # bench/stream_bench.py), else torch's default
+    torch_threads: int = 0
     revise: bool = True  # re-score the previous utterance once the next one arrived
     warmup: bool = True  # one dummy utterance through both models before serving
     # which modalities the model scores: "both"; "speech" drops each utterance's sentence vector,
@@ -155,8 +157,7 @@ class ProtocolLimits:
     max_sample_rate: int = 48_000
     encodings: tuple[str, ...] = ("pcm_s16le",)
     max_channels: int = 2  # stereo is downmixed
-    max_message_bytes: int = 1 << 20  # a bigger frame closes the socket with 1009
-    max_text_chars: int = 4_096  # session metadata etc.
+    max_message_bytes: int = 1 << 20  # a bigger frame (audio, or a start with its metadata) closes the socket with 1009
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,10 @@ class ServerConfig:
     # (skipped while no decoder is idle), and an emotion.partial with it every `interim_emotion_every_s`
     interim_every_s: float = 0.75
     interim_emotion_every_s: float = 2.0
-    subscriber_queue: int = 512  # events buffered per subscriber before it is dropped (close 1013)
+    subscriber_queue: int = 512  # events buffered per subscriber before it is dropped (close 1008)
     max_incoming_queue: int = 32  # websockets' max_queue: frames buffered per connection
-    session_audio_queue: int = 256  # audio chunks waiting for a session's segmenter
     shutdown_timeout_s: float = 30.0  # finishing utterances in flight at SIGINT/SIGTERM
-    max_subscribers: int = 256  # /v1/subscribe connections (sources are not counted); more are refused (close 1013)
+    max_subscribers: int = 256  # /v1/subscribe connections (a source's own socket does not count); more: close 1013
     replay_events: int = 4096  # events kept per session for resume (after_seq)
     replay_sessions: int = 256  # ended sessions whose events stay replayable
     resume_grace_s: float = 10.0  # a source that drops without `stop` keeps its session this long
@@ -211,7 +211,7 @@ class DiarizeConfig:
     default: bool = False  # serve --diarize: internal sources (--mic, --file, the demo) diarize; model loaded at start
     threshold: float = 3.2  # capped-Ward merge cost below which two groups of utterances are one voice
     cap: float = 16.0  # the cap on Ward's size factor, in seconds of voice (see pipeline/diarize.py)
-    window: int = 64  # utterances re-clustered after each one (older ones keep their label); ~1.3 ms at 64
+    window: int = 64  # utterances re-clustered after each one (older ones keep their label; bench/diarization.py times it)
     max_pending: int = 64  # voice embeddings waiting for the voice thread before new ones are refused
     # the voice thread's nice value above the service's (Linux): on a busy CPU the Whisper decoders, whose
     # result the emotion waits for anyway, get the cores first (0: the same priority)

@@ -4,8 +4,8 @@ Why it matters: utterance audio, features, Whisper's and the encoders' temporari
 are allocated on the event loop, the decoder threads and the model thread, and freed in another
 order. glibc serves a block of 128 KiB or more with its own mmap, but after the first such block is
 freed it raises that threshold (up to 32 MiB), and from then on those blocks are carved out of the
-per-thread arenas, which fragment: in a 3-minute soak (20 sessions, fake ASR) glibc's arenas grew
-361 -> 519 MB while the memory in use stayed 221 -> 237 MB, and RSS rose ~30 MB a minute.
+per-thread arenas, which fragment: over a long soak the arenas and RSS keep growing while the memory
+in use stays flat (bench/soak.py, bench/allocator.py).
 
 The choices, `EMOSTREAM_ALLOCATOR=auto|jemalloc|trim|pinned|glibc` (bench/allocator.py measures
 them side by side; `auto` is AUTO, the one that measured best there):

@@ -1,10 +1,12 @@
-"""The asyncio WebSocket service: the App that wires the parts, its routes (/v1/stream,
-/v1/subscribe, /v1/twilio, HTTP), limits, resume and shutdown.
+"""The App: wires the parts of the service together, starts the WebSocket server, hands each
+connection to its route (streamer/routes/: source.py /v1/stream, subscribe.py /v1/subscribe,
+twilio.py /v1/twilio, http.py the plain HTTP ones), admits sessions, reports health, and shuts down
+finishing the utterances in flight.
 
-This layer only moves bytes and events: a session's pipeline is runner.SessionRunner, fan-out is
-fanout.Hub, segmentation lives in Session/Segmenter (synchronous), models live on the inference
-engine's threads. `create_app(config)` builds everything; tests pass a tiny model, a shared
-Whisper, and port 0.
+It only moves bytes and events: a session's pipeline is pipeline.runner.SessionRunner (segmentation
+in pipeline.session/segmenter, synchronous), fan-out and replay are events.fanout.Hub, the models
+run on the inference engine's threads (infer/). `create_app(config)` builds everything; tests pass a
+tiny model, a shared Whisper, and port 0.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class VoiceEmbedder:
         return self._encoder is not None
 
     def load(self) -> None:
-        """Load the model and run one embedding (the first costs ~1.5 s of lazy set-up); idempotent,
+        """Load the model and run one embedding (the first one pays the lazy set-up); idempotent,
         thread-safe. Raises RuntimeError when resemblyzer is not installed."""
         with self._lock:
             if self._encoder is not None:
