@@ -5,7 +5,8 @@
     emostream mic | file | subscribe …              the clients                  python -m clients.mic, …
     emostream export …                              the durable event log        python -m streamer.events.export
     emostream worker …                              a remote inference worker    python -m streamer.infer.worker
-    emostream train | evaluate …                    training and scoring         python -m training train|evaluate
+    emostream train …                               the bundled model's recipe   python -m training recipe
+    emostream train-run | evaluate …                one training run, scoring    python -m training train|evaluate
 
 The launcher imports a command's module by name only once it is chosen, so `emostream --help`
 starts at once and the packages keep their import arrows (README, module map): it starts entry
@@ -34,7 +35,8 @@ COMMANDS = {
     "subscribe": Command("clients.subscribe", (), "watch one session or all (*) of a service"),
     "export": Command("streamer.events.export", (), "export sessions from the durable event log (--store)"),
     "worker": Command("streamer.infer.worker", (), "a remote inference worker (Whisper + encoders) fed through Redis", True),
-    "train": Command("training.__main__", ("train",), "train a model (paper defaults)"),
+    "train": Command("training.__main__", ("recipe",), "the recipe that built the bundled model, by stages (--stages, --dry-run)"),
+    "train-run": Command("training.__main__", ("train",), "one configurable training run (paper defaults; the v3 path)"),
     "evaluate": Command("training.__main__", ("evaluate",), "score a checkpoint on a dataset split"),
 }
 

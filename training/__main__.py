@@ -1,5 +1,8 @@
-"""CLI: `python -m training train ...` and `python -m training evaluate ...`.
+"""CLI: `python -m training recipe ...` (the bundled checkpoint's recipe, training/stages.py: what
+`emostream train` runs), `python -m training train ...` (one configurable run: the v3 path) and
+`python -m training evaluate ...`.
 
+  python -m training recipe --data ../shared/data --runs runs [--stages speech,fusion] [--dry-run]
   python -m training train --data meld:../shared/data/meld --split official --out runs/meld
   torchrun --nproc_per_node 2 -m training train ...   # DDP: same run, each global batch split over ranks
   python -m training evaluate --checkpoint model/checkpoints/default.pt \\
@@ -117,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    from training import stages
+
+    rc = sub.add_parser("recipe", help="the recipe that built the bundled checkpoint, by stages (emostream train)",
+                        description=stages.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages.add_arguments(rc)
     tr = sub.add_parser("train", help="train a model (paper defaults), with early stopping on validation WF1")
     _add_config_flags(tr)
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt and OUT/last.state.pt")
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--cache-speech", action=argparse.BooleanOptionalAction, default=False,
                     help="embed each clip once (faster for large acted corpora)")
     a = ap.parse_args(argv)
+    if a.cmd == "recipe":
+        return stages.main(a)
     return cmd_train(a) if a.cmd == "train" else cmd_evaluate(a)
 
 
