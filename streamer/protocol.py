@@ -18,6 +18,7 @@ VERSION = 1
 STREAM_PATH = "/v1/stream"
 TWILIO_PATH = "/v1/twilio"  # Twilio Media Streams (mu-law 8 kHz, inbound/outbound tracks)
 SUBSCRIBE_PATH = "/v1/subscribe"
+LISTEN_PATH = "/v1/listen"  # Deepgram-compatible live endpoint (streamer/routes/listen.py)
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
 ALL_SESSIONS = "*"

@@ -41,6 +41,7 @@ from streamer.calls.webhook import WebhookSender
 from streamer.pipeline.session import SeqCounter, Session
 from streamer.events.fanout import Hub, Subscriber
 from streamer.pipeline.runner import SessionRunner
+from streamer.routes.listen import ListenConnection, ListenSubscriber
 from streamer.routes.source import SourceConnection
 from streamer.routes.twilio import twilio_connection
 from streamer.routes.subscribe import subscriber_connection
@@ -219,12 +220,13 @@ class App:
     async def _handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
-        sub = Subscriber(ws, self.config.server.subscriber_queue, self.metrics)
+        listen = url.path == P.LISTEN_PATH
+        sub = (ListenSubscriber if listen else Subscriber)(ws, self.config.server.subscriber_queue, self.metrics)
         self.connections.add(sub)
         try:
-            if url.path == P.STREAM_PATH:
+            if url.path == P.STREAM_PATH or listen:
                 sub.source = True
-                await SourceConnection(self, ws, sub).run()
+                await (ListenConnection if listen else SourceConnection)(self, ws, sub).run()
             elif url.path == P.TWILIO_PATH:
                 sub.source = True
                 await twilio_connection(self, ws, sub)

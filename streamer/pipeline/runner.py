@@ -138,6 +138,12 @@ class SessionRunner:
         if self.interim:
             self._maybe_interim(ch)
 
+    def finalize(self) -> None:
+        """End the open utterances now (reason `finalize`), as if their speakers had stopped."""
+        if not self.closing:
+            for ch in self.channels:
+                self._handle(ch.session.flush("finalize"), ch)
+
     def _maybe_interim(self, ch: Channel) -> None:
         """Start an interim decode of the open utterance when one is due and a decoder is idle."""
         st = self._open.get(ch.number)

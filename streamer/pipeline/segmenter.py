@@ -188,8 +188,9 @@ class Segmenter:
             events.extend(self._frame(buf[i * FRAME : (i + 1) * FRAME]))
         return events
 
-    def flush(self) -> list[SegmentEvent]:
-        """End of stream: close the open utterance (never drop the last one)."""
+    def flush(self, reason: str = "end_of_stream") -> list[SegmentEvent]:
+        """End of stream (or a client's Finalize): close the open utterance (never drop the last
+        one); audio fed afterwards starts afresh."""
         events: list[SegmentEvent] = []
         if self._frames is not None:
             speech_frames = self._last_speech - self._start_frame + 1
@@ -197,7 +198,7 @@ class Segmenter:
                 if not self._started:
                     events.append(SpeechStarted(self._next_index, self._start_frame * FRAME_S))
                     self._started = True
-                events.append(self._end("end_of_stream"))
+                events.append(self._end(reason))
             self._frames = None
         return events
 

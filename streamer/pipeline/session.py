@@ -88,8 +88,8 @@ class Session:
         self._arrivals.append((self.segmenter.position_s, self.clock() if now is None else now))
         return events
 
-    def flush(self) -> list[SegmentEvent]:
-        return self.segmenter.flush()
+    def flush(self, reason: str = "end_of_stream") -> list[SegmentEvent]:
+        return self.segmenter.flush(reason)
 
     def arrival_time(self, stream_s: float) -> float:
         """Wall time at which the audio up to stream position `stream_s` had arrived."""

@@ -72,7 +72,7 @@ def required_role(path: str) -> str | None:
     """The role a path needs; None for open paths."""
     if path in OPEN_PATHS or path.startswith("/static/"):
         return None
-    if path in (P.STREAM_PATH, P.TWILIO_PATH):
+    if path in (P.STREAM_PATH, P.TWILIO_PATH, P.LISTEN_PATH):
         return SOURCE
     if path == P.METRICS_PATH:
         return ADMIN
@@ -80,8 +80,10 @@ def required_role(path: str) -> str | None:
 
 
 def request_token(raw_path: str, authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
+    """`Authorization: Bearer TOKEN` (or `Token TOKEN`, Deepgram's scheme), else `?token=`."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() in ("bearer", "token") and token.strip():
+        return token.strip()
     return parse_qs(urlsplit(raw_path).query).get("token", [None])[0]
 
 

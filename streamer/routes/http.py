@@ -62,7 +62,7 @@ def process_request(app: App, connection: ServerConnection, request: Request) ->
     static = static_response(connection, path)
     if static is not None:  # the browser dashboard
         return static
-    if path not in (P.STREAM_PATH, P.SUBSCRIBE_PATH, P.TWILIO_PATH):
+    if path not in (P.STREAM_PATH, P.SUBSCRIBE_PATH, P.TWILIO_PATH, P.LISTEN_PATH):
         return connection.respond(HTTPStatus.NOT_FOUND, f"no route {path}; see docs/protocol.md\n")
     if app.shutting_down:
         return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
