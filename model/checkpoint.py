@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
+from model import DEFAULT_CHECKPOINT  # defined in model/__init__.py (no torch needed for a path)
 from model.config import ModelConfig
 from model.emotion_model import EmotionModel, resolve_device
 from model.text_encoder import AbsentTextEncoder, TextEncoder
 
 FORMAT = "emostream.emotion-model"
 FORMAT_VERSION = 1
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default.pt"
 _ENCODER_PREFIX = "text_encoder."
 _EMBEDDINGS_PREFIX = "text_encoder.model.embeddings."
 
