@@ -239,7 +239,7 @@ class BusConfig:
     read_batch: int = 512  # entries per XREAD
     block_s: float = 1.0  # how long one XREAD waits for new entries
     timeout_s: float = 2.0  # connect / command timeout
-    backoff_min_s: float = 0.1  # reconnect back-off, doubled per failure ...
+    backoff_min_s: float = 0.1  # reconnect back-off (redis-py's, with jitter: each wait half to all of it), doubled per failure ...
     backoff_max_s: float = 5.0  # ... up to this
     all_maxlen: int = 100_000  # entries kept in the all-sessions stream (approximate trim)
     ended_ttl_s: float = 3600.0  # an ended session's Redis stream expires after this

@@ -240,3 +240,16 @@ def test_bus_flag_and_config():
         build_parser().parse_args(["--bus", "http://example.com"])
     with pytest.raises(ValueError, match="redis://"):
         BusConfig(url="localhost:6379")
+
+
+def test_reconnect_back_off_is_redis_pys_doubling_with_jitter_and_capped() -> None:
+    """Between failed attempts the bus (and the remote engine) wait redis-py's EqualJitterBackoff:
+    half to all of backoff_min_s at first, doubling per failure, never over backoff_max_s."""
+    from streamer.events.bus import RedisBus
+    from streamer.metrics import Metrics
+
+    bus = RedisBus(BusConfig(url="redis://127.0.0.1:1/0", backoff_min_s=0.1, backoff_max_s=5.0), Metrics())  # never connects
+    first = [bus.backoff.compute(1) for _ in range(200)]
+    assert 0.05 <= min(first) and max(first) <= 0.1 and max(first) - min(first) > 0.02  # jittered
+    assert all(0.2 <= bus.backoff.compute(3) <= 0.4 for _ in range(50))
+    assert all(2.5 <= bus.backoff.compute(30) <= 5.0 for _ in range(50))  # capped

@@ -62,7 +62,7 @@ class RedisBus:
     def __init__(self, config: BusConfig, metrics: Metrics, replay_events: int = 4096) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.backoff import EqualJitterBackoff, NoBackoff
 
         assert config.url is not None
         self.config = config
@@ -72,6 +72,9 @@ class RedisBus:
         self._iid = self.instance.encode()
         opts = {"socket_timeout": config.timeout_s, "socket_connect_timeout": config.timeout_s,
                 "health_check_interval": 0, "retry": Retry(NoBackoff(), 0)}  # our loops retry, with back-off
+        # between a loop's failed attempts: redis-py's exponential back-off with jitter (instances that
+        # lost the same Redis do not all come back at once), from backoff_min_s up to backoff_max_s
+        self.backoff = EqualJitterBackoff(cap=config.backoff_max_s, base=config.backoff_min_s / 2)
         self.redis = aioredis.from_url(config.url, **opts)
         # the reader blocks in XREAD: its own connection, with a timeout longer than the block
         self.reader_redis = aioredis.from_url(config.url, **{**opts, "socket_timeout": config.timeout_s + config.block_s})
@@ -146,7 +149,7 @@ class RedisBus:
     async def _write_loop(self) -> None:
         """Batches of queued events, one pipeline each, in publish order; a failed batch is retried
         (readers drop the duplicates by seq) with exponential back-off."""
-        backoff = self.config.backoff_min_s
+        failures = 0
         while True:
             batch = [await self.queue.get()]
             while len(batch) < self.config.write_batch and not self.queue.empty():
@@ -154,14 +157,14 @@ class RedisBus:
             while True:
                 try:
                     await self._write(batch)
-                    self.connected, backoff = True, self.config.backoff_min_s
+                    self.connected, failures = True, 0
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
                     self._error(f"writing {len(batch)} events", e)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.config.backoff_max_s)
+                    failures += 1
+                    await asyncio.sleep(self.backoff.compute(failures))
             for _ in batch:
                 self.queue.task_done()
 
@@ -182,7 +185,7 @@ class RedisBus:
     async def _read_loop(self) -> None:
         """Follow the all-sessions stream from now on; deliver other instances' events locally."""
         last: str | None = None
-        backoff = self.config.backoff_min_s
+        failures = 0
         while True:
             try:
                 if last is None:  # where "now" is: read from an explicit id, never "$" in a loop
@@ -192,13 +195,13 @@ class RedisBus:
                     self.reading.set()
                 replies = await self.reader_redis.xread({self.ALL: last}, count=self.config.read_batch,
                                                         block=int(self.config.block_s * 1000))
-                self.connected, backoff = True, self.config.backoff_min_s
+                self.connected, failures = True, 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self._error("reading", e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.backoff_max_s)
+                failures += 1
+                await asyncio.sleep(self.backoff.compute(failures))
                 continue
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:

@@ -263,7 +263,7 @@ class RemoteInferenceEngine:
     def __init__(self, model: EmotionModel, config: InferenceConfig, metrics: Metrics) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.backoff import EqualJitterBackoff, NoBackoff
 
         assert config.remote is not None
         self.model = model
@@ -276,6 +276,8 @@ class RemoteInferenceEngine:
                                 "retry": Retry(NoBackoff(), 0)}  # our loops retry, with back-off
         self.redis = aioredis.from_url(config.remote, **opts)
         self.reader_redis = aioredis.from_url(config.remote, **{**opts, "socket_timeout": 5.0 + self.BLOCK_S})
+        # between a loop's failed attempts: redis-py's exponential back-off with jitter
+        self.backoff = EqualJitterBackoff(cap=self.BACKOFF_MAX_S, base=self.BACKOFF_MIN_S / 2)
         self._jobs: dict[str, RemoteJob] = {}  # outstanding: sent (or about to be), not yet answered
         self._outbox: asyncio.Queue[tuple[RemoteJob, dict[str, Any]]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -500,7 +502,7 @@ class RemoteInferenceEngine:
         """Jobs to the job stream, one pipeline per batch. A failed write fails its jobs at once
         (the utterances get error events); the next batch tries again after a back-off."""
         assert self._outbox is not None
-        backoff = self.BACKOFF_MIN_S
+        failures = 0
         while True:
             batch = [await self._outbox.get()]
             while not self._outbox.empty():
@@ -513,7 +515,7 @@ class RemoteInferenceEngine:
                 for _, f in batch:
                     pipe.xadd(JOBS, f, maxlen=JOBS_MAXLEN, approximate=True)
                 ids = await pipe.execute()
-                self.connected, backoff = True, self.BACKOFF_MIN_S
+                self.connected, failures = True, 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -522,8 +524,8 @@ class RemoteInferenceEngine:
                 self._error(f"sending {len(batch)} jobs", e)
                 for j, _ in batch:
                     self._fail(j, RemoteError(f"inference queue unavailable: {type(e).__name__}: {e}"))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                failures += 1
+                await asyncio.sleep(self.backoff.compute(failures))
                 continue
             for (j, _), entry_id in zip(batch, ids):
                 j.entry_id = entry_id
@@ -533,19 +535,19 @@ class RemoteInferenceEngine:
     async def _read_loop(self) -> None:
         """Follow our reply stream (a fresh key per instance: read from its start, no race)."""
         last = "0-0"
-        backoff = self.BACKOFF_MIN_S
+        failures = 0
         while True:
             try:
                 replies = await self.reader_redis.xread({self.reply_key: last}, count=256, block=int(self.BLOCK_S * 1000))
-                self.connected, backoff = True, self.BACKOFF_MIN_S
+                self.connected, failures = True, 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 if self._stopped:
                     return
                 self._error("reading replies", e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                failures += 1
+                await asyncio.sleep(self.backoff.compute(failures))
                 continue
             for _stream, entries in replies or ():
                 for entry_id, fields in entries:
