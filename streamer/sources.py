@@ -115,12 +115,10 @@ class Microphone:
             self._stream.start()
 
     async def chunks(self, stop: asyncio.Event | None = None) -> AsyncIterator[np.ndarray]:
-        self.start()
-        resampler = None
-        if self.rate != SAMPLE_RATE:
-            import soxr
+        from streamer.pipeline.session import PcmDecoder  # the service's one streaming resampler
 
-            resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        self.start()
+        to_16k = PcmDecoder(self.rate, 1)
         stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
         with self._stream:
             try:
@@ -131,8 +129,7 @@ class Microphone:
                     if get not in done:
                         get.cancel()
                         return
-                    x = get.result()
-                    yield resampler.resample_chunk(x) if resampler is not None else x
+                    yield to_16k.resample(get.result())
             finally:
                 if stop_wait is not None:
                     stop_wait.cancel()
