@@ -198,7 +198,8 @@ async def run(a: argparse.Namespace, model: Any, asr: Any, audio: np.ndarray, co
     wall, cpu = time.monotonic() - t0, cpu_seconds() - c0
     stop.set()
     await asyncio.gather(sampler, lagger)
-    counters = {name: int(app.metrics.value(name)) for name, _ in COUNTERS if app.metrics.value(name)}
+    counts = {name: int(app.metrics.value(name)) for name, _ in COUNTERS}  # each value() collects the registry
+    counters = {name: n for name, n in counts.items() if n}
     asr_count, asr_sum = app.metrics.value("emostream_asr_seconds_count"), app.metrics.value("emostream_asr_seconds_sum")
     t_sd = time.monotonic()
     await app.shutdown()

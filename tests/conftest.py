@@ -77,10 +77,10 @@ def tiny_checkpoint(tiny_config, tmp_path_factory) -> Path:
 
 # ---- two workers on two cores (pytest-xdist, `-n 2` in pyproject's addopts) -----------------------
 # Every test holds a shared lock for its whole run (set-up, call, tear-down); a test marked
-# `exclusive` (real-time capture, interim decodes, admission: an outcome that depends on the CPU
-# being free) holds it exclusively, so it runs while the other worker waits between tests. The
-# exclusive side takes a turnstile first, which new shared holders pass through: it cannot starve.
-# A plain `pytest` without xdist (or `-p no:xdist`) takes no locks.
+# `exclusive` (its outcome depends on the CPU being free: admission under load) holds it
+# exclusively, so it runs while the other worker waits between tests. The exclusive side takes a
+# turnstile first, which new shared holders pass through: it cannot starve. A run in one process
+# (`-n 0`) takes no locks.
 class _WorkerLock:
     def __init__(self, path: str) -> None:
         self.main = open(path, "a+")  # noqa: SIM115 (held for the worker's life)

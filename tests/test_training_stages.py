@@ -5,6 +5,7 @@ and one real stage run end to end through the console command."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -58,16 +59,18 @@ def test_stages_are_a_checked_subset_kept_in_recipe_order() -> None:
 
 
 PROBE = textwrap.dedent('''
-    """Test step: records its start, waits for its partner when it has one, exits with a code."""
-    import sys, time
+    """Test step: records its start; with a FIFO, meets its partner there (opening a FIFO blocks
+    until the other end is opened too: both must run at once), then exits with a code."""
+    import signal, sys
     from pathlib import Path
-    name, code, partner, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    name, code, fifo, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     (log / f"{name}.started").touch()
-    deadline = time.monotonic() + 60
-    while partner != "-" and not (log / f"{partner}.started").exists():
-        if time.monotonic() > deadline:
-            sys.exit(99)  # the partner never ran alongside
-        time.sleep(0.01)
+    if fifo != "-":
+        signal.signal(signal.SIGALRM, lambda *_: sys.exit(99))  # the partner never ran alongside
+        signal.alarm(60)
+        side, mode = fifo.rsplit(":", 1)
+        open(side, mode).close()
+        signal.alarm(0)
     with open(log / "order", "a") as f:
         f.write(name + "\\n")
     sys.exit(code)
@@ -80,11 +83,14 @@ def test_run_goes_in_order_side_by_side_and_stops_at_a_failure(tmp_path: Path, m
     log = tmp_path / "log"
     log.mkdir()
 
-    def step(name: str, code: int = 0, partner: str = "-", together: int = 0) -> Step:
-        return Step("speech", "stage_probe", (name, str(code), partner, str(log)), together=together)
+    meet = tmp_path / "meet"
+    os.mkfifo(meet)
+
+    def step(name: str, code: int = 0, fifo: str = "-", together: int = 0) -> Step:
+        return Step("speech", "stage_probe", (name, str(code), fifo, str(log)), together=together)
 
     copied: list[str] = []
-    steps = [step("a"), step("b", partner="c", together=1), step("c", partner="b", together=1),
+    steps = [step("a"), step("b", fifo=f"{meet}:r", together=1), step("c", fifo=f"{meet}:w", together=1),
              Step("reports", run=lambda: copied.append("x"), what="local"), step("d", code=3), step("e")]
     assert stages.run(steps) == 3  # d's exit status; e never ran
     order = (log / "order").read_text().split()

@@ -36,6 +36,10 @@ def listen_start(raw_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     honour). ValueError names an option we cannot honour; unknown ones are refused too, options
     that only tune Deepgram's own models (IGNORED) are accepted and ignored."""
     q = {k: v[-1] for k, v in parse_qs(urlsplit(raw_path).query, keep_blank_values=True).items()}
+
+    def flag(name: str) -> bool:
+        return q.get(name, "false").lower() in TRUE
+
     unknown = sorted(set(q) - set(IGNORED) - {"encoding", "sample_rate", "channels", "interim_results", "vad_events",
                                               "utterance_end_ms", "diarize", "language", "multichannel"})
     if unknown:
@@ -43,7 +47,7 @@ def listen_start(raw_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     encoding = q.get("encoding", "linear16")
     if encoding != "linear16":
         raise ValueError(f"encoding {encoding!r} is not supported; send linear16 (16-bit little-endian PCM)")
-    if q.get("multichannel", "false").lower() in TRUE:
+    if flag("multichannel"):
         raise ValueError("multichannel=true is not supported; use /v1/stream with `speakers` to keep channels apart")
     language = q.get("language", "en")
     if not language.lower().startswith("en"):
@@ -53,9 +57,8 @@ def listen_start(raw_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         end_ms = int(q["utterance_end_ms"]) if q.get("utterance_end_ms") else None
     except ValueError:
         raise ValueError("sample_rate, channels and utterance_end_ms must be integers") from None
-    options = {"interim_results": q.get("interim_results", "false").lower() in TRUE,
-               "vad_events": q.get("vad_events", "false").lower() in TRUE,
-               "utterance_end_ms": end_ms, "diarize": q.get("diarize", "false").lower() in TRUE, "channels": channels}
+    options = {"interim_results": flag("interim_results"), "vad_events": flag("vad_events"),
+               "utterance_end_ms": end_ms, "diarize": flag("diarize"), "channels": channels}
     start = {"type": P.START, "sample_rate": rate, "encoding": "pcm_s16le", "channels": channels, "language": "en",
              "interim": options["interim_results"], "word_timestamps": True, "diarize": options["diarize"],
              "metadata": {"source": "deepgram-compatible /v1/listen"}}
