@@ -68,7 +68,9 @@ SR = 16_000
 class FakeAsr:
     """Stands in for Whisper: the same transcript for every utterance, instantly."""
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Any]:
+    name, workers, batch_size = None, 1, 8  # streamer.infer.backend.SpeechToText
+
+    def transcribe(self, audios: list[np.ndarray], words: object = None) -> list[Any]:
         from streamer.infer.transcriber import Transcript
 
         return [Transcript(text=FAKE_TEXT, no_speech_prob=0.0, avg_logprob=-0.1) for _ in audios]

@@ -30,7 +30,8 @@ from streamer import protocol as P
 from streamer.calls.alerts import AlertEngine, load_rules
 from streamer.events.bus import make_bus
 from streamer.config import AppConfig
-from streamer.infer.engine import InferenceEngine, SpeechToText
+from streamer.infer.backend import InferenceBackend, SpeechToText
+from streamer.infer.engine import InferenceEngine
 from streamer.infer.remote import RemoteInferenceEngine
 from streamer.infer.voice import VoiceEmbedder
 from streamer.memory import tune_allocator
@@ -64,7 +65,7 @@ class App:
         self.clock = clock
         self.allocator = tune_allocator()  # before the inference threads allocate (streamer/memory.py)
         self.metrics = Metrics()
-        self.engine: InferenceEngine | RemoteInferenceEngine
+        self.engine: InferenceBackend
         if config.inference.remote:  # Whisper + text encoder live in streamer.infer.worker processes
             if model is None:
                 model = load_checkpoint(config.inference.checkpoint, device=config.inference.device, load_encoder=False)
@@ -165,8 +166,7 @@ class App:
         assert self.server is not None
         self.hub.end_close = (P.CLOSE_GOING_AWAY, "server shutting down")
         self.server.close(close_connections=False)  # no new connections from here on
-        if isinstance(self.engine, RemoteInferenceEngine):
-            self.engine.begin_shutdown()  # with Redis gone, jobs in flight fail now rather than after remote_timeout_s
+        self.engine.begin_shutdown()  # remote, Redis gone: jobs in flight fail now rather than after remote_timeout_s
         for t in list(self._tasks):  # internal sources (microphone) stop producing
             t.cancel()
         runners = [r.close() for r in list(self.sessions.values())]
@@ -181,8 +181,7 @@ class App:
         await self.server.wait_closed()
         await asyncio.to_thread(self.engine.stop)
         await asyncio.to_thread(self.voices.stop)
-        if isinstance(self.engine, RemoteInferenceEngine):
-            await self.engine.aclose()  # its Redis tasks live on this loop
+        await self.engine.aclose()  # remote: its Redis tasks live on this loop
         await self.bus.close()  # after the last event: queued ones still reach the other instances
         if self.webhook is not None:
             try:

@@ -28,6 +28,21 @@ WAIT_S = 60.0  # upper bound on any single wait in these tests (never a fixed sl
 NO_LOAD_ADMISSION: dict[str, Any] = {"admit_max_load": 1.0, "admit_max_wait_s": WAIT_S}
 
 
+class StubAsr:
+    """What the engines read of an ASR besides transcribe() (streamer.infer.backend.SpeechToText):
+    the tests' fake ASRs derive from it and override transcribe(); this one hears nothing. No
+    Whisper name, so no pooled Whisper states are used."""
+
+    name: str | None = None
+    workers = 1
+    batch_size = 8
+
+    def transcribe(self, audios: list[np.ndarray], words: Any = None) -> list[Any]:
+        from streamer.infer.transcriber import Transcript
+
+        return [Transcript("", 0.0, 0.0) for _ in audios]
+
+
 def words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
 

@@ -9,6 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -21,13 +23,13 @@ from streamer.infer.engine import InferenceEngine
 from streamer.infer.transcriber import Transcript
 from streamer.metrics import Metrics
 
-from tests.stream_util import WAIT_S, check_session_events, load
+from tests.stream_util import StubAsr, WAIT_S, check_session_events, load
 
 
-class FakeAsr:
+class FakeAsr(StubAsr):
     """A fixed transcript for every utterance: these tests are about the scores, not about Whisper."""
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         return [Transcript("well, I don't know", 0.0, -0.1) for _ in audios]
 
 
@@ -114,7 +116,7 @@ def test_engines_apply_the_override_to_predictions_and_peeks(tiny_model, remote:
 
             cfg = InferenceConfig(device="cpu", remote="unix:///nonexistent/redis.sock", low_confidence=threshold)
             engine = RemoteInferenceEngine(tiny_model, cfg, Metrics())
-            head = engine.local
+            head = engine.head
         else:
             engine = head = InferenceEngine(tiny_model, FakeAsr(), InferenceConfig(device="cpu", low_confidence=threshold),
                                             Metrics())

@@ -11,6 +11,8 @@ import json
 import time
 from typing import Any
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -22,14 +24,14 @@ from streamer.config import InferenceConfig, WorkerConfig
 from streamer.infer.engine import CONTEXT_CHARS, CONTEXT_TRANSCRIPTS, InferenceEngine
 from streamer.metrics import Metrics
 from streamer.infer.transcriber import Transcript
-from tests.stream_util import WAIT_S, check_session_events, load, recv_until, served
+from tests.stream_util import StubAsr, WAIT_S, check_session_events, load, recv_until, served
 from tests.test_bus import redis_server  # noqa: F401  (fixture)
 
 ASR_NAME = "fake-asr"
 WHISPER_DIM = 8
 
 
-class FakeAsr:
+class FakeAsr(StubAsr):
     """Numbered transcripts ("words number k", unique per decoded utterance, or a fixed text), each
     with pooled 'Whisper states' of `dim` values (None: an ASR that gives none)."""
 
@@ -37,7 +39,7 @@ class FakeAsr:
         self.name, self.dim, self.text = name, dim, text
         self.n = 0
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         out = []
         for a in audios:
             self.n += 1

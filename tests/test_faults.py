@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import replace
 from typing import Any
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
@@ -29,7 +31,7 @@ from websockets.asyncio.client import connect
 from streamer import protocol as P
 from streamer.client import stream_audio, to_pcm16
 from streamer.infer.transcriber import Transcript
-from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
+from tests.stream_util import (StubAsr, WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
                                recv_until, scraped, served, whisper)
 from tests.test_bus import instance, redis_server, silence  # noqa: F401
 from tests.test_remote_inference import fake_worker, front_end
@@ -47,7 +49,7 @@ async def until_true(pred: Any, what: str, timeout: float = WAIT_S) -> None:
 
 
 # ---- past capacity -----------------------------------------------------------------------------
-class JammedAsr:
+class JammedAsr(StubAsr):
     """One decoder that blocks in transcribe until released: the decoders are saturated."""
 
     workers, batch_size = 1, 1
@@ -55,7 +57,7 @@ class JammedAsr:
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         assert self.release.wait(WAIT_S)
         return [Transcript("hello there", 0.0, -0.1) for _ in audios]
 

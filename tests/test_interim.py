@@ -7,6 +7,8 @@ import json
 import threading
 from dataclasses import replace
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
@@ -19,11 +21,12 @@ from streamer.metrics import Metrics
 from streamer.infer.transcriber import Transcript
 
 from tests.stream_util import (  # noqa: F401 (fixtures)
+    StubAsr,
     WAIT_S, check_session_events, emotion_model, load, recv_json, served, whisper,
 )
 
 
-class GatedAsr:
+class GatedAsr(StubAsr):
     """Blocks inside transcribe until released; says when a decoder is inside."""
 
     def __init__(self, workers: int) -> None:
@@ -31,7 +34,7 @@ class GatedAsr:
         self.inside = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         self.inside.release()
         assert self.release.wait(WAIT_S)
         return [Transcript("hello there", 0.0, -0.1) for _ in audios]
@@ -82,7 +85,9 @@ def test_peek_predicts_without_changing_the_dialogue(tiny_model) -> None:
     cfg = tiny_model.config
     torch.manual_seed(0)
     utts = [EncodedUtterance(torch.randn(cfg.encoder_dim), torch.randn(cfg.speech_dim)) for _ in range(3)]
-    plain, peeked = InferenceEngine(tiny_model, None, InferenceConfig(), Metrics()), None  # type: ignore[arg-type]
+    from streamer.infer.head import PredictionHead
+
+    plain, peeked = PredictionHead(tiny_model, InferenceConfig(), Metrics()), None
     a, b = plain.new_context(), plain.new_context()
     for i, u in enumerate(utts[:2]):
         tiny_model.predict(a.add(i, u))

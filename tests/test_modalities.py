@@ -90,7 +90,9 @@ def test_the_switch_reaches_each_session_context(tiny_model) -> None:
     cfg = config_from_args(build_parser().parse_args(["--modalities", "speech"]))
     assert cfg.inference.modalities == "speech"
     assert config_from_args(build_parser().parse_args([])).inference.modalities == "both"
-    engine = InferenceEngine(tiny_model, asr=None, config=cfg.inference, metrics=Metrics())  # type: ignore[arg-type]
+    from tests.stream_util import StubAsr
+
+    engine = InferenceEngine(tiny_model, asr=StubAsr(), config=cfg.inference, metrics=Metrics())
     assert engine.new_context().modalities == "speech"  # what every session gets (server.py: engine.new_context())
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--modalities", "audio"])

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamer.routes import auth
 from streamer import protocol as P
 from streamer.client import stream_audio, to_pcm16
-from tests.stream_util import (WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
+from tests.stream_util import (StubAsr, WAIT_S, app_config, check_session_events, emotion_model, load, recv_json,  # noqa: F401
                                recv_until, wer, whisper)
 
 pytestmark = pytest.mark.slow
@@ -316,13 +316,13 @@ def test_resume_requests_are_validated(emotion_model, whisper):  # noqa: F811
 
 
 # ---- faults ------------------------------------------------------------------------------------------
-class FlakyAsr:
+class FlakyAsr(StubAsr):
     """Real Whisper, except that it raises for any batch containing a poisoned utterance."""
 
     def __init__(self, real, poison_len: int) -> None:
         self.real, self.poison_len, self.calls = real, poison_len, 0
 
-    def transcribe(self, audios):  # type: ignore[no-untyped-def]
+    def transcribe(self, audios, words=None):  # type: ignore[no-untyped-def]
         self.calls += 1
         if any(abs(len(a) - self.poison_len) < 16000 * 0.6 for a in audios):
             raise RuntimeError("simulated ASR crash")

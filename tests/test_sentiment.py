@@ -9,6 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -19,15 +21,15 @@ from streamer import protocol as P
 from streamer.calls.summary import CallSummary, sentiment_trend
 from streamer.infer.transcriber import Transcript
 
-from tests.stream_util import check_session_events, load, served
+from tests.stream_util import StubAsr, check_session_events, load, served
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-class WordsAsr:
+class WordsAsr(StubAsr):
     """Fixed words for every utterance: these tests are about the fields, not about Whisper."""
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         return [Transcript("thanks, that is great", 0.0, -0.1) for _ in audios]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
@@ -19,17 +21,17 @@ from streamer.metrics import Metrics
 from streamer.pipeline.session import PcmDecoder, Session
 from streamer.infer.transcriber import Transcript
 
-from tests.stream_util import WAIT_S, check_session_events, load, served
+from tests.stream_util import StubAsr, WAIT_S, check_session_events, load, served
 
 
-class FakeAsr:
+class FakeAsr(StubAsr):
     """Records each batch it is asked to decode; returns a fixed text (or raises)."""
 
     def __init__(self, text: str = "hello there", fail: bool = False, gate: threading.Event | None = None) -> None:
         self.text, self.fail, self.gate = text, fail, gate
         self.batches: list[int] = []
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
         if self.gate is not None:
             assert self.gate.wait(WAIT_S)
         self.batches.append(len(audios))

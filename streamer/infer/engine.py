@@ -10,15 +10,15 @@ Sessions submit jobs from the event loop and await asyncio futures:
   without adding it.
 Analyses run on `workers` decoding threads (AsrConfig.workers; each its own CTranslate2 replica):
 a thread takes the first job, waits at most `max_wait_ms` for company up to the ASR's batch size,
-then runs one ASR call and one encoder call. Predictions run on one head thread of their own, so
-they never queue behind a decode; it alone touches the sessions' dialogue contexts. Jobs
-abandoned before they run (speech resumed after a speculative decode) are skipped.
+then runs one ASR call and one encoder call. Predictions run on the PredictionHead's thread
+(head.py), so they never queue behind a decode. Jobs abandoned before they run (speech resumed
+after a speculative decode) are skipped.
 
 Load: the engine keeps how long a decode takes per utterance and how busy the decoders were over
 the last LOAD_WINDOW_S; wait_estimate_s(), load() and unavailable() feed the admission policy
 (server.py), status() /healthz, and wait_estimate_s() the per-utterance bound `max_queue_s` (beyond
-it a new utterance is refused with Overloaded). RemoteInferenceEngine offers the same methods,
-fed by the remote workers' heartbeats.
+it a new utterance is refused with Overloaded). Both engines implement backend.InferenceBackend;
+RemoteInferenceEngine's load comes from the remote workers' heartbeats.
 """
 
 from __future__ import annotations
@@ -32,15 +32,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import SAMPLE_RATE, InferenceConfig
+from streamer.infer.backend import Analysis, Overloaded, SpeechToText
+from streamer.infer.head import PredictionHead, ThreadJob, collect
 from streamer.pipeline.context import DialogueContext, Scored
 from streamer.metrics import Metrics
 from streamer.infer.transcriber import Transcript
+
+__all__ = ["Analysis", "CONTEXT_CHARS", "CONTEXT_TRANSCRIPTS", "InferenceEngine", "Overloaded", "SpeechToText",
+           "bounded_context", "transcribe_and_encode", "whisper_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +59,11 @@ def bounded_context(context: Sequence[str] | None) -> list[str]:
     return [str(t)[:CONTEXT_CHARS] for t in list(context or ())[:CONTEXT_TRANSCRIPTS]]
 
 
-def whisper_inputs(model: EmotionModel, asr: object,
+def whisper_inputs(model: EmotionModel, asr: SpeechToText,
                    transcripts: Sequence[Transcript]) -> list[np.ndarray | None] | None:
     """Each transcript's pooled Whisper states where the model's speech branch takes them (same
     ASR model, same size), else None per utterance; None when none fits (or the ASR gave none)."""
-    name = getattr(asr, "name", None)
+    name = asr.name
     out: list[np.ndarray | None] = []
     for t in transcripts:
         st = getattr(t, "whisper_states", None)
@@ -85,96 +90,32 @@ def transcribe_and_encode(model: EmotionModel, asr: SpeechToText, audios: list[n
     return transcripts, encoded, t1 - t0, time.perf_counter() - t1
 
 
-class Overloaded(RuntimeError):
-    """The inference queue is full: the service is behind and refuses new work."""
-
-
-class SpeechToText(Protocol):
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
-        """One Transcript per utterance. An ASR that can time words also takes `words=[bool, ...]`
-        (per utterance); it is only passed when some utterance asks for them."""
-        ...
-
-
-@dataclass(frozen=True)
-class Analysis:
-    transcript: Transcript
-    encoded: EncodedUtterance
-    asr_s: float  # the batch's ASR time
-    encode_s: float
-
-
 @dataclass(eq=False)
-class _Job:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    abandoned: bool = field(default=False)
-
-    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(_set)
-
-
-@dataclass(eq=False)
-class _AnalyzeJob(_Job):
+class _AnalyzeJob(ThreadJob):
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: list[str] = field(default_factory=list)  # earlier transcripts of the session, most recent first
     words: bool = False  # the transcript should carry word timings
     interim: bool = False  # an unfinished utterance's speech so far (not counted as load)
 
 
-@dataclass(eq=False)
-class _PredictJob(_Job):
-    context: DialogueContext | None = None
-    utterance_id: int = 0
-    encoded: EncodedUtterance | None = None
-    peek: bool = False  # predict `encoded` as the next utterance without adding it (interim)
-
-
 LOAD_WINDOW_S = 10.0  # load() looks this far back
 
 
-def _collect(q: queue.Queue[Any], first: Any, size: int, wait_s: float,
-             live: Any = len) -> tuple[list[Any], bool]:
-    """A batch: `first`, then what arrives within `wait_s` until `live(batch)` reaches `size`; and
-    whether the stop sentinel (None) was taken meanwhile (the thread ends after this batch)."""
-    batch = [first]
-    deadline = time.monotonic() + wait_s
-    while live(batch) < size:
-        remaining = deadline - time.monotonic()
-        try:
-            job = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
-        except queue.Empty:
-            break
-        if job is None:
-            return batch, True
-        batch.append(job)
-    return batch, False
-
-
 class InferenceEngine:
-    """Owns the models; Whisper and the encoders run on `workers` decoding threads, the prediction
-    head on one thread of its own. Longer than the ~250-line guide: the queues, the threads that
-    drain them and the load bookkeeping they update are one unit (every counter is guarded by the
-    same lock), so they stay in one class."""
+    """The in-process InferenceBackend: Whisper and the encoders run on `workers` decoding
+    threads, predictions on a PredictionHead's thread."""
 
     def __init__(self, model: EmotionModel, asr: SpeechToText, config: InferenceConfig, metrics: Metrics) -> None:
         self.model = model
         self.asr = asr
         self.config = config
         self.metrics = metrics
-        self.workers = max(1, int(getattr(asr, "workers", 1) or 1))
+        if not isinstance(asr, SpeechToText):
+            raise TypeError(f"{type(asr).__name__} is not a SpeechToText (transcribe(), name, workers, batch_size)")
+        self.workers = max(1, int(asr.workers))
+        self.head = PredictionHead(model, config, metrics, restarted=self._restarted)
         self._queue: queue.Queue[_AnalyzeJob | None] = queue.Queue(maxsize=config.queue_size)
-        self._predicts: queue.Queue[_PredictJob | None] = queue.Queue(maxsize=config.queue_size)
         self._threads = [self._analysis_thread(i) for i in range(self.workers)]
-        self._head = threading.Thread(target=self._run_head, name="emostream-head", daemon=True)
         self._lock = threading.Lock()  # guards the load bookkeeping below
         self._restart_lock = threading.Lock()
         self._busy = 0  # decoding threads inside a batch
@@ -191,7 +132,7 @@ class InferenceEngine:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + self._predicts.qsize()
+        return self._queue.qsize() + self.head.depth
 
     def start(self) -> None:
         if not self._started:
@@ -202,7 +143,7 @@ class InferenceEngine:
                 torch.set_num_threads(threads)
             for t in self._threads:
                 t.start()
-            self._head.start()
+            self.head.start()
             self._started = True
 
     def warmup(self) -> float:
@@ -234,12 +175,16 @@ class InferenceEngine:
                 self._queue.put(None)
         for t in self._threads:
             t.join(timeout)
-        if self._head.is_alive():
-            self._predicts.put(None)
-            self._head.join(timeout)
+        self.head.stop(timeout)
+
+    def begin_shutdown(self) -> None:
+        """Nothing to fail early: every queued job will be answered by stop()."""
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Nothing lives on the event loop."""
 
     def new_context(self) -> DialogueContext:
-        return DialogueContext(self.model, revise=self.config.revise, modalities=self.config.modalities)
+        return self.head.new_context()
 
     # ---- load ----
     async def ready(self) -> None:
@@ -291,7 +236,7 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context), words=words,
                           interim=interim)
-        self._put(self._queue, job)
+        self._put(job)
         return job
 
     def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob | None:
@@ -306,17 +251,11 @@ class InferenceEngine:
             return None
 
     async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
-        loop = asyncio.get_running_loop()
-        job = _PredictJob(loop, loop.create_future(), context=context, utterance_id=utterance_id, encoded=encoded)
-        self._put(self._predicts, job)
-        return await job.future
+        return await self.head.predict(context, utterance_id, encoded)
 
     async def peek(self, context: DialogueContext, encoded: EncodedUtterance) -> Prediction:
         """The prediction `encoded` would get as the session's next utterance; the dialogue is unchanged."""
-        loop = asyncio.get_running_loop()
-        job = _PredictJob(loop, loop.create_future(), context=context, encoded=encoded, peek=True)
-        self._put(self._predicts, job)
-        return await job.future
+        return await self.head.peek(context, encoded)
 
     def _ensure_workers(self) -> None:
         """Restart any thread something killed (they serve every session; called on every put)."""
@@ -331,31 +270,28 @@ class InferenceEngine:
                 self._restarted(t.name)
                 self._threads[i] = self._analysis_thread(i)
                 self._threads[i].start()
-        if not self._head.is_alive():
-            self._restarted(self._head.name)
-            self._head = threading.Thread(target=self._run_head, name="emostream-head", daemon=True)
-            self._head.start()
+        self.head.ensure_alive()
 
     def _restarted(self, name: str) -> None:
         log.error("inference thread %s died; starting a new one", name)
         self.restarts += 1
         self.metrics.inc("emostream_worker_restarts_total")
 
-    def _put(self, q: queue.Queue[Any], job: _Job) -> None:
+    def _put(self, job: _AnalyzeJob) -> None:
         self._ensure_workers()
         try:
-            q.put_nowait(job)
+            self._queue.put_nowait(job)
         except queue.Full:
             raise Overloaded(f"inference queue full ({self.config.queue_size} jobs)") from None
 
     # ---- decoding threads ----
     def _run(self) -> None:
-        size = max(1, min(self.config.max_batch, int(getattr(self.asr, "batch_size", self.config.max_batch) or 1)))
+        size = max(1, min(self.config.max_batch, int(self.asr.batch_size)))
         while True:
             first = self._queue.get()
             if first is None:
                 return
-            batch, stop = _collect(self._queue, first, size, self.config.max_wait_ms / 1000,
+            batch, stop = collect(self._queue, first, size, self.config.max_wait_ms / 1000,
                                    live=lambda b: sum(not j.abandoned for j in b))
             with self._lock:
                 self._busy += 1
@@ -408,7 +344,7 @@ class InferenceEngine:
             self._analyze(analyses)
 
     def _analyze(self, jobs: list[_AnalyzeJob]) -> None:
-        step = max(1, int(getattr(self.asr, "batch_size", len(jobs))))
+        step = max(1, int(self.asr.batch_size))
         if len(jobs) > step:  # decode in slices and publish each slice as soon as it is done
             for s in range(0, len(jobs), step):
                 self._analyze(jobs[s : s + step])
@@ -430,47 +366,3 @@ class InferenceEngine:
         self.metrics.batch_size.observe(len(jobs))
         for j, tr, enc in zip(jobs, transcripts, encoded):
             j.resolve(Analysis(tr, enc, asr_s, enc_s))
-
-    # ---- head thread ----
-    def _run_head(self) -> None:
-        while True:
-            first = self._predicts.get()
-            if first is None:
-                return
-            batch, stop = _collect(self._predicts, first, self.config.max_batch, 0.0)
-            try:
-                self._predict(batch)
-            except Exception as e:  # a bug: fail this batch, keep serving
-                log.exception("predict batch failed")
-                for j in batch:
-                    j.resolve(error=RuntimeError(f"inference head failed: {type(e).__name__}: {e}"))
-            if stop:
-                return
-
-    def _predict(self, jobs: list[_PredictJob]) -> None:
-        t0 = time.perf_counter()
-        threshold = self.config.low_confidence  # None: the checkpoint's confidence_threshold
-        per_job: list[list[Any]] = []
-        for j in jobs:
-            assert j.context is not None and j.encoded is not None
-            per_job.append(j.context.peek(j.encoded) if j.peek else j.context.add(j.utterance_id, j.encoded))
-        try:
-            preds = self.model.predict([r for reqs in per_job for r in reqs], threshold)
-        except Exception:  # one bad request must not fail the other sessions' jobs: retry each alone
-            log.exception("batched predict failed; retrying job by job")
-            for j, reqs in zip(jobs, per_job):
-                try:
-                    j.resolve(self._result(j, self.model.predict(reqs, threshold)))
-                except Exception as e:
-                    j.resolve(error=e)
-            return
-        self.metrics.model_seconds.observe(time.perf_counter() - t0)
-        k = 0
-        for j, reqs in zip(jobs, per_job):
-            j.resolve(self._result(j, preds[k : k + len(reqs)]))
-            k += len(reqs)
-
-    @staticmethod
-    def _result(job: _PredictJob, preds: list[Prediction]) -> Scored | Prediction:
-        assert job.context is not None
-        return preds[0] if job.peek else job.context.scored(preds)

@@ -48,7 +48,9 @@ import torch
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import InferenceConfig
 from streamer.pipeline.context import DialogueContext, Scored
-from streamer.infer.engine import Analysis, InferenceEngine, Overloaded, bounded_context
+from streamer.infer.backend import Analysis, Overloaded
+from streamer.infer.engine import bounded_context
+from streamer.infer.head import PredictionHead
 from streamer.metrics import Metrics
 from streamer.infer.transcriber import Transcript, Word
 
@@ -220,13 +222,6 @@ def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, 
 
 
 # ---- front-end side ---------------------------------------------------------------------------
-class _NoAsr:
-    """The front-end's local engine only predicts; speech never reaches it."""
-
-    def transcribe(self, audios: list[np.ndarray]) -> list[Transcript]:
-        raise RuntimeError("speech recognition runs on the remote inference workers")
-
-
 @dataclass(eq=False)
 class RemoteJob:
     """An analyze job in flight, as SessionRunner sees it: `.future` gives an Analysis;
@@ -253,12 +248,8 @@ class RemoteJob:
 
 
 class RemoteInferenceEngine:
-    """InferenceEngine's interface for SessionRunner, with analyze jobs served by remote workers.
-    predict() runs the head here, micro-batched on a local InferenceEngine's thread. Longer than
-    the ~250-line guide: the outstanding-job table, its timers and the Redis reader/writer loops
-    that resolve it are one unit."""
-
-    remote = True
+    """The InferenceBackend of `--inference`: analyze jobs served by remote workers through Redis,
+    predictions on a PredictionHead here (the workers never see a dialogue)."""
 
     def __init__(self, model: EmotionModel, config: InferenceConfig, metrics: Metrics) -> None:
         import redis.asyncio as aioredis
@@ -269,7 +260,7 @@ class RemoteInferenceEngine:
         self.model = model
         self.config = config
         self.metrics = metrics
-        self.local = InferenceEngine(model, _NoAsr(), config, metrics)
+        self.head = PredictionHead(model, config, metrics)
         self.instance = uuid.uuid4().hex[:12]
         self.reply_key = reply_key(self.instance)
         opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0, "health_check_interval": 0,
@@ -302,11 +293,11 @@ class RemoteInferenceEngine:
 
     @property
     def depth(self) -> int:
-        return self.local.depth + len(self._jobs)
+        return self.head.depth + len(self._jobs)
 
     def start(self) -> None:
         """Start the head's thread and the Redis writer/reader tasks (call on the event loop)."""
-        self.local.start()
+        self.head.start()
         self._outbox = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_loop(), name="inference-writer"),
                        asyncio.create_task(self._read_loop(), name="inference-reader"),
@@ -322,16 +313,11 @@ class RemoteInferenceEngine:
 
     def warmup(self) -> float:
         """One prediction through the head (the workers warm up their own models)."""
-        t0 = time.perf_counter()
-        cfg, dev = self.model.config, self.model.device
-        dialogue = self.model.new_dialogue()
-        utt = EncodedUtterance(torch.zeros(cfg.encoder_dim, device=dev), torch.zeros(cfg.speech_dim, device=dev))
-        self.model.predict([(dialogue, dialogue.append(utt))])
-        return time.perf_counter() - t0
+        return self.head.warmup()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued predictions, end the head's thread (blocking; see aclose for Redis)."""
-        self.local.stop(timeout)
+        self.head.stop(timeout)
 
     def begin_shutdown(self) -> None:
         """The service is shutting down: from now on, while Redis is unreachable, outstanding jobs
@@ -370,7 +356,7 @@ class RemoteInferenceEngine:
                 log.warning("inference: closing the Redis client failed: %s", str(e) or type(e).__name__)
 
     def new_context(self) -> DialogueContext:
-        return self.local.new_context()
+        return self.head.new_context()
 
     def status(self) -> dict[str, Any]:
         """For /healthz: `ok` false with the `problem` while no worker is alive or Redis is unreachable."""
@@ -424,10 +410,10 @@ class RemoteInferenceEngine:
         return job
 
     async def predict(self, context: DialogueContext, utterance_id: int, encoded: EncodedUtterance) -> Scored:
-        return await self.local.predict(context, utterance_id, encoded)
+        return await self.head.predict(context, utterance_id, encoded)
 
     async def peek(self, context: DialogueContext, encoded: EncodedUtterance) -> Prediction:
-        return await self.local.peek(context, encoded)
+        return await self.head.peek(context, encoded)
 
     def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob | None:
         """An interim analyze job, only while no job of this front-end is outstanding (the workers'
