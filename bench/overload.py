@@ -125,7 +125,7 @@ async def run(a: argparse.Namespace, model: Any, asr: Any, audio: np.ndarray, co
             timeline.append({
                 "t": round(now - t0, 2), "live": len(app.sessions), "load": round(app.engine.load(), 3),
                 "wait_s": round(app.engine.wait_estimate_s(), 3), "queue": app.engine.depth,
-                "pending_finals": sum(r._finish.qsize() for r in list(app.sessions.values())),
+                "pending_finals": sum(r.pending for r in list(app.sessions.values())),
                 "cpu_cores": round((c - c_last) / max(1e-6, now - t_last), 2),
             })
             c_last, t_last = c, now

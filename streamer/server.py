@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import ssl
 import time
@@ -28,6 +27,7 @@ from model import EmotionModel, load_checkpoint
 from streamer.routes import auth
 from streamer import protocol as P
 from streamer.calls.alerts import AlertEngine, load_rules
+from streamer.calls.observers import AlertObserver, SummaryObserver
 from streamer.events.bus import make_bus
 from streamer.config import AppConfig
 from streamer.infer.backend import InferenceBackend, SpeechToText
@@ -41,6 +41,7 @@ from streamer.events.store import EventStore
 from streamer.calls.webhook import WebhookSender
 from streamer.pipeline.session import SeqCounter, Session
 from streamer.events.fanout import Hub, Subscriber
+from streamer.pipeline.parts import RunnerParts, SessionObserver
 from streamer.pipeline.runner import SessionRunner
 from streamer.routes.listen import ListenConnection, ListenSubscriber
 from streamer.routes.source import SourceConnection
@@ -82,14 +83,19 @@ class App:
             self.asr = asr
             self.engine = InferenceEngine(model, asr, config.inference, self.metrics)
         calls = config.calls
-        self.alerts = AlertEngine(load_rules(calls.alert_rules)) if calls.alert_rules else None
         self.webhook = WebhookSender(calls.webhook_url, retries=calls.webhook_retries) if calls.webhook_url else None
+        observers: list[SessionObserver] = [SummaryObserver(calls.summaries_dir, self.webhook)]
+        if calls.alert_rules:
+            observers.insert(0, AlertObserver(AlertEngine(load_rules(calls.alert_rules)), self.metrics, self.webhook))
         self.store = EventStore(config.store.path, metrics=self.metrics) if config.store.path else None
         self.bus = make_bus(config.bus, self.metrics, config.server.replay_events)
         self.hub = Hub(self.metrics, self.store, config.server.replay_events, config.server.replay_sessions, self.bus)
         # speakers within one channel (diarize): the voice model loads when a session first asks, or at start
         self.voices = VoiceEmbedder(config.inference.device, config.diarize.max_pending, config.diarize.voice_nice)
         self.sessions: dict[str, SessionRunner] = {}
+        # what every session's runner is given (it never sees the App)
+        self.parts = RunnerParts(self.engine, self.hub, self.metrics, config, observers, self.voices,
+                                 finals_imminent=self.finals_imminent, closed=self._session_closed)
         self.connections: set[Subscriber] = set()
         self.server: Server | None = None
         self.started_at = clock()
@@ -101,7 +107,7 @@ class App:
         self.metrics.gauge("emostream_subscriber_queue_max", "events waiting in the fullest subscriber queue",
                            lambda: max((s.queue.qsize() for s in self.connections), default=0))
         self.metrics.gauge("emostream_utterances_pending", "ended utterances waiting for transcript + emotion",
-                           lambda: sum(r._finish.qsize() for r in self.sessions.values()))
+                           lambda: sum(r.pending for r in self.sessions.values()))
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -239,7 +245,7 @@ class App:
 
     def finals_imminent(self) -> bool:
         """Some channel of some session is in a pause after speech: its utterance may end soon."""
-        return any(ch.session.segmenter.pausing for r in self.sessions.values() for ch in r.channels)
+        return any(r.pausing for r in self.sessions.values())
 
     def admission_problem(self) -> str | None:
         """Why a new session is refused now (None: admitted). Past capacity the service refuses new
@@ -271,7 +277,7 @@ class App:
     def new_runner(self, sid: str, seq: SeqCounter, source: str, speakers: list[str] | None = None) -> SessionRunner:
         session = Session(sid, self.config.segmenter, self.clock, seq=seq, source=source)
         extra = [Session(sid, self.config.segmenter, self.clock, seq=seq, source=source) for _ in (speakers or [])[1:]]
-        runner = SessionRunner(self, session, extra, speakers)
+        runner = SessionRunner(self.parts, session, extra, speakers)
         self.sessions[sid] = runner
         self.metrics.inc("emostream_sessions_total")
         return runner
@@ -308,13 +314,8 @@ class App:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def save_summary(self, summary: dict[str, Any]) -> None:
-        folder = self.config.calls.summaries_dir
-        if folder is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in summary["session_id"])
-        (folder / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    def _session_closed(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
 
 
 def create_app(

@@ -23,7 +23,8 @@ from websockets.asyncio.client import connect
 from streamer import protocol as P
 from streamer.config import CallsConfig
 from streamer.calls.telephony import media_message, mulaw_encode
-from tests.stream_util import app_config, emotion_model, load, recv_until, wer, whisper  # noqa: F401
+from tests.stream_util import (StubAsr, app_config, emotion_model, load, recv_until, served, wer,  # noqa: F401
+                               whisper)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -266,3 +267,23 @@ def test_streamer_cli_stereo_file_with_alerts_and_summaries(tiny_checkpoint, tra
 
 
 SPEECH_MONO = Path(__file__).resolve().parent / "fixtures" / "speech" / "LJ001-0002.wav"
+
+
+def test_a_call_past_capacity_is_refused_like_any_session(emotion_model) -> None:  # noqa: F811
+    """/v1/twilio goes through the same admission as /v1/stream: with max_sessions live, a new
+    call's stream is closed with 1013 and no session is created for it."""
+    async def go() -> tuple[int | None, str, list[str]]:
+        async with served(emotion_model, StubAsr(), max_sessions=1) as app:
+            async with connect(f"{app.url}{P.STREAM_PATH}") as source:
+                await source.send(json.dumps({"type": "start", "sample_rate": 16000, "session_id": "first"}))
+                await recv_until(source, P.SESSION_STARTED)
+                async with connect(f"{app.url}{P.TWILIO_PATH}") as twilio:
+                    await twilio.send(json.dumps({"event": "start", "start": {
+                        "streamSid": "MZ3", "callSid": "CAfull", "tracks": ["inbound"],
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+                    await asyncio.wait_for(twilio.wait_closed(), 30)
+                    return twilio.close_code, twilio.close_reason or "", sorted(app.sessions)
+
+    code, reason, live = asyncio.run(go())
+    assert (code, reason) == (P.CLOSE_TRY_AGAIN, "too many sessions")
+    assert live == ["first"]

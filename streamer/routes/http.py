@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -16,12 +15,11 @@ from streamer.routes import auth
 from streamer import protocol as P
 from streamer.routes.sessions_api import api_response
 from streamer.routes.static import set_header, static_response
-
-if TYPE_CHECKING:
-    from streamer.server import App
+from streamer.routes.host import SessionHost
 
 
-def process_request(app: App, connection: ServerConnection, request: Request) -> Response | None:
+
+def process_request(app: SessionHost, connection: ServerConnection, request: Request) -> Response | None:
     """websockets' process_request hook: an HTTP response, or None to go on with the WebSocket
     handshake of /v1/stream, /v1/subscribe or /v1/twilio. Checks come in this order: malformed
     request, auth (before any data flows), method, then the route."""

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from streamer.routes.host import SessionHost
 from streamer.routes.static import set_header
 
 SESSIONS_PATH = "/v1/sessions"
@@ -26,13 +27,13 @@ class _BadQuery(ValueError):
     pass
 
 
-def api_response(app: Any, connection: ServerConnection, request: Request) -> Response | None:
+def api_response(app: SessionHost, connection: ServerConnection, request: Request) -> Response | None:
     """A response for the /v1/sessions endpoints, or None for any other path."""
     url = urlsplit(request.path)
     path = url.path
     if path != SESSIONS_PATH and not path.startswith(SESSIONS_PATH + "/"):
         return None
-    store = getattr(app, "store", None)
+    store = app.store
     if store is None:
         return _json(connection, HTTPStatus.NOT_FOUND, {
             "error": "no_store", "message": "no event store: start the service with --store PATH to keep events"})

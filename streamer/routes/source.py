@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
@@ -19,15 +19,14 @@ from streamer.infer.voice import available as voice_available
 from streamer.pipeline.runner import SessionRunner
 from streamer.pipeline.session import PcmDecoder, SeqCounter
 from streamer.routes.subscribe import attach
+from streamer.routes.host import SessionHost
 
-if TYPE_CHECKING:
-    from streamer.server import App
 
 
 class SourceConnection:
     """One /v1/stream socket from connect to close. Each handler returns True when the input ends."""
 
-    def __init__(self, app: App, ws: ServerConnection, sub: Subscriber) -> None:
+    def __init__(self, app: SessionHost, ws: ServerConnection, sub: Subscriber) -> None:
         self.app, self.ws, self.sub = app, ws, sub
         self.limits = app.config.server
         self.seq = SeqCounter()  # numbers errors sent before a session exists too
@@ -84,7 +83,7 @@ class SourceConnection:
         if dropped:
             self.reply_error(P.E_ODD_BYTES, f"binary frame of {len(msg)} bytes is not a whole number of "
                              f"{decoder.bytes_per_frame}-byte sample frames; the last {dropped} bytes were dropped")
-        if runner.session.segmenter.position_s > sc.max_session_s:
+        if runner.position_s > sc.max_session_s:
             self.reply_error(P.E_SESSION_TOO_LONG, f"session reached {sc.max_session_s:g} s of audio: ended")
             self.stopped = True
             return True

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -16,12 +15,11 @@ from streamer import protocol as P
 from streamer.events.bus import BusError
 from streamer.events.fanout import Subscriber
 from streamer.routes.sessions_api import MAX_SQL_INT
-
-if TYPE_CHECKING:
-    from streamer.server import App
+from streamer.routes.host import SessionHost
 
 
-def attach(app: App, sub: Subscriber, key: str, after_seq: int | None) -> None:
+
+def attach(app: SessionHost, sub: Subscriber, key: str, after_seq: int | None) -> None:
     """Register `sub` for `key`, first replaying what it missed after `after_seq`. Nothing
     is published in between (one thread), so every event arrives exactly once."""
     if after_seq is not None:
@@ -34,7 +32,7 @@ def attach(app: App, sub: Subscriber, key: str, after_seq: int | None) -> None:
             sub.offer(text)
     app.hub.add(key, sub)
 
-async def attach_from_bus(app: App, sub: Subscriber, key: str, after_seq: int) -> None:
+async def attach_from_bus(app: SessionHost, sub: Subscriber, key: str, after_seq: int) -> None:
     """`attach` when the replay must be read from the bus (an await). Exactly once: `sub` is
     registered first with live events held; then the replay is sent, then the held events
     newer than the last replayed seq; later live events up to that seq are dropped too."""
@@ -67,7 +65,7 @@ async def attach_from_bus(app: App, sub: Subscriber, key: str, after_seq: int) -
     if not finished and events and json.loads(events[-1][1])["type"] == P.SESSION_ENDED:
         sub.finish(*app.hub.end_close)  # the replay was all of it
 
-async def subscriber_connection(app: App, ws: ServerConnection, sub: Subscriber, key: str,
+async def subscriber_connection(app: SessionHost, ws: ServerConnection, sub: Subscriber, key: str,
                                 after_seq: str | None = None) -> None:
     if app.hub.subscriber_count() >= app.config.server.max_subscribers:  # sources' own sockets do not count
         sub.finish(P.CLOSE_TRY_AGAIN, f"too many subscribers (limit {app.config.server.max_subscribers})")

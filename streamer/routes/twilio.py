@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -17,14 +16,13 @@ from streamer.events.fanout import Subscriber
 from streamer.pipeline.runner import SessionRunner
 from streamer.pipeline.session import PcmDecoder, SeqCounter
 from streamer.calls.telephony import MULAW_RATE, TwilioError, parse_media, parse_start
+from streamer.routes.host import SessionHost
 
-if TYPE_CHECKING:
-    from streamer.server import App
 
 log = logging.getLogger("streamer")
 
 
-async def twilio_connection(app: App, ws: ServerConnection, sub: Subscriber) -> None:
+async def twilio_connection(app: SessionHost, ws: ServerConnection, sub: Subscriber) -> None:
     """Twilio Media Streams: one session per call (id = callSid), one channel per track, both in
     one dialogue context. Events go to subscribers, not back to Twilio (it reads media only).
     One loop over Twilio's event kinds, as in its docs; a little over the ~60-line guide."""
@@ -62,6 +60,12 @@ async def twilio_connection(app: App, ws: ServerConnection, sub: Subscriber) -> 
                         break
                     if start.call_sid in app.sessions:
                         problem(f"call {start.call_sid} is live already")
+                        break
+                    refused = app.admission_problem()
+                    if refused is not None:  # as /v1/stream: past capacity, no new call is scored
+                        app.metrics.inc("emostream_overloaded_total")
+                        log.warning("twilio: call %s refused: %s", start.call_sid, refused)
+                        await ws.close(P.CLOSE_TRY_AGAIN, "too many sessions" if "sessions live" in refused else "overloaded")
                         break
                     names = {"inbound": calls.inbound_speaker, "outbound": calls.outbound_speaker}
                     speakers = [names[t] for t in start.tracks]
