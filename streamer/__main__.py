@@ -60,6 +60,7 @@ _inference_url = _checked_url(lambda url: InferenceConfig(remote=url))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option, one add_argument each (longer than the ~60-line guide: a flat list reads best)."""
     p = argparse.ArgumentParser(prog="python -m streamer", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
@@ -214,26 +215,78 @@ async def _subscribe_and_print(url: str, session: str, as_json: bool, token: str
         return
 
 
+def _source_audio(a: argparse.Namespace) -> tuple[Any, list[str] | None]:
+    """--demo / --file: the recording (channels, n) or (n,) at 16 kHz and its speakers; (None, None)
+    without one. Raises SourceError."""
+    from streamer.sources import SourceError, load_file
+
+    if not (a.demo or a.file is not None):
+        return None, None
+    speakers = a.speakers.split(",") if a.speakers and a.file is not None else None
+    if speakers and a.diarize:
+        raise SourceError("--diarize labels the speakers of one channel; --speakers names each channel: use one")
+    return load_file(DEMO_RECORDING if a.demo else a.file, channels=len(speakers) if speakers else None), speakers
+
+
+async def _stream_recording(app: Any, a: argparse.Namespace, audio: Any, speakers: list[str] | None,
+                            token: str | None) -> int:
+    """Stream --demo / --file through the service's own socket, printing its events; then shut down."""
+    from streamer.client import stream_audio
+    from websockets.exceptions import ConnectionClosed
+
+    name = "the bundled recording" if a.demo else str(a.file)
+    print(f"streaming {name} ({audio.shape[-1] / 16000:.1f} s, {'real time' if a.realtime else 'fast'}{_extras(a)}) "
+          f"through {app.url}{P.STREAM_PATH}", flush=True)
+    rc = 0
+    try:
+        result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_Printer(a.json), speakers=speakers,
+                                    token=token, interim=a.interim, word_timestamps=a.words, diarize=a.diarize,
+                                    timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
+        lat = sorted(e["latency_ms"] for e in result.of_type(P.EMOTION))
+        if lat and not a.json:
+            print(f"{len(lat)} utterances; end of speech -> emotion: median {lat[len(lat) // 2]:.0f} ms, "
+                  f"max {lat[-1]:.0f} ms", flush=True)
+    except (ConnectionClosed, OSError, asyncio.TimeoutError) as e:
+        if not app.shutting_down:  # else: interrupted by SIGINT/SIGTERM, a clean stop
+            print(f"error: streaming failed: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+    app.shutdown()
+    return rc
+
+
+async def _serve_microphone(app: Any, a: argparse.Namespace, token: str | None) -> int:
+    """--mic: a server-side session 'mic' fed by the microphone, printed until the service stops."""
+    from streamer.sources import Microphone, SourceError
+
+    try:
+        mic = Microphone(a.mic or None)
+        mic.start()  # capturing before "listening" is printed: the first words are not lost
+        app.add_source("mic", mic.chunks(), "microphone", interim=a.interim, word_timestamps=a.words)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        await app.shutdown()
+        return 2
+    printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json, token, interim=a.interim))
+    print(f"listening to the microphone (session 'mic'{_extras(a)}); Ctrl-C to stop", flush=True)
+    await app.wait_closed()
+    printer.cancel()
+    return 0
+
+
 async def run(a: argparse.Namespace) -> int:
     """The service with its optional source (demo, file, microphone) until it ends or a signal
-    comes; each startup failure gets its own message (a little over the ~60-line guide)."""
+    comes; each startup failure gets its own message."""
     from model import CheckpointError
     from streamer.server import create_app
-    from streamer.sources import Microphone, SourceError, load_file
+    from streamer.sources import SourceError
     from streamer.infer.transcriber import AsrModelError
 
     config = config_from_args(a)
-    audio, speakers = None, None
-    if a.demo or a.file is not None:
-        path = DEMO_RECORDING if a.demo else a.file
-        try:
-            speakers = a.speakers.split(",") if a.speakers and a.file is not None else None
-            if speakers and a.diarize:
-                raise SourceError("--diarize labels the speakers of one channel; --speakers names each channel: use one")
-            audio = load_file(path, channels=len(speakers) if speakers else None)
-        except SourceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:
+        audio, speakers = _source_audio(a)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ckpt = config.inference.checkpoint
     if not Path(ckpt).is_file():
         print(f"error: emotion model checkpoint not found: {ckpt}\n"
@@ -255,43 +308,14 @@ async def run(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.shutdown)
-
-    rc = 0
     if audio is not None:
-        from streamer.client import stream_audio
-        from websockets.exceptions import ConnectionClosed
-
-        name = "the bundled recording" if a.demo else str(a.file)
-        print(f"streaming {name} ({audio.shape[-1] / 16000:.1f} s, {'real time' if a.realtime else 'fast'}{_extras(a)}) "
-              f"through {app.url}{P.STREAM_PATH}", flush=True)
-        try:
-            result = await stream_audio(app.url, audio, realtime=a.realtime, on_event=_Printer(a.json), speakers=speakers,
-                                        token=own_token, interim=a.interim, word_timestamps=a.words, diarize=a.diarize,
-                                        timeout_s=max(120.0, 3 * audio.shape[-1] / 16000))
-            lat = [e["latency_ms"] for e in result.of_type(P.EMOTION)]
-            if lat and not a.json:
-                lat.sort()
-                print(f"{len(lat)} utterances; end of speech -> emotion: median {lat[len(lat) // 2]:.0f} ms, "
-                      f"max {lat[-1]:.0f} ms", flush=True)
-        except (ConnectionClosed, OSError, asyncio.TimeoutError) as e:
-            if not app.shutting_down:  # else: interrupted by SIGINT/SIGTERM, a clean stop
-                print(f"error: streaming failed: {type(e).__name__}: {e}", file=sys.stderr)
-                rc = 1
-        app.shutdown()
+        rc = await _stream_recording(app, a, audio, speakers, own_token)
     elif a.mic is not None:
-        try:
-            mic = Microphone(a.mic or None)
-            mic.start()  # capturing before "listening" is printed: the first words are not lost
-            app.add_source("mic", mic.chunks(), "microphone", interim=a.interim, word_timestamps=a.words)
-        except SourceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            await app.shutdown()
-            return 2
-        printer = asyncio.create_task(_subscribe_and_print(app.url, "mic", a.json, own_token, interim=a.interim))
-        print(f"listening to the microphone (session 'mic'{_extras(a)}); Ctrl-C to stop", flush=True)
-        await app.wait_closed()
-        printer.cancel()
+        rc = await _serve_microphone(app, a, own_token)
+        if rc:
+            return rc
     else:
+        rc = 0
         await app.wait_closed()  # until SIGINT/SIGTERM
     await app.shutdown()
     print("stopped", file=sys.stderr, flush=True)

@@ -159,6 +159,16 @@ class ProtocolLimits:
     max_channels: int = 2  # stereo is downmixed
     max_message_bytes: int = 1 << 20  # a bigger frame (audio, or a start with its metadata) closes the socket with 1009
 
+    def format_problem(self, encoding: str, sample_rate: int, channels: int) -> str | None:
+        """Why a start's audio format is not served (None: it is)."""
+        if encoding not in self.encodings:
+            return f"encoding {encoding!r} not supported; use one of {list(self.encodings)}"
+        if not self.min_sample_rate <= sample_rate <= self.max_sample_rate:
+            return f"sample_rate {sample_rate} outside {self.min_sample_rate}-{self.max_sample_rate} Hz"
+        if not 1 <= channels <= self.max_channels:
+            return f"channels {channels} not supported (1..{self.max_channels}; stereo is downmixed)"
+        return None
+
 
 @dataclass(frozen=True)
 class ServerConfig:

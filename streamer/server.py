@@ -30,6 +30,7 @@ from streamer.calls.alerts import AlertEngine, load_rules
 from streamer.calls.observers import AlertObserver, SummaryObserver
 from streamer.events.bus import make_bus
 from streamer.config import AppConfig
+from streamer.routes.auth import AuthConfig
 from streamer.infer.backend import InferenceBackend, SpeechToText
 from streamer.infer.engine import InferenceEngine
 from streamer.infer.remote import RemoteInferenceEngine
@@ -49,6 +50,16 @@ from streamer.routes.twilio import twilio_connection
 from streamer.routes.subscribe import subscriber_connection
 
 log = logging.getLogger("streamer")
+
+
+def ssl_context(a: AuthConfig) -> ssl.SSLContext | None:
+    """TLS for the server socket (--certfile/--keyfile), TLS 1.2 at least; None without a certificate."""
+    if a.certfile is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(a.certfile, a.keyfile)
+    return ctx
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ class App:
             max_size=self.config.limits.max_message_bytes,
             max_queue=sc.max_incoming_queue,
             ping_interval=sc.ping_interval_s,
-            ssl=self._ssl_context(),
+            ssl=ssl_context(self.config.auth),
         )
 
     @property
@@ -148,15 +159,6 @@ class App:
     def url(self) -> str:
         scheme = "wss" if self.config.auth.certfile else "ws"
         return f"{scheme}://{self.config.server.host}:{self.port}"
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        a = self.config.auth
-        if a.certfile is None:
-            return None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(a.certfile, a.keyfile)
-        return ctx
 
     @property
     def shutting_down(self) -> bool:
@@ -262,16 +264,6 @@ class App:
         if load > sc.admit_max_load or wait > sc.admit_max_wait_s:
             return (f"at capacity: decoders busy {load:.0%} of the last 10 s (limit {sc.admit_max_load:.0%}), "
                     f"a new utterance would wait {wait:.1f} s (limit {sc.admit_max_wait_s:g} s); try again later")
-        return None
-
-    def check_format(self, start: P.StartMessage) -> str | None:
-        lim = self.config.limits
-        if start.encoding not in lim.encodings:
-            return f"encoding {start.encoding!r} not supported; use one of {list(lim.encodings)}"
-        if not lim.min_sample_rate <= start.sample_rate <= lim.max_sample_rate:
-            return f"sample_rate {start.sample_rate} outside {lim.min_sample_rate}-{lim.max_sample_rate} Hz"
-        if not 1 <= start.channels <= lim.max_channels:
-            return f"channels {start.channels} not supported (1..{lim.max_channels}; stereo is downmixed)"
         return None
 
     def new_runner(self, sid: str, seq: SeqCounter, source: str, speakers: list[str] | None = None) -> SessionRunner:

@@ -169,9 +169,19 @@ def test_twilio_media_stream_two_speakers_alerts_webhook_summary(emotion_model, 
     assert webhook.wait_for(P.CALL_SUMMARY)["session_id"] == call_sid
 
 
-def test_score_sides_customer_transcribes_the_agent_without_scoring_it(emotion_model, whisper, transcripts, tmp_path):  # noqa: F811
+def test_score_sides_customer_transcribes_the_agent_without_scoring_it(emotion_model, whisper, transcripts, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
     """--score-sides customer (EU AI Act art. 5(1)(f)): the agent's track is transcribed, and its words
-    are the customer's context, but it gets no emotion, revision, sentiment, alert or summary entry."""
+    are the customer's context, but it gets no emotion, revision, sentiment, alert or summary entry,
+    and the model never computes a feature of the agent's voice or words."""
+    encoded: list[str] = []
+    real = emotion_model.encode_utterances
+
+    def spy(texts, audios, **kw):  # type: ignore[no-untyped-def]
+        encoded.extend(texts)
+        return real(texts, audios, **kw)
+
+    monkeypatch.setattr(emotion_model, "encode_utterances", spy)
     from streamer.__main__ import build_parser, config_from_args
     from streamer.server import create_app
 
@@ -188,6 +198,9 @@ def test_score_sides_customer_transcribes_the_agent_without_scoring_it(emotion_m
     assert {e["speaker"] for e in events if e["type"] == P.UTTERANCE_ENDED} == {"customer", "agent"}
     summary = next(e for e in events if e["type"] == P.CALL_SUMMARY)
     assert set(summary["speakers"]) == {"customer"}
+    agent = {e["text"] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == "agent"}
+    customer = {e["text"] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == "customer"}
+    assert agent and customer <= set(encoded) and not agent & set(encoded), (agent, encoded)
 
 
 def test_stereo_call_recording_through_clients_file(emotion_model, whisper, transcripts, tmp_path, webhook):  # noqa: F811

@@ -42,6 +42,7 @@ class FakeBackend:
 
     def __init__(self) -> None:
         self.contexts: list[list[str]] = []
+        self.encodes: list[bool] = []
         self.predicted: list[int] = []
         self.n = 0
 
@@ -49,12 +50,13 @@ class FakeBackend:
         return object()
 
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None) -> Job:
+                max_wait_s: float | None = None, encode: bool = True) -> Job:
         self.n += 1
         self.contexts.append(list(context or ()))
+        self.encodes.append(encode)
         return Job(Analysis(Transcript(f"words number {self.n}", 0.0, -0.1), None, 0.01, 0.01))  # type: ignore[arg-type]
 
-    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> None:
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None, *, encode: bool = True) -> None:
         return None
 
     async def predict(self, context: Any, utterance_id: int, encoded: Any) -> Scored:
@@ -157,6 +159,11 @@ def test_unscored_side_is_transcribed_and_read_as_context_but_never_scored() -> 
     assert said == {"agent", "customer"} and scored == {"customer"}
     agent = [e["text"] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == "agent"]
     assert agent and backend.contexts[-1][-1] == agent[0]  # the agent's words are the customer's context
+    # the agent's decodes computed no features (speculative ones too); the customer's did
+    call = {e["text"]: int(e["text"].split()[-1]) - 1 for e in events if e["type"] == P.TRANSCRIPT}
+    assert all(not backend.encodes[call[t]] for t in agent)
+    assert all(backend.encodes[call[e["text"]]] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == "customer")
+    assert backend.encodes.count(False) >= len(agent)
 
 
 def test_no_module_below_the_server_imports_the_app() -> None:

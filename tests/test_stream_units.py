@@ -178,3 +178,27 @@ def test_clients_can_import_the_protocol_without_the_service() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=str(load.__globals__["SPEECH"].parent.parent.parent))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_decoder_load_counts_busy_time_in_hand_jobs_and_the_mean_job(monkeypatch) -> None:
+    """streamer/infer/load.py, as the engine (admission) and a remote worker (heartbeat) read it."""
+    from streamer.infer import load as L
+
+    now = [100.0]
+    monkeypatch.setattr(L.time, "monotonic", lambda: now[0])
+    meter = L.DecoderLoad(decoders=2, job_s=0.3)
+    a = meter.begin(4)
+    now[0] += 1.0
+    b = meter.begin(2)
+    assert (meter.busy, meter.in_hand) == (2, 6)
+    assert meter.load() == 0.0  # nothing finished yet ...
+    now[0] += 1.0
+    assert meter.load(running=True) == pytest.approx((2.0 + 1.0) / (L.LOAD_WINDOW_S * 2))  # ... but in hand
+    meter.end(a, 4)  # 2 s for 4 jobs: 0.5 s each
+    assert (meter.busy, meter.in_hand) == (1, 2)
+    assert meter.job_s == pytest.approx(0.8 * 0.3 + 0.2 * 0.5)
+    meter.end(b, 2, counted=False)  # idle-time work: neither load nor cost
+    assert meter.busy == 0 and meter.job_s == pytest.approx(0.34)
+    assert meter.load() == pytest.approx(2.0 / (L.LOAD_WINDOW_S * 2))
+    now[0] += L.LOAD_WINDOW_S + 0.5  # the span has left the window
+    assert meter.load() == 0.0

@@ -92,6 +92,20 @@ def test_job_asks_for_words_only_when_flagged():
     assert b"w" not in plain and not wants_words(plain)  # also how an older front-end's job reads
 
 
+def test_job_asks_for_no_features_only_for_an_unscored_side():
+    from streamer.infer.remote import job_fields, parse_reply, reply_fields, wants_encoding
+    from model import EncodedUtterance
+
+    audio = np.zeros(1600, dtype=np.float32)
+    unscored = to_redis(job_fields("j1", "r", audio, time.time() + 5, encode=False))
+    plain = to_redis(job_fields("j2", "r", audio, time.time() + 5))
+    assert unscored[b"e"] == b"0" and not wants_encoding(unscored)
+    assert b"e" not in plain and wants_encoding(plain)  # also how an older front-end's job reads
+    reply = to_redis(reply_fields(b"j1", Transcript("hello", 0.0, -0.1), EncodedUtterance(None, None), 0.1, 0.0, "w1"))
+    _, analysis = parse_reply(reply, torch.device("cpu"))
+    assert analysis.transcript.text == "hello" and analysis.encoded == EncodedUtterance(None, None)
+
+
 def test_reply_carries_words_only_when_present():
     from model import EncodedUtterance
     from streamer.infer.remote import parse_reply, reply_fields

@@ -92,11 +92,13 @@ class InferenceBackend(Protocol):
     def new_context(self) -> DialogueContext: ...
 
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None) -> AnalyzeJob:
-        """Queue an utterance for ASR + encoding. Raises Overloaded when it would wait past `max_wait_s`."""
+                max_wait_s: float | None = None, encode: bool = True) -> AnalyzeJob:
+        """Queue an utterance for ASR + encoding (`encode` False: ASR only, for a side that is never
+        scored). Raises Overloaded when it would wait past `max_wait_s`."""
         ...
 
-    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> AnalyzeJob | None:
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None, *,
+                encode: bool = True) -> AnalyzeJob | None:
         """analyze() for an unfinished utterance, or None when it would delay a final one."""
         ...
 

@@ -29,7 +29,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
@@ -39,13 +38,14 @@ import numpy as np
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import SAMPLE_RATE, InferenceConfig
 from streamer.infer.backend import Analysis, Overloaded, SpeechToText
-from streamer.infer.head import PredictionHead, ThreadJob, collect
+from streamer.infer.head import PredictionHead, ThreadJob, collect, put_or_refuse
+from streamer.infer.load import LOAD_WINDOW_S, DecoderLoad
 from streamer.pipeline.context import DialogueContext, Scored
 from streamer.metrics import Metrics
 from streamer.infer.transcriber import Transcript
 
-__all__ = ["Analysis", "CONTEXT_CHARS", "CONTEXT_TRANSCRIPTS", "InferenceEngine", "Overloaded", "SpeechToText",
-           "bounded_context", "transcribe_and_encode", "whisper_inputs"]
+__all__ = ["Analysis", "CONTEXT_CHARS", "CONTEXT_TRANSCRIPTS", "InferenceEngine", "LOAD_WINDOW_S", "Overloaded",
+           "SpeechToText", "bounded_context", "transcribe_and_encode", "whisper_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def whisper_inputs(model: EmotionModel, asr: SpeechToText,
     name = asr.name
     out: list[np.ndarray | None] = []
     for t in transcripts:
-        st = getattr(t, "whisper_states", None)
+        st = t.whisper_states
         ok = st is not None and np.ndim(st) == 1 and model.accepts_whisper(name, int(np.shape(st)[0]))
         out.append(st if ok else None)
     return out if any(s is not None for s in out) else None
@@ -74,19 +74,28 @@ def whisper_inputs(model: EmotionModel, asr: SpeechToText,
 
 def transcribe_and_encode(model: EmotionModel, asr: SpeechToText, audios: list[np.ndarray],
                           contexts: Sequence[Sequence[str]], words: Sequence[bool] | None = None,
+                          encode: Sequence[bool] | None = None,
                           ) -> tuple[list[Transcript], list[EncodedUtterance], float, float]:
     """Whisper, then the model's utterance features from the transcripts, Whisper's pooled states and
     each utterance's context: (transcripts, encoded, ASR seconds, encoding seconds). The inference
     thread and remote workers both call this, so an utterance is encoded the same way in either.
-    `words`: per utterance, whether its transcript should carry word timings (Transcript.words)."""
+    `words`: per utterance, whether its transcript should carry word timings (Transcript.words).
+    `encode`: per utterance, False for transcription only (a side that is never scored,
+    --score-sides): no feature of its voice or words is computed, its EncodedUtterance is empty."""
     t0 = time.perf_counter()
     if words is not None and any(words):
         transcripts = asr.transcribe(audios, words=list(words))
     else:
         transcripts = asr.transcribe(audios)
     t1 = time.perf_counter()
-    encoded = model.encode_utterances([t.text for t in transcripts], audios,
-                                      whisper=whisper_inputs(model, asr, transcripts), contexts=[list(c) for c in contexts])
+    keep = [i for i in range(len(audios)) if encode is None or encode[i]]
+    encoded = [EncodedUtterance(None, None) for _ in audios]
+    if keep:
+        states = whisper_inputs(model, asr, [transcripts[i] for i in keep])
+        done = model.encode_utterances([transcripts[i].text for i in keep], [audios[i] for i in keep], whisper=states,
+                                       contexts=[list(contexts[i]) for i in keep])
+        for i, e in zip(keep, done):
+            encoded[i] = e
     return transcripts, encoded, t1 - t0, time.perf_counter() - t1
 
 
@@ -95,10 +104,9 @@ class _AnalyzeJob(ThreadJob):
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: list[str] = field(default_factory=list)  # earlier transcripts of the session, most recent first
     words: bool = False  # the transcript should carry word timings
+    encode: bool = True  # False: transcription only (an unscored side)
     interim: bool = False  # an unfinished utterance's speech so far (not counted as load)
 
-
-LOAD_WINDOW_S = 10.0  # load() looks this far back
 
 
 class InferenceEngine:
@@ -116,11 +124,8 @@ class InferenceEngine:
         self.head = PredictionHead(model, config, metrics, restarted=self._restarted)
         self._queue: queue.Queue[_AnalyzeJob | None] = queue.Queue(maxsize=config.queue_size)
         self._threads = [self._analysis_thread(i) for i in range(self.workers)]
-        self._lock = threading.Lock()  # guards the load bookkeeping below
+        self.meter = DecoderLoad(self.workers)
         self._restart_lock = threading.Lock()
-        self._busy = 0  # decoding threads inside a batch
-        self._job_s = 0.3  # running mean of one utterance's decode + encode time on one thread (s)
-        self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent batches, for load()
         self._interim_after = 0.0  # no interim decode starts before this (monotonic s): see interim_share
         self._started = False
         self._stopping = False
@@ -201,30 +206,22 @@ class InferenceEngine:
 
     def wait_estimate_s(self) -> float:
         """How long an utterance queued now would wait before a decoder starts on it."""
-        with self._lock:
-            ahead = self._queue.qsize() + max(0, self._busy - self.workers + 1)
-            return ahead * self._job_s / self.workers
+        ahead = self._queue.qsize() + max(0, self.meter.busy - self.workers + 1)
+        return ahead * self.meter.job_s / self.workers
 
     def idle(self) -> bool:
         """Nothing queued and a decoder free: an interim decode may run without delaying a final
         (with several decoders one is always left free for finals)."""
-        with self._lock:
-            spare = self.workers - self._busy
+        spare = self.workers - self.meter.busy
         return self._queue.empty() and (spare >= 2 or (self.workers == 1 and spare == 1))
 
     def load(self) -> float:
         """Fraction of the decoders' time spent decoding over the last LOAD_WINDOW_S (0..1)."""
-        now = time.monotonic()
-        lo = now - LOAD_WINDOW_S
-        with self._lock:
-            while self._spans and self._spans[0][1] < lo:
-                self._spans.popleft()
-            busy = sum(end - max(start, lo) for start, end in self._spans)
-        return min(1.0, busy / (LOAD_WINDOW_S * self.workers))
+        return self.meter.load()
 
     # ---- event-loop side ----
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None, interim: bool = False) -> _AnalyzeJob:
+                max_wait_s: float | None = None, encode: bool = True, interim: bool = False) -> _AnalyzeJob:
         """Queue an utterance for ASR + encoding; await job.future for an Analysis. `context`: the
         session's earlier transcripts, most recent first (copied: the caller's list may change).
         Raises Overloaded when the queue is full or the wait would exceed `max_wait_s` (default
@@ -235,18 +232,20 @@ class InferenceEngine:
             raise Overloaded(f"decoders are {wait:.1f} s behind (limit {limit:g} s)")
         loop = asyncio.get_running_loop()
         job = _AnalyzeJob(loop, loop.create_future(), audio=audio, context=bounded_context(context), words=words,
+                          encode=encode,
                           interim=interim)
         self._put(job)
         return job
 
-    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> _AnalyzeJob | None:
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None, *,
+                encode: bool = True) -> _AnalyzeJob | None:
         """analyze() for the speech so far of an unfinished utterance, or None when no decoder is
         idle or interim work has used its share of one decoder's time (InferenceConfig.interim_share)
         lately: interim results are skipped, never queued behind or ahead of final ones."""
         if time.monotonic() < self._interim_after or not self.idle():
             return None
         try:
-            return self.analyze(audio, context, interim=True)
+            return self.analyze(audio, context, encode=encode, interim=True)
         except Overloaded:
             return None
 
@@ -279,10 +278,7 @@ class InferenceEngine:
 
     def _put(self, job: _AnalyzeJob) -> None:
         self._ensure_workers()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded(f"inference queue full ({self.config.queue_size} jobs)") from None
+        put_or_refuse(self._queue, job)
 
     # ---- decoding threads ----
     def _run(self) -> None:
@@ -293,9 +289,7 @@ class InferenceEngine:
                 return
             batch, stop = collect(self._queue, first, size, self.config.max_wait_ms / 1000,
                                    live=lambda b: sum(not j.abandoned for j in b))
-            with self._lock:
-                self._busy += 1
-            t0 = time.monotonic()
+            t0 = self.meter.begin(len(batch))
             try:
                 self._process(batch)
             except BaseException as e:  # a bug in the worker itself: fail this batch, never hang it
@@ -322,17 +316,11 @@ class InferenceEngine:
 
     def _end_batch(self, t0: float, batch: list[_AnalyzeJob]) -> None:
         """Load bookkeeping: interim decodes only fill idle time, so they count as neither load nor cost."""
-        t1 = time.monotonic()
-        jobs = sum(not j.abandoned for j in batch)
-        with self._lock:
-            self._busy -= 1
-            if all(j.interim for j in batch):  # rest so that interim work keeps within its share
-                share = self.config.interim_share
-                self._interim_after = t1 + (t1 - t0) * (1 - share) / share
-            else:
-                self._spans.append((t0, t1))
-                if jobs:
-                    self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / jobs
+        interim = all(j.interim for j in batch)
+        t1 = self.meter.end(t0, sum(not j.abandoned for j in batch), counted=not interim)
+        if interim:  # rest so that interim work keeps within its share
+            share = self.config.interim_share
+            self._interim_after = t1 + (t1 - t0) * (1 - share) / share
         self.batches += 1
 
     def _process(self, batch: list[_AnalyzeJob]) -> None:
@@ -351,7 +339,8 @@ class InferenceEngine:
             return
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
-                self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs], [j.words for j in jobs])
+                self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs], [j.words for j in jobs],
+                [j.encode for j in jobs])
         except Exception as e:  # see _predict: only the utterance that fails gets an error
             if len(jobs) == 1:
                 log.exception("analyze failed")

@@ -50,6 +50,14 @@ class ThreadJob:
         self.loop.call_soon_threadsafe(_set)
 
 
+def put_or_refuse(q: queue.Queue[Any], job: ThreadJob) -> None:
+    """Queue `job`, or raise Overloaded when the (bounded) queue is full."""
+    try:
+        q.put_nowait(job)
+    except queue.Full:
+        raise Overloaded(f"inference queue full ({q.maxsize} jobs)") from None
+
+
 def collect(q: queue.Queue[Any], first: Any, size: int, wait_s: float,
             live: Callable[[list[Any]], int] = len) -> tuple[list[Any], bool]:
     """A batch: `first`, then what arrives within `wait_s` until `live(batch)` reaches `size`; and
@@ -151,10 +159,7 @@ class PredictionHead:
 
     def _put(self, job: _PredictJob) -> None:
         self.ensure_alive()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded(f"inference queue full ({self.config.queue_size} jobs)") from None
+        put_or_refuse(self._queue, job)
 
     # ---- the thread ----
     def _run(self) -> None:

@@ -7,8 +7,9 @@ from every front-end):
 - jobs: `emostream:infer:jobs`, group `emostream:infer:workers`; fields j (job id), r (the
   front-end's reply stream), f ("s16" int16 PCM or "f32"), a (16 kHz mono audio), d (deadline, unix s),
   c (the session's earlier transcripts, most recent first: a JSON list of strings, bounded by
-  inference.bounded_context; a job without it, from an older front-end, has no context), and
-  w ("1": time the transcript's words; absent, from an older front-end or when not wanted: don't).
+  inference.bounded_context; a job without it, from an older front-end, has no context),
+  w ("1": time the transcript's words; absent, from an older front-end or when not wanted: don't),
+  and e ("0": transcribe only, compute no features: a side that is never scored; absent: encode).
 - replies: `emostream:infer:r:{instance}` per front-end; fields j, ok ("1"/"0"), and either the
   transcript (text, nsp, lp), the cached vectors (tv: 384-d sentence vector, sv: speech-CNN
   embedding, float32 bytes, empty when absent), timings (asr, enc) and the worker (w), or err.
@@ -108,18 +109,25 @@ def _vec(data: bytes, device: torch.device) -> torch.Tensor | None:
 
 
 def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float,
-               context: Sequence[str] | None = None, words: bool = False) -> dict[str, Any]:
+               context: Sequence[str] | None = None, words: bool = False, encode: bool = True) -> dict[str, Any]:
     fmt, data = encode_audio(audio)
     fields: dict[str, Any] = {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline),
                               "c": json.dumps(bounded_context(context), ensure_ascii=False)}
     if words:
         fields["w"] = b"1"
+    if not encode:
+        fields["e"] = b"0"
     return fields
 
 
 def wants_words(fields: dict[bytes, bytes]) -> bool:
     """Whether a job asks for word timings (field w; absent from older front-ends)."""
     return fields.get(b"w") == b"1"
+
+
+def wants_encoding(fields: dict[bytes, bytes]) -> bool:
+    """Whether a job wants the utterance's features (field e absent, as from older front-ends: yes)."""
+    return fields.get(b"e") != b"0"
 
 
 def decode_context(fields: dict[bytes, bytes]) -> list[str]:
@@ -222,6 +230,94 @@ def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, 
 
 
 # ---- front-end side ---------------------------------------------------------------------------
+class WorkerWatch:
+    """The front-end's view of the workers: every WATCH_S until stop(), their heartbeats and the job
+    stream's length are read into `view`; load, wait and availability are computed from it."""
+
+    WATCH_S = 1.0  # the workers' heartbeats and the job queue's depth are read this often
+
+    def __init__(self, redis: Any, metrics: Metrics) -> None:
+        self.redis, self.metrics = redis, metrics
+        self.view: WorkerView | None = None  # the last read; None: not read yet
+        self.looked = asyncio.Event()  # set once the first read has finished (or failed)
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def unavailable(self) -> str | None:
+        """Why no remote inference can be counted on now (None: some worker is alive)."""
+        view = self.view
+        if view is None:
+            return "the inference workers' heartbeats have not been read yet"
+        if view.error is not None:
+            return f"inference Redis unreachable ({view.error})"
+        if not view.workers:
+            return "no inference worker alive (no worker heartbeat in Redis)"
+        return None
+
+    def load(self) -> float:
+        """Fraction of the live workers' decoders' time spent decoding over their last 10 s, as
+        their heartbeats last said (0..1); 1.0 with no worker alive (no spare capacity)."""
+        workers = self.view.workers if self.view else ()
+        if not workers:
+            return 1.0
+        return min(1.0, sum(w.load * w.decoders for w in workers) / sum(w.decoders for w in workers))
+
+    def wait_estimate_s(self, outstanding: int = 0) -> float:
+        """How long a job sent now would wait before a worker starts on it: the jobs in the stream
+        not in a worker's hands (at least this front-end's `outstanding` ones, newer than the
+        last read), plus one when every decoder is busy, at the rate the live workers clear jobs
+        (decoders / job_s each, from their heartbeats); inf with no worker alive."""
+        view = self.view
+        if view is None or not view.workers:
+            return math.inf
+        taken = sum(w.in_hand for w in view.workers)
+        waiting = max(0, max(view.queue, outstanding) - taken)
+        full = all(w.busy >= w.decoders for w in view.workers)
+        return (waiting + full) / sum(w.decoders / w.job_s for w in view.workers)
+
+    async def run(self) -> None:
+        """Every WATCH_S until stop(): read the workers' heartbeats and the job queue's depth into `view`."""
+        while not self.stopped:
+            try:
+                self.view = await self.look()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self.stopped:
+                    return
+                self.metrics.inc("emostream_remote_errors_total")
+                if self.view is None or self.view.error is None:  # once per streak
+                    log.error("inference: reading worker heartbeats: %s: %s", type(e).__name__, e)
+                self.view = WorkerView(error=f"{type(e).__name__}: {e}")
+            self.looked.set()
+            await asyncio.sleep(self.WATCH_S)
+
+    async def look(self) -> WorkerView:
+        """One read: the workers in WORKER_INDEX whose heartbeat key is alive (the expired ones are
+        dropped from the index) and the job stream's length."""
+        names = sorted(await self.redis.smembers(WORKER_INDEX))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(JOBS)
+        for name in names:
+            pipe.get(heartbeat_key(name.decode()))
+            pipe.pttl(heartbeat_key(name.decode()))
+        queue, *beats = await pipe.execute()
+        workers, gone = [], []
+        for name, raw, pttl in zip(names, beats[::2], beats[1::2]):
+            if raw is None:
+                gone.append(name)
+                continue
+            try:
+                workers.append(decode_heartbeat(raw, pttl))
+            except ValueError as e:
+                log.warning("inference: ignoring the heartbeat of %s: %s", name.decode(errors="replace"), e)
+        if gone:
+            await self.redis.srem(WORKER_INDEX, *gone)
+        return WorkerView(tuple(workers), int(queue))
+
+
 @dataclass(eq=False)
 class RemoteJob:
     """An analyze job in flight, as SessionRunner sees it: `.future` gives an Analysis;
@@ -249,7 +345,9 @@ class RemoteJob:
 
 class RemoteInferenceEngine:
     """The InferenceBackend of `--inference`: analyze jobs served by remote workers through Redis,
-    predictions on a PredictionHead here (the workers never see a dialogue)."""
+    predictions on a PredictionHead here (the workers never see a dialogue), the workers' load
+    from WorkerWatch. Over the ~250-line guide: the outstanding-job table, its timers, and the
+    Redis writer and reader that fill and resolve it share that table and one connection state."""
 
     def __init__(self, model: EmotionModel, config: InferenceConfig, metrics: Metrics) -> None:
         import redis.asyncio as aioredis
@@ -279,16 +377,14 @@ class RemoteInferenceEngine:
         # aclose() was called: the Redis loops end (the flag as well as the cancel: on Python 3.11 a
         # cancel that lands as a Redis read times out can surface as that TimeoutError instead)
         self._stopped = False
-        self.view: WorkerView | None = None  # the last read of the workers' heartbeats; None: not read yet
-        self._looked = asyncio.Event()  # set once the first read of the heartbeats has finished (or failed)
+        self.watch = WorkerWatch(self.redis, metrics)
         metrics.gauge("emostream_remote_jobs_outstanding", "analyze jobs sent to inference workers, not yet answered",
                       lambda: len(self._jobs))
         metrics.gauge("emostream_remote_workers_alive", "inference workers with a live heartbeat in Redis",
-                      lambda: len(self.view.workers) if self.view else 0)
+                      lambda: len(self.watch.view.workers) if self.watch.view else 0)
 
     BLOCK_S = 1.0  # one XREAD on the reply stream waits this long
     BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
-    WATCH_S = 1.0  # the workers' heartbeats and the job queue's depth are read this often
     READY_S = 6.0  # ready() waits at most this for the first read (a hung Redis: one socket timeout)
 
     @property
@@ -301,13 +397,13 @@ class RemoteInferenceEngine:
         self._outbox = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._write_loop(), name="inference-writer"),
                        asyncio.create_task(self._read_loop(), name="inference-reader"),
-                       asyncio.create_task(self._watch_loop(), name="inference-watch")]
+                       asyncio.create_task(self.watch.run(), name="inference-watch")]
 
     async def ready(self) -> None:
         """Return once the workers' heartbeats were read (or could not be: Redis down), so that
         admission never decides on a guess; bounded by READY_S."""
         try:
-            await asyncio.wait_for(self._looked.wait(), self.READY_S)
+            await asyncio.wait_for(self.watch.looked.wait(), self.READY_S)
         except asyncio.TimeoutError:
             log.warning("inference: no answer from Redis within %g s; admitting nobody until it answers", self.READY_S)
 
@@ -336,6 +432,7 @@ class RemoteInferenceEngine:
         Bounded: each Redis call here gets `timeout_s` (Redis may hang or be gone; the reply stream
         then expires on its own after the workers' reply_ttl_s)."""
         self._closing = self._stopped = True
+        self.watch.stop()
         self._fail_outstanding("service shutting down")
         for t in (*self._tasks, *self._side):  # a pending withdrawal (XDEL) is moot: workers skip expired jobs
             t.cancel()
@@ -360,30 +457,29 @@ class RemoteInferenceEngine:
 
     def status(self) -> dict[str, Any]:
         """For /healthz: `ok` false with the `problem` while no worker is alive or Redis is unreachable."""
-        view, problem, wait = self.view or WorkerView(), self.unavailable(), self.wait_estimate_s()
+        view, problem, wait = self.watch.view or WorkerView(), self.unavailable(), self.wait_estimate_s()
         workers = {"alive": len(view.workers), "decoders": sum(w.decoders for w in view.workers),
                    "busy": sum(w.busy for w in view.workers),
                    "list": [{k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(w).items()}
                             for w in view.workers]}
         return {"kind": "remote", "ok": problem is None, "problem": problem, "instance": self.instance,
-                "redis": "unknown" if self.view is None else "down" if view.error else "up",
+                "redis": "unknown" if self.watch.view is None else "down" if view.error else "up",
                 "connected": self.connected, "outstanding": len(self._jobs), "queue": view.queue,
                 "wait_s": round(wait, 3) if math.isfinite(wait) else None, "workers": workers}
 
     def unavailable(self) -> str | None:
         """Why no remote inference can be counted on now (None: some worker is alive)."""
-        view = self.view
-        if view is None:
-            return "the inference workers' heartbeats have not been read yet"
-        if view.error is not None:
-            return f"inference Redis unreachable ({view.error})"
-        if not view.workers:
-            return "no inference worker alive (no worker heartbeat in Redis)"
-        return None
+        return self.watch.unavailable()
+
+    def load(self) -> float:
+        return self.watch.load()
+
+    def wait_estimate_s(self) -> float:
+        return self.watch.wait_estimate_s(len(self._jobs))
 
     # ---- event-loop side ----
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None) -> RemoteJob:
+                max_wait_s: float | None = None, encode: bool = True) -> RemoteJob:
         """Queue an utterance for a remote worker; await job.future for an Analysis. `context`: the
         session's earlier transcripts, most recent first (sent with the job); `words`: the
         transcript should carry word timings (Transcript.words). Raises Overloaded when queue_size
@@ -401,7 +497,7 @@ class RemoteInferenceEngine:
         self._n += 1
         job = RemoteJob(self, f"{self.instance}:{self._n}", loop.create_future(), time.perf_counter())
         fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s, context,
-                            words=words)
+                            words=words, encode=encode)
         job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
         self._jobs[job.job_id] = job
         self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs
@@ -415,37 +511,17 @@ class RemoteInferenceEngine:
     async def peek(self, context: DialogueContext, encoded: EncodedUtterance) -> Prediction:
         return await self.head.peek(context, encoded)
 
-    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None) -> RemoteJob | None:
+    def interim(self, audio: np.ndarray, context: Sequence[str] | None = None, *,
+                encode: bool = True) -> RemoteJob | None:
         """An interim analyze job, only while no job of this front-end is outstanding (the workers'
         heartbeats are too coarse to find an idle decoder; this keeps interim work from queueing
         ahead of finals)."""
         if self._jobs:
             return None
         try:
-            return self.analyze(audio, context)
+            return self.analyze(audio, context, encode=encode)
         except Overloaded:
             return None
-
-    def load(self) -> float:
-        """Fraction of the live workers' decoders' time spent decoding over their last 10 s, as
-        their heartbeats last said (0..1); 1.0 with no worker alive (no spare capacity)."""
-        workers = self.view.workers if self.view else ()
-        if not workers:
-            return 1.0
-        return min(1.0, sum(w.load * w.decoders for w in workers) / sum(w.decoders for w in workers))
-
-    def wait_estimate_s(self) -> float:
-        """How long a job sent now would wait before a worker starts on it: the jobs in the stream
-        not in a worker's hands (at least this front-end's outstanding ones, newer than the last
-        read), plus one when every decoder is busy, at the rate the live workers clear jobs
-        (decoders / job_s each, from their heartbeats); inf with no worker alive."""
-        view = self.view
-        if view is None or not view.workers:
-            return math.inf
-        taken = sum(w.in_hand for w in view.workers)
-        waiting = max(0, max(view.queue, len(self._jobs)) - taken)
-        full = all(w.busy >= w.decoders for w in view.workers)
-        return (waiting + full) / sum(w.decoders / w.job_s for w in view.workers)
 
     def _finish(self, job: RemoteJob) -> bool:
         """Take `job` out of the outstanding set; False when it was already finished."""
@@ -539,46 +615,6 @@ class RemoteInferenceEngine:
                 for entry_id, fields in entries:
                     last = entry_id.decode()
                     self._reply(fields)
-
-    async def _watch_loop(self) -> None:
-        """Every WATCH_S until aclose(): read the workers' heartbeats and the job queue's depth into `view`."""
-        while not self._stopped:
-            try:
-                self.view = await self._look()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if self._stopped:
-                    return
-                self.metrics.inc("emostream_remote_errors_total")
-                if self.view is None or self.view.error is None:  # once per streak
-                    log.error("inference: reading worker heartbeats: %s: %s", type(e).__name__, e)
-                self.view = WorkerView(error=f"{type(e).__name__}: {e}")
-            self._looked.set()
-            await asyncio.sleep(self.WATCH_S)
-
-    async def _look(self) -> WorkerView:
-        """One read: the workers in WORKER_INDEX whose heartbeat key is alive (the expired ones are
-        dropped from the index) and the job stream's length."""
-        names = sorted(await self.redis.smembers(WORKER_INDEX))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xlen(JOBS)
-        for name in names:
-            pipe.get(heartbeat_key(name.decode()))
-            pipe.pttl(heartbeat_key(name.decode()))
-        queue, *beats = await pipe.execute()
-        workers, gone = [], []
-        for name, raw, pttl in zip(names, beats[::2], beats[1::2]):
-            if raw is None:
-                gone.append(name)
-                continue
-            try:
-                workers.append(decode_heartbeat(raw, pttl))
-            except ValueError as e:
-                log.warning("inference: ignoring the heartbeat of %s: %s", name.decode(errors="replace"), e)
-        if gone:
-            await self.redis.srem(WORKER_INDEX, *gone)
-        return WorkerView(tuple(workers), int(queue))
 
     def _reply(self, fields: dict[bytes, bytes]) -> None:
         try:

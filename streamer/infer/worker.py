@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,16 @@ import numpy as np
 from model import EmotionModel
 from streamer.memory import tune_allocator
 from streamer.config import SAMPLE_RATE, AsrConfig, WorkerConfig, default_checkpoint
-from streamer.infer.engine import LOAD_WINDOW_S, SpeechToText, transcribe_and_encode
+from streamer.infer.engine import SpeechToText, transcribe_and_encode
+from streamer.infer.load import DecoderLoad
 from streamer.infer.remote import (GROUP, JOBS, WORKER_INDEX, WorkerLoad, decode_audio, decode_context, encode_heartbeat,
-                                   error_fields, heartbeat_key, reply_fields, wants_words)
+                                   error_fields, heartbeat_key, reply_fields, wants_encoding, wants_words)
 
 log = logging.getLogger("streamer.infer.worker")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
-# (entry id, job id, reply stream, audio, context, word timings wanted)
-Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool]
+# (entry id, job id, reply stream, audio, context, word timings wanted, features wanted)
+Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool, bool]
 
 
 class Worker:
@@ -60,10 +60,7 @@ class Worker:
         self.stopping = threading.Event()
         self.jobs = self.batches = self.expired = self.failed = 0
         self._last_claim = 0.0
-        self._lock = threading.Lock()  # guards the load bookkeeping below (the heartbeat thread reads it)
-        self._busy, self._in_hand, self._since = 0, 0, 0.0  # in a batch; its jobs; since when (monotonic s)
-        self._job_s = 0.3  # running mean of one job's decode + encode time (s), as the in-process engine keeps
-        self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent batches, for the load
+        self.meter = DecoderLoad()  # kept as the in-process engine keeps it (the heartbeat thread reads it)
         self._beats: threading.Thread | None = None
         self._quiet = threading.Event()  # set when run() ends: no more heartbeats
         self._beat_failing = False
@@ -119,15 +116,8 @@ class Worker:
     def load_now(self) -> WorkerLoad:
         """What the heartbeat says: in a batch or not, its jobs, one job's decode time, and the share
         of the last LOAD_WINDOW_S spent decoding (the batch in hand included)."""
-        now = time.monotonic()
-        lo = now - LOAD_WINDOW_S
-        with self._lock:
-            while self._spans and self._spans[0][1] < lo:
-                self._spans.popleft()
-            spans = [*self._spans, *([(self._since, now)] if self._busy else [])]
-            busy, in_hand, job_s = self._busy, self._in_hand, self._job_s
-        used = sum(end - max(start, lo) for start, end in spans)
-        return WorkerLoad(self.name, busy=busy, in_hand=in_hand, job_s=job_s, load=min(1.0, used / LOAD_WINDOW_S),
+        m = self.meter
+        return WorkerLoad(self.name, busy=m.busy, in_hand=m.in_hand, job_s=m.job_s, load=m.load(running=True),
                           jobs=self.jobs, ttl_s=self.config.heartbeat_ttl_s)
 
     def beat(self) -> bool:
@@ -219,19 +209,12 @@ class Worker:
         """Decode + encode the live jobs, in ASR-sized slices; each slice's replies go out as soon
         as it is done. Dead entries (withdrawn, past their deadline, malformed) are just acknowledged.
         The batch counts in the heartbeat's load and per-job time."""
-        t0 = time.monotonic()
-        with self._lock:
-            self._busy, self._in_hand, self._since = 1, len(entries), t0
+        t0 = self.meter.begin(len(entries))
         decoded = 0
         try:
             decoded = self._process(entries)
         finally:
-            t1 = time.monotonic()
-            with self._lock:
-                self._busy = self._in_hand = 0
-                self._spans.append((t0, t1))
-                if decoded:
-                    self._job_s = 0.8 * self._job_s + 0.2 * (t1 - t0) / decoded
+            self.meter.end(t0, decoded)
         self.batches += 1
 
     def _process(self, entries: list[Entry]) -> int:
@@ -255,12 +238,13 @@ class Worker:
                     self.expired += 1
                     dead.append(eid)
                     continue
-                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f), wants_words(f)))
+                live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f), wants_words(f),
+                             wants_encoding(f)))
             except (KeyError, ValueError) as e:
                 errors.append((eid, reply_to, error_fields(job_id, f"malformed job: {type(e).__name__}: {e}", self.name)))
         if dead or errors:
             self._answer(errors, dead)
-        step = max(1, int(getattr(self.asr, "batch_size", len(live)) or 1))
+        step = max(1, int(self.asr.batch_size))
         for s in range(0, len(live), step):
             self._answer(self._analyze(live[s : s + step]), [])
         return len(live)
@@ -271,7 +255,8 @@ class Worker:
         word timings for the jobs that asked."""
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
-                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs], words=[j[5] for j in jobs])
+                self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs], words=[j[5] for j in jobs],
+                encode=[j[6] for j in jobs])
         except Exception as e:
             if len(jobs) > 1:
                 log.exception("worker %s: batch of %d failed; retrying job by job", self.name, len(jobs))

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from model import Prediction
 from streamer import protocol as P
 from streamer.config import SAMPLE_RATE
 from streamer.infer.backend import AnalyzeJob, Analysis, Overloaded
@@ -25,11 +26,14 @@ from streamer.pipeline.segmenter import Segmenter
 log = logging.getLogger("streamer")
 
 
-def sentiment_fields(pred: Any) -> dict[str, Any]:
-    """`sentiment` and `sentiment_score` of an emotion event; none when the model has no sentiment head."""
-    if getattr(pred, "sentiment", None) is None:
-        return {}
-    return {"sentiment": pred.sentiment, "sentiment_score": pred.sentiment_score}
+def prediction_fields(pred: Prediction) -> dict[str, Any]:
+    """A prediction's fields in emotion, emotion.revised and emotion.partial events; `sentiment` and
+    `sentiment_score` only when the model has a sentiment head."""
+    fields = {"label": pred.label, "scores": pred.scores, "confidence": pred.confidence,
+              "modality_weights": pred.modality_weights}
+    if pred.sentiment is not None:
+        fields.update(sentiment=pred.sentiment, sentiment_score=pred.sentiment_score)
+    return fields
 
 
 @dataclass(eq=False)
@@ -74,7 +78,7 @@ class InterimResults:
         parts = self.parts
         # a channel in a pause may need a decoder for its final within 0.25 s: interim work waits then
         # (an interim decode takes about that long, so it rarely overlaps a final's decode)
-        job = None if parts.finals_imminent() else parts.backend.interim(opened[1], context=list(recent))
+        job = None if parts.finals_imminent() else parts.backend.interim(opened[1], context=list(recent), encode=scored)
         if job is None:  # decoders busy: try again with the next chunk
             parts.metrics.inc("emostream_interim_skipped_total")
             return
@@ -104,9 +108,8 @@ class InterimResults:
             pred = await self.parts.backend.peek(self.context, analysis.encoded)
             if self._open.get(channel) is not st:
                 return
-            self.publish(P.EMOTION_PARTIAL, utterance_id=st.utterance_id, label=pred.label, scores=pred.scores,
-                         confidence=pred.confidence, modality_weights=pred.modality_weights,
-                         text=analysis.transcript.text, **sentiment_fields(pred), **who)
+            self.publish(P.EMOTION_PARTIAL, utterance_id=st.utterance_id, **prediction_fields(pred),
+                         text=analysis.transcript.text, **who)
         except asyncio.CancelledError:
             if not job.future.cancelled():
                 raise
@@ -130,9 +133,10 @@ class Speculation:
         self.parts = parts
         self._jobs: dict[tuple[int, int], tuple[int, AnalyzeJob]] = {}  # (channel, index) -> (samples, job)
 
-    def paused(self, key: tuple[int, int], audio: np.ndarray, recent: Sequence[str], words: bool) -> None:
+    def paused(self, key: tuple[int, int], audio: np.ndarray, recent: Sequence[str], words: bool,
+               encode: bool = True) -> None:
         try:
-            job = self.parts.backend.analyze(audio, context=list(recent), words=words,
+            job = self.parts.backend.analyze(audio, context=list(recent), words=words, encode=encode,
                                              max_wait_s=self.parts.config.inference.speculate_max_wait_s)
         except Overloaded:
             return  # decoders behind: the decode is requested when the utterance ends

@@ -16,17 +16,24 @@ import numpy as np
 from streamer import protocol as P
 from streamer.infer.backend import AnalyzeJob, Analysis, Overloaded
 from streamer.infer.engine import CONTEXT_TRANSCRIPTS
-from streamer.pipeline.interim import InterimResults, Speculation, sentiment_fields
+from streamer.pipeline.interim import InterimResults, Speculation, prediction_fields
 from streamer.pipeline.parts import RunnerParts
 from streamer.pipeline.segmenter import SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted
 from streamer.pipeline.session import Session
-from streamer.pipeline.diarize import SpeakerClusters
 from streamer.pipeline.speakers import SessionSpeakers
 from streamer.calls.summary import CallSummary
 
 log = logging.getLogger("streamer")
 
-__all__ = ["Channel", "SessionRunner", "sentiment_fields"]
+__all__ = ["Channel", "SessionRunner"]
+
+
+def word_fields(words: Any, start_s: float) -> dict[str, Any]:
+    """A final transcript's `words`, timed from the stream's start (none when not asked for)."""
+    if words is None:
+        return {}
+    return {"words": [{"word": w.word, "start_s": round(start_s + w.start_s, 3), "end_s": round(start_s + w.end_s, 3),
+                       "probability": round(w.probability, 3)} for w in words]}
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,15 @@ class Channel:
 
     number: int
     session: Session
-    speaker: str | None = None
+    speaker: str | None = None  # None: a session of one unnamed channel
+    # its utterances get emotion and sentiment (CallsConfig.score_sides, --score-sides: a named side
+    # not listed is transcribed only, and none of its features is computed; docs/calls.md)
+    scored: bool = True
+
+    @property
+    def who(self) -> dict[str, Any]:
+        """The `speaker` and `channel` fields of a named channel's events."""
+        return {"speaker": self.speaker, "channel": self.number} if self.speaker is not None else {}
 
 
 @dataclass
@@ -59,7 +74,10 @@ class SessionRunner:
         sessions = [session, *(extra or [])]
         if speakers is not None and len(speakers) != len(sessions):
             raise ValueError("one speaker name per channel")
-        self.channels = [Channel(i, s, speakers[i] if speakers else None) for i, s in enumerate(sessions)]
+        sides = parts.config.calls.score_sides
+        names = speakers or [None] * len(sessions)
+        self.channels = [Channel(i, s, names[i], not sides or names[i] is None or names[i] in sides)
+                         for i, s in enumerate(sessions)]
         self.multi = speakers is not None
         self.context = parts.backend.new_context()
         # the dialogue's recent transcripts (all channels, in turn order), most recent first: sent
@@ -107,12 +125,9 @@ class SessionRunner:
         model loads on the voice thread now if no session loaded it yet)."""
         if self.multi:
             raise ValueError("diarize is for one channel; named channels have their speakers already")
-        dc, voices = self.parts.config.diarize, self.parts.voices
-        if voices is None:
+        if self.parts.voices is None:
             raise ValueError("diarize needs a voice embedder")
-        clusters = SpeakerClusters(dc.threshold, max_speakers, dc.window, dc.cap, center=voices.center)
-        self.speakers = SessionSpeakers(voices, clusters)
-        voices.preload()
+        self.speakers = SessionSpeakers.start(self.parts.voices, self.parts.config.diarize, max_speakers)
 
     def publish_interim(self, type_: str, **fields: Any) -> None:
         self.parts.sink.publish_interim(self.session.event(type_, **fields))
@@ -128,22 +143,13 @@ class SessionRunner:
         ch = self.channels[channel]
         self._handle(ch.session.feed(samples), ch)
         if self.interim:
-            self.partials.audio(ch.number, ch.session.segmenter, self.recent, self._who(ch), self.scores(ch))
+            self.partials.audio(ch.number, ch.session.segmenter, self.recent, ch.who, ch.scored)
 
     def finalize(self) -> None:
         """End the open utterances now (reason `finalize`), as if their speakers had stopped."""
         if not self.closing:
             for ch in self.channels:
                 self._handle(ch.session.flush("finalize"), ch)
-
-    def scores(self, ch: Channel) -> bool:
-        """Whether this channel's utterances get emotion and sentiment (CallsConfig.score_sides,
-        --score-sides: a named side not listed is transcribed only; docs/calls.md)."""
-        sides = self.parts.config.calls.score_sides
-        return not sides or ch.speaker is None or ch.speaker in sides
-
-    def _who(self, ch: Channel) -> dict[str, Any]:
-        return {"speaker": ch.speaker, "channel": ch.number} if self.multi else {}
 
     def _uid(self, ch: Channel, index: int) -> int:
         key = (ch.number, index)
@@ -156,11 +162,12 @@ class SessionRunner:
         for ev in events:
             uid, key = self._uid(ch, ev.index), (ch.number, ev.index)
             if isinstance(ev, SpeechStarted):
-                self.publish(P.UTTERANCE_STARTED, utterance_id=uid, start_s=round(ev.start_s, 3), **self._who(ch))
+                self.publish(P.UTTERANCE_STARTED, utterance_id=uid, start_s=round(ev.start_s, 3), **ch.who)
                 if self.interim:
                     self.partials.started(ch.number, ev.index, uid, ev.start_s)
             elif isinstance(ev, SpeechPaused):
-                self.speculation.paused(key, ev.audio, self.recent, self.words)
+                self.speculation.paused(key, ev.audio, self.recent, self.words,
+                                        encode=ch.scored)
                 if self.speakers is not None:
                     self.speakers.paused(ev.index, ev.audio)
             elif isinstance(ev, SpeechResumed):
@@ -176,11 +183,12 @@ class SessionRunner:
         self.parts.metrics.inc("emostream_utterances_total")
         self.session.utterances += 1
         self.publish(P.UTTERANCE_ENDED, utterance_id=uid, start_s=round(ev.start_s, 3), end_s=round(ev.end_s, 3),
-                     reason=ev.reason, **self._who(ch))
+                     reason=ev.reason, **ch.who)
         job = self.speculation.take(key, ev.audio)
         if job is None:
             try:
-                job = self.parts.backend.analyze(ev.audio, context=list(self.recent), words=self.words)
+                job = self.parts.backend.analyze(ev.audio, context=list(self.recent), words=self.words,
+                                                 encode=ch.scored)
             except Overloaded as e:
                 self.parts.metrics.inc("emostream_overloaded_total")
                 self.error(P.E_OVERLOADED, f"utterance {uid} skipped: {e}")
@@ -208,23 +216,20 @@ class SessionRunner:
 
     async def _finish_one(self, item: _Pending) -> None:
         """Transcript, emotion and revision events for one ended utterance."""
-        ev, uid, who = item.end, item.utterance_id, self._who(item.channel)
+        ev, uid, who = item.end, item.utterance_id, item.channel.who
         moved: list[Any] = []  # diarized: earlier utterances this one moved to another speaker
         try:
             analysis: Analysis = await item.job.future
             if self.speakers is not None:
                 who, moved = await self._speaker(uid, item.voice)
-            words = getattr(analysis.transcript, "words", None)
-            timed = {"words": [{"word": w.word, "start_s": round(ev.start_s + w.start_s, 3),
-                                "end_s": round(ev.start_s + w.end_s, 3), "probability": round(w.probability, 3)}
-                               for w in words]} if self.words and words is not None else {}
+            timed = word_fields(analysis.transcript.words, ev.start_s) if self.words else {}
             self.publish(P.TRANSCRIPT, utterance_id=uid, text=analysis.transcript.text, **timed, **who)
             for r in moved:
                 self.publish(P.SPEAKER_REVISED, utterance_id=r.utterance_id, speaker=r.speaker,
                              previous_speaker=r.previous_speaker, revised_with=uid)
             if analysis.transcript.text.strip():
                 self.recent.appendleft(analysis.transcript.text)
-            if not self.scores(item.channel):  # --score-sides: transcribed, its words read as context, never scored
+            if not item.channel.scored:  # --score-sides: transcribed, its words read as context, never scored
                 return
             scored = await self.parts.backend.predict(self.context, uid, analysis.encoded)
         except asyncio.CancelledError:
@@ -242,19 +247,12 @@ class SessionRunner:
         latency = item.channel.session.latency_ms(ev.end_s)
         self.parts.metrics.latency_seconds.observe(latency / 1000)
         pred = scored.prediction
-        self.publish(
-            P.EMOTION, utterance_id=uid, label=pred.label, scores=pred.scores, confidence=pred.confidence,
-            modality_weights=pred.modality_weights, **sentiment_fields(pred), latency_ms=latency,
-            asr_ms=round(analysis.asr_s * 1000, 1), text_masked=pred.modality_weights["text"] == 0.0, **who,
-        )
-        if scored.revised is not None:
-            r = scored.revised
-            rwho = self._who(self.channels[self._uid_channel[scored.revised_id]]) if self.multi else \
-                self._speaker_of(scored.revised_id)
-            self.publish(
-                P.EMOTION_REVISED, utterance_id=scored.revised_id, label=r.label, scores=r.scores,
-                confidence=r.confidence, modality_weights=r.modality_weights, **sentiment_fields(r), revised_with=uid, **rwho,
-            )
+        self.publish(P.EMOTION, utterance_id=uid, **prediction_fields(pred), latency_ms=latency,
+                     asr_ms=round(analysis.asr_s * 1000, 1), text_masked=pred.modality_weights["text"] == 0.0, **who)
+        if scored.revised is not None and scored.revised_id is not None:
+            rid = scored.revised_id
+            rwho = self.channels[self._uid_channel[rid]].who if self.speakers is None else self.speakers.who(rid)
+            self.publish(P.EMOTION_REVISED, utterance_id=rid, **prediction_fields(scored.revised), revised_with=uid, **rwho)
 
     async def _speaker(self, uid: int, voice: Any) -> tuple[dict[str, Any], list[Any]]:
         """A diarized utterance's {"speaker": label} (empty when unknown: no voice, or the embedding
@@ -271,10 +269,6 @@ class SessionRunner:
             self.error(P.E_INTERNAL, f"speaker of utterance {uid} unknown: {type(e).__name__}: {e}")
             return {}, []
         return ({"speaker": label} if label else {}), moved
-
-    def _speaker_of(self, uid: int) -> dict[str, Any]:
-        label = self.speakers.label(uid) if self.speakers is not None else None
-        return {"speaker": label} if label else {}
 
     @property
     def detached(self) -> bool:

@@ -18,6 +18,7 @@ from streamer.pipeline.diarize import Revision, SpeakerClusters
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from streamer.config import DiarizeConfig
     from streamer.infer.voice import VoiceEmbedder
 
     VoiceFuture: TypeAlias = "asyncio.Future[tuple[np.ndarray, float] | None]"  # (embedding, seconds of voice)
@@ -32,6 +33,13 @@ class SessionSpeakers:
         self.embedder = embedder
         self.clusters = clusters
         self._speculative: dict[int, tuple[int, VoiceFuture]] = {}
+
+    @classmethod
+    def start(cls, embedder: VoiceEmbedder, config: DiarizeConfig, max_speakers: int | None = None) -> SessionSpeakers:
+        """A diarized session's speakers (the voice model starts loading on its thread if no session loaded it yet)."""
+        clusters = SpeakerClusters(config.threshold, max_speakers, config.window, config.cap, center=embedder.center)
+        embedder.preload()
+        return cls(embedder, clusters)
 
     def _embed(self, audio: np.ndarray) -> VoiceFuture | Exception:
         try:
@@ -78,3 +86,8 @@ class SessionSpeakers:
 
     def label(self, utterance_id: int) -> str | None:
         return self.clusters.labels.get(utterance_id)
+
+    def who(self, utterance_id: int) -> dict[str, str]:
+        """The `speaker` field of the utterance's events (none while it has no label)."""
+        label = self.label(utterance_id)
+        return {"speaker": label} if label else {}

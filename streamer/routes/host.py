@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from streamer import protocol as P
 from streamer.config import AppConfig
 from streamer.events.bus import LocalBus, RedisBus
 from streamer.events.fanout import Hub
@@ -32,10 +31,6 @@ class SessionHost(Protocol):
 
     def admission_problem(self) -> str | None:
         """Why a new session is refused now (None: admitted)."""
-        ...
-
-    def check_format(self, start: P.StartMessage) -> str | None:
-        """Why a start's audio format is not served (None: it is)."""
         ...
 
     def new_runner(self, sid: str, seq: SeqCounter, source: str,

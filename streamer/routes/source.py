@@ -121,7 +121,7 @@ class SourceConnection:
         except ValueError as e:
             self.reply_error(P.E_BAD_START, str(e))
             return False
-        problem = app.check_format(start)
+        problem = app.config.limits.format_problem(start.encoding, start.sample_rate, start.channels)
         if start.diarize and problem is None and not voice_available():
             self.reply_error(P.E_BAD_START, "diarize is not available on this server (resemblyzer is not installed); "
                              "start without it")
