@@ -254,9 +254,10 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     wall, cpu = time.monotonic() - w0, cpu_seconds() - c0
     stop.set()
     await asyncio.gather(sampler, lagger)
-    hist = getattr(app.metrics, "asr_seconds", None)
-    asr_s = float(getattr(hist, "sum", float("nan")))
-    counters = {k: v for k, (_, v) in getattr(app.metrics, "counters", {}).items() if v}
+    from streamer.metrics import COUNTERS
+
+    asr_s = app.metrics.value("emostream_asr_seconds_sum")  # the service's own Whisper time (prometheus_client)
+    counters = {name: int(app.metrics.value(name)) for name, _ in COUNTERS if app.metrics.value(name)}
     await app.shutdown()
 
     samples, server_lat, errors, close_codes, failures = [], [], Counter(), Counter(), []

@@ -45,7 +45,10 @@ CHOICES = ("auto", "jemalloc", "trim", "pinned", "glibc")
 AUTO = "jemalloc"  # what `auto` means: set from bench/allocator.py's measurements (module doc)
 GLIBC_FALLBACK = "pinned"  # a jemalloc choice where jemalloc cannot be loaded
 TRIM_EVERY_S = 30.0  # `trim`: how often free pages inside glibc's arenas go back to the kernel
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"
+# oversize_threshold:0 keeps allocations over 8 MiB in the ordinary arenas: jemalloc's dedicated
+# "huge" arena purges them at once, so each of Whisper's large buffers faulted its pages in again
+# (bench/results/allocator_oversize.json: Whisper RTF 0.046 vs 0.057 at 4 streams ending together)
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0,oversize_threshold:0"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 128 * 1024
 _RELAUNCHED = "EMOSTREAM_ALLOCATOR_RELAUNCHED"  # set on the re-executed process: never loop

@@ -114,7 +114,7 @@ def stage2(work, ravdess, emodb) -> Path:
     out = work / "speech"
     rc = speech_branch.main(["--ravdess", str(ravdess), "--emodb", str(emodb), "--split", "ship", "--out", str(out),
                              "--cache-dir", str(work / "cache"), "--epochs", "1", "--patience", "1", "--vector-epochs", "2",
-                             "--threads", "1", *ACTORS])
+                             "--threads", "1", "--augment", "1", *ACTORS])
     assert rc == 0
     return out
 
@@ -126,7 +126,8 @@ def stage3(work, ravdess, emodb, stage1, stage2) -> Path:
     out = work / "recipe"
     rc = recipe.main(["--meld", str(MELD_DIR), "--ravdess", str(ravdess), "--emodb", str(emodb), "--split", "ship",
                       "--text", str(stage1 / "encoder.pt"), "--speech", str(stage2 / "speech.pt"), "--out", str(out),
-                      "--cache-dir", str(work / "cache"), "--epochs", "1", "--max-meld", "24", "--threads", "1", *ACTORS])
+                      "--cache-dir", str(work / "cache"), "--epochs", "1", "--max-meld", "24", "--threads", "1", "--augment", "1",
+                      *ACTORS])
     assert rc == 0
     return out
 
@@ -209,7 +210,7 @@ def test_stage2_speech_branch_report_and_weights(stage2):
     assert len(rep["test"]["ravdess-heldout-sentence/cnn/clean"]["native"]["labels"]) == 8
     assert len(rep["test"]["emodb-heldout-speakers/cnn/clean"]["native"]["labels"]) == 9
     assert rep["test"]["ravdess-heldout-sentence/cnn/clean"]["native"]["n"] == 8  # one clean version per test clip
-    assert rep["test"]["ravdess-heldout-sentence/cnn/aug"]["native"]["n"] == 16  # two live-like ones
+    assert rep["test"]["ravdess-heldout-sentence/cnn/aug"]["native"]["n"] == 8  # --augment 1: one live-like each
     assert [h["stage"] for h in rep["history"]] == ["cnn", "whisper", "whisper", "both", "both"]
     assert (stage2 / "test_confusion_meld.png").is_file()
 
@@ -252,7 +253,7 @@ def test_stage3_report_and_calibrated_checkpoint(stage1, stage2, stage3, tiny_en
             sw = r["speech_weight"]
             assert 0 <= sw["p10"] <= sw["median"] <= sw["p90"] <= 1 and 0 <= sw["mean"] <= 1, name
     assert rep["test"]["meld-test"]["n"] == 24 and rep["test"]["ravdess-heldout-sentence-clean-both"]["n"] == 8
-    assert rep["test"]["emodb-heldout-speakers-aug-meldtext"]["n"] == 28
+    assert rep["test"]["emodb-heldout-speakers-aug-meldtext"]["n"] == 14  # 14 clips, --augment 1
     assert rep["test"]["meld-test"]["speech_weight"]["mean"] == pytest.approx(0.0, abs=1e-6)  # MELD text alone: no voice, no weight
     assert rep["test"]["ravdess-heldout-sentence-clean-speech"]["speech_weight"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert rep["test"]["emodb-heldout-speakers-clean-text"]["speech_weight"]["mean"] == pytest.approx(0.0, abs=1e-6)

@@ -122,7 +122,7 @@ class Data:
     pseudo-dialogue of the same speaker, or both). Labels are chosen in `batch`."""
 
     def __init__(self, model: EmotionModel, meld_dir: str, acted_data: acted.Acted, parts: dict, cache_dir: str, text_key: str,
-                 max_meld: int = 0, seed: int = 0) -> None:
+                 max_meld: int = 0, seed: int = 0, augment: int = 2) -> None:
         cfg = model.config
         self.meld = load_meld(meld_dir)
         texts = [u.text for u in self.meld.utterances]
@@ -156,7 +156,7 @@ class Data:
         self.meld_neutral = {k: v[self.meld_label[v] == neutral] for k, v in self.meld_part.items()}
 
         self.acted, self.parts = acted_data, parts
-        self.feats = acted.features(acted_data, cache_dir, seed=seed)
+        self.feats = acted.features(acted_data, cache_dir, n_aug=augment, seed=seed)
         whisper = [self.feats.whisper[r] for r in range(len(self.feats.mels))]
         self.speech_vecs = model.embed_speech(self.feats.mels, whisper=whisper).cpu()  # (M, S), eval mode
         self.label = acted_data.y_meld
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", type=int, default=2, help="live-like versions of each acted clip (default 2, as stage 2)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--train-actors", default="1-16")
     p.add_argument("--val-actors", default="17-20")
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     text_key = hashlib.sha1(Path(a.text).read_bytes() + str(a.max_meld).encode()).hexdigest()[:12]
     acted_data = acted.load(a.ravdess, a.emodb or None)
     parts = acted.split(acted_data, a.split, acted.actor_list(a.train_actors), acted.actor_list(a.val_actors), acted.actor_list(a.test_actors))
-    data = Data(model, a.meld, acted_data, parts, a.cache_dir, text_key, a.max_meld, a.seed)
+    data = Data(model, a.meld, acted_data, parts, a.cache_dir, text_key, a.max_meld, a.seed, a.augment)
     print(f"features ready ({time.time() - t0:.0f} s)", flush=True)
 
     params = [q for n, q in model.named_parameters() if n.startswith(("dialogue.", "fusion.", "classifier."))]

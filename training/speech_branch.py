@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vector-epochs", type=int, default=60)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", type=int, default=2, help="live-like versions of each clip (default 2; the recipe's stage 3 must match)")
     p.add_argument("--init-cnn", default="", help="checkpoint whose speech CNN initialises this one (default: random)")
     p.add_argument("--no-cnn", action="store_true", help="Whisper-state head and floors only (no CNN is trained)")
     p.add_argument("--choose-by", default="", help="comma-separated speech_report.json files of held-out-corpus runs")
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     data = acted.load(a.ravdess, a.emodb or None)
     parts = acted.split(data, a.split, acted.actor_list(a.train_actors), acted.actor_list(a.val_actors), acted.actor_list(a.test_actors))
-    feats = acted.features(data, a.cache_dir, seed=a.seed)
+    feats = acted.features(data, a.cache_dir, n_aug=a.augment, seed=a.seed)
     labels = list(acted.SPEECH_LABELS)
     flat = {k: acted.flat(v) for k, v in parts.items()}
     log: list[dict] = []
