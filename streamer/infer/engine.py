@@ -38,7 +38,7 @@ import numpy as np
 from model import EmotionModel, EncodedUtterance, Prediction
 from streamer.config import SAMPLE_RATE, InferenceConfig
 from streamer.infer.backend import Analysis, Overloaded, SpeechToText
-from streamer.infer.head import PredictionHead, ThreadJob, collect, put_or_refuse
+from streamer.infer.head import PredictionHead, ThreadJob, collect, put_or_refuse, report_restart
 from streamer.infer.load import LOAD_WINDOW_S, DecoderLoad
 from streamer.pipeline.context import DialogueContext, Scored
 from streamer.metrics import Metrics
@@ -272,9 +272,8 @@ class InferenceEngine:
         self.head.ensure_alive()
 
     def _restarted(self, name: str) -> None:
-        log.error("inference thread %s died; starting a new one", name)
+        report_restart(self.metrics, name)
         self.restarts += 1
-        self.metrics.inc("emostream_worker_restarts_total")
 
     def _put(self, job: _AnalyzeJob) -> None:
         self._ensure_workers()

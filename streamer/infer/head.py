@@ -76,6 +76,12 @@ def collect(q: queue.Queue[Any], first: Any, size: int, wait_s: float,
     return batch, False
 
 
+def report_restart(metrics: Metrics, name: str) -> None:
+    """An inference thread died and is being replaced: logged and counted."""
+    log.error("inference thread %s died; starting a new one", name)
+    metrics.inc("emostream_worker_restarts_total")
+
+
 @dataclass(eq=False)
 class _PredictJob(ThreadJob):
     context: DialogueContext | None = None
@@ -152,8 +158,7 @@ class PredictionHead:
                 if self._restarted is not None:
                     self._restarted(self._thread.name)
                 else:
-                    log.error("inference thread %s died; starting a new one", self._thread.name)
-                    self.metrics.inc("emostream_worker_restarts_total")
+                    report_restart(self.metrics, self._thread.name)
                 self._thread = threading.Thread(target=self._run, name=self.NAME, daemon=True)
                 self._thread.start()
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,9 @@ from streamer.config import SAMPLE_RATE
 from streamer.infer.backend import AnalyzeJob, Analysis, Overloaded
 from streamer.pipeline.context import DialogueContext
 from streamer.pipeline.parts import RunnerParts
-from streamer.pipeline.segmenter import Segmenter
+
+if TYPE_CHECKING:  # only its type: runner.py imports this module
+    from streamer.pipeline.runner import Channel
 
 log = logging.getLogger("streamer")
 
@@ -67,8 +69,9 @@ class InterimResults:
     def ended(self, channel: int) -> None:
         self._open.pop(channel, None)
 
-    def audio(self, channel: int, seg: Segmenter, recent: Sequence[str], who: dict[str, Any], scored: bool) -> None:
+    def audio(self, ch: Channel, recent: Sequence[str]) -> None:
         """After a channel's audio: start an interim decode when one is due and a decoder is idle."""
+        channel, seg, scored = ch.number, ch.session.segmenter, ch.scored
         st = self._open.get(channel)
         if st is None or st.busy or seg.position_s < st.next_s:
             return
@@ -88,7 +91,7 @@ class InterimResults:
         if seg.position_s >= st.emotion_s:
             st.emotion_s = seg.position_s + sc.interim_emotion_every_s
         parts.metrics.inc("emostream_interim_total")
-        who = {**who, "audio_s": round(len(opened[1]) / SAMPLE_RATE, 2)}
+        who = {**ch.who, "audio_s": round(len(opened[1]) / SAMPLE_RATE, 2)}
         task = asyncio.create_task(self._result(channel, st, job, emotion, who))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

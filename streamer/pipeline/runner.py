@@ -143,7 +143,7 @@ class SessionRunner:
         ch = self.channels[channel]
         self._handle(ch.session.feed(samples), ch)
         if self.interim:
-            self.partials.audio(ch.number, ch.session.segmenter, self.recent, ch.who, ch.scored)
+            self.partials.audio(ch, self.recent)
 
     def finalize(self) -> None:
         """End the open utterances now (reason `finalize`), as if their speakers had stopped."""

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from streamer.pipeline.session import SeqCounter
 
 
+def refusal_close_reason(problem: str) -> str:
+    """The close reason (with code 1013) of a session that SessionHost.admission_problem refused."""
+    return "too many sessions" if "sessions live" in problem else "overloaded"
+
+
 class SessionHost(Protocol):
     config: AppConfig
     metrics: Metrics

@@ -19,7 +19,7 @@ from streamer.infer.voice import available as voice_available
 from streamer.pipeline.runner import SessionRunner
 from streamer.pipeline.session import PcmDecoder, SeqCounter
 from streamer.routes.subscribe import attach
-from streamer.routes.host import SessionHost
+from streamer.routes.host import SessionHost, refusal_close_reason
 
 
 
@@ -139,7 +139,7 @@ class SourceConnection:
         if refused is not None:
             app.metrics.inc("emostream_overloaded_total")
             self.reply_error(P.E_OVERLOADED, refused)
-            self.sub.finish(P.CLOSE_TRY_AGAIN, "too many sessions" if "sessions live" in refused else "overloaded")
+            self.sub.finish(P.CLOSE_TRY_AGAIN, refusal_close_reason(refused))
             return True
         self.decoder = PcmDecoder(start.sample_rate, start.channels)
         if start.speakers:  # channels kept apart: one decoder and segmenter each

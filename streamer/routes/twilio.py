@@ -16,7 +16,7 @@ from streamer.events.fanout import Subscriber
 from streamer.pipeline.runner import SessionRunner
 from streamer.pipeline.session import PcmDecoder, SeqCounter
 from streamer.calls.telephony import MULAW_RATE, TwilioError, TwilioStart, parse_media, parse_start
-from streamer.routes.host import SessionHost
+from streamer.routes.host import SessionHost, refusal_close_reason
 
 
 log = logging.getLogger("streamer")
@@ -90,7 +90,7 @@ async def _refused(app: SessionHost, ws: ServerConnection, start: TwilioStart, h
     if refused is not None:
         app.metrics.inc("emostream_overloaded_total")
         log.warning("twilio: call %s refused: %s", start.call_sid, refused)
-        await ws.close(P.CLOSE_TRY_AGAIN, "too many sessions" if "sessions live" in refused else "overloaded")
+        await ws.close(P.CLOSE_TRY_AGAIN, refusal_close_reason(refused))
         return True
     return False
 
