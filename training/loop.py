@@ -32,6 +32,7 @@ from model.checkpoint import read_checkpoint
 from training import cache, distributed
 from training.config import TrainConfig
 from training.datasets import TO_MELD, Corpus, fingerprint, load_spec, split_corpus
+from training.epochs import KeepBest
 from training.metrics import classification_report, format_report
 
 
@@ -375,8 +376,7 @@ class Trainer:
         self.loss_weight = self._class_weights()
         self.history: list[dict] = []
         self.epoch = 0
-        self.best = -math.inf
-        self.bad_epochs = 0
+        self.keep = KeepBest(cfg.patience)  # early stopping on validation WF1 (best.pt is the snapshot)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.train_seconds = 0.0
 
@@ -403,6 +403,16 @@ class Trainer:
         self.model.train()
         if self.cfg.freeze_speech:
             self.model.speech.eval()  # frozen BatchNorm statistics
+
+    @property
+    def best(self) -> float:
+        """The best validation WF1 so far (-inf before the first epoch)."""
+        return self.keep.best
+
+    @property
+    def bad_epochs(self) -> int:
+        """Epochs in a row without a better validation WF1."""
+        return self.keep.bad
 
     # -- persistence --
     def metadata(self, val: dict | None = None) -> dict:
@@ -441,7 +451,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.best, self.bad_epochs = int(state["epoch"]), float(state["best"]), int(state["bad_epochs"])
+        self.epoch, self.keep.best, self.keep.bad = int(state["epoch"]), float(state["best"]), int(state["bad_epochs"])
         self.history = json.loads(state["history"])
         self.rng.bit_generator.state = json.loads(state["rng"])
         self.train_seconds = float(state["train_seconds"])
@@ -512,16 +522,14 @@ class Trainer:
         except ValueError:  # not the main thread: leave SIGTERM alone
             prev = None
         try:
-            while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
+            for _ in self.keep.epochs(cfg.epochs, first=self.epoch + 1):
                 t0 = time.perf_counter()
                 loss = self.train_epoch()
                 self.epoch += 1
                 val = self.validate()
-                improved = val["wf1"] > self.best
-                if improved:
-                    self.best = val["wf1"]
-                    if distributed.is_main():
-                        save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
+                improved = self.keep.update(self.epoch, val["wf1"])
+                if improved and distributed.is_main():
+                    save_checkpoint(self.model, self.out / "best.pt", metadata=self.metadata(val))
                 self.train_seconds += time.perf_counter() - t0
                 row = {"epoch": self.epoch, "train_loss": loss, "val_loss": val["loss"], "val_acc": val["acc"],
                        "val_f1": val["f1"], "val_wa": val["wa"], "val_wf1": val["wf1"],
@@ -529,10 +537,6 @@ class Trainer:
                 if "acted_wa" in val:
                     row["val_acted_wa"] = val["acted_wa"]
                 self.history.append(row)
-                if improved:
-                    self.bad_epochs = 0
-                else:
-                    self.bad_epochs += 1
                 self.save_state()
                 if not distributed.is_main():
                     continue

@@ -41,6 +41,7 @@ from model.text_encoder import TextEncoder
 from training.calibration import calibration_report, fit_temperature, reliability_plot, softmax
 from training import acted
 from training.datasets import load_meld
+from training.epochs import KeepBest, module_state, step
 from training.metrics import classification_report, format_report
 from training.report import plot_confusion, plot_curves
 from training.text_finetune import previous_texts
@@ -365,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     val_sets = {"meld-dev": data.meld_examples("dev", None)} | {
         f"{name}-both": data.acted_examples(clips, None, "all", modes=("both",)) for name, clips in parts["val"].items()}
     train_clips = acted.flat(parts["train"])
-    history, best, best_state, bad = [], -1.0, None, 0
-    for epoch in range(1, a.epochs + 1):
+    history: list[dict] = []
+    keep = KeepBest(a.patience, snapshot=lambda: module_state(model))
+    for epoch in keep.epochs(a.epochs):
         te = time.time()
         ex = data.meld_examples("train", rng) + data.acted_examples(train_clips, rng, "all", modes=("speech", "both", "meldtext", "text"))
         order = rng.permutation(len(ex))
@@ -379,25 +381,13 @@ def main(argv: list[str] | None = None) -> int:
             sv = F.dropout(b.speech, model.config.dropout, training=True)  # the dropout the frozen branch would apply
             out_ = model.forward_features(sv, b.ctx, b.lengths, b.target, b.present)
             loss = F.cross_entropy(out_.logits, b.label, label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss))
+            losses.append(step(opt, loss, clip=5.0, params=params, scheduler=sched))
         score, scores = val_score(data, model, val_sets)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": scores, "val_score": score, "seconds": time.time() - te})
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}  " + "  ".join(f"{k} {v:.1f}" for k, v in scores.items()) +
               f"  score {score:.2f}  ({time.time() - te:.0f} s)", flush=True)
-        if score > best:
-            best, bad = score, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= a.patience:
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+        keep.update(epoch, score)
+    model.load_state_dict(keep.state)
     train_minutes = (time.time() - t0) / 60
 
     # every validation and test set run once: (logits, modality weights, labels)

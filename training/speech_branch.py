@@ -35,6 +35,7 @@ from model import features
 from model.audio_encoder import SpeechCNN
 from model.config import MELD_LABELS
 from training import acted
+from training.epochs import KeepBest, module_state, step
 from training.metrics import classification_report, format_report
 from training.report import plot_confusion, plot_curves
 from training.speech_cache import SpeechFeatures
@@ -62,14 +63,6 @@ class SpeechHead(nn.Module):
         if self.mode == "whisper":
             return w
         return self.speech_mix(torch.cat([cnn_vec, w], dim=-1))
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One optimiser step on `loss`; returns its value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 def spec_augment(mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -137,8 +130,8 @@ def train_cnn(feats: SpeechFeatures, y: np.ndarray, parts: dict[str, list[int]],
     lengths = np.array([m.shape[1] for m in feats.mels])
     versions: dict[int, np.ndarray] = {i: feats.rows([i]) for i in parts["train"]}
     val_rows = feats.rows(parts["val"])
-    best, best_state, best_epoch, bad = -1.0, None, 0, 0
-    for epoch in range(1, epochs + 1):
+    keep = KeepBest(patience, snapshot=lambda: module_state(model))
+    for epoch in keep.epochs(epochs):
         t0 = time.time()
         model.train()
         rows = np.array([rng.choice(versions[i]) for i in parts["train"]])
@@ -147,23 +140,16 @@ def train_cnn(feats: SpeechFeatures, y: np.ndarray, parts: dict[str, list[int]],
             mel, lens = features.pad_batch([spec_augment(feats.mels[r], rng) for r in b])
             logits = model.head(model.speech(torch.from_numpy(mel), torch.from_numpy(lens)))
             loss = F.cross_entropy(logits, torch.from_numpy(y[feats.clip[b]]), label_smoothing=0.1)
-            losses.append(_step(opt, loss))
+            losses.append(step(opt, loss))
         model.eval()
         with torch.inference_mode():
             val_logits = model.head(cnn_vectors(model.speech, [feats.mels[r] for r in val_rows])).numpy()
         wa = classification_report(y[feats.clip[val_rows]], val_logits.argmax(1), labels)["wa"]
         log.append({"stage": "cnn", "epoch": epoch, "train_loss": float(np.mean(losses)), "val_wa": wa, "seconds": time.time() - t0})
         print(f"cnn epoch {epoch}: loss {np.mean(losses):.3f} val WA {wa:.1f} ({time.time() - t0:.0f} s)", flush=True)
-        if wa > best:
-            best, best_epoch, bad = wa, epoch, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    return model.eval(), best_epoch
+        keep.update(epoch, wa)
+    model.load_state_dict(keep.state)
+    return model.eval(), keep.epoch
 
 
 def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Tensor, feats: SpeechFeatures, y: np.ndarray,
@@ -183,8 +169,8 @@ def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Ten
     opt = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
     tr, va = feats.rows(parts["train"]), feats.rows(parts["val"])
     yt = torch.from_numpy(y[feats.clip])
-    best, best_state = -1.0, None
-    for epoch in range(1, epochs + 1):
+    keep = KeepBest(snapshot=lambda: module_state(model))
+    for epoch in keep.epochs(epochs):
         model.train()
         losses = []
         for b in np.array_split(tr[rng.permutation(len(tr))], max(1, len(tr) // 32)):
@@ -196,17 +182,15 @@ def train_on_vectors(mode: str, cnn_vec: torch.Tensor | None, whisper: torch.Ten
                 w = w * (torch.rand(len(b), 1) > 0.1).float()
             v = model.vector(c, w) if mode == "whisper" else _mix_masked(model, c, w)
             loss = F.cross_entropy(model.head(v), yt[b], label_smoothing=0.1)
-            losses.append(_step(opt, loss))
+            losses.append(step(opt, loss))
         model.eval()
         with torch.inference_mode():
             logits = model.head(_mix_masked(model, cnn_vec[va], whisper[va]) if mode == "both" else model.vector(None, whisper[va]))
         wa = classification_report(y[feats.clip[va]], logits.argmax(1).numpy(), labels)["wa"]
         log.append({"stage": mode, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_wa": wa})
-        if wa > best:
-            best, best_state = wa, {k: v.clone() for k, v in model.state_dict().items()}
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    print(f"{mode}: best val WA {best:.1f}", flush=True)
+        keep.update(epoch, wa)
+    model.load_state_dict(keep.state)
+    print(f"{mode}: best val WA {keep.best:.1f}", flush=True)
     return model.eval()
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from model.config import MELD_LABELS, PACKAGED_ENCODER
 from model.text_encoder import TextEncoder
 from training.datasets import Corpus, load_meld, split_corpus
+from training.epochs import KeepBest, module_state, step
 from training.metrics import classification_report, format_report
 
 FROZEN_PREFIXES = ("embeddings.",)  # encoder parameters that keep their pre-trained values
@@ -175,20 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     warm = max(1, int(a.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
-    history, best, best_state, t_start = [], -1.0, None, time.time()
-    for epoch in range(1, a.epochs + 1):
+    history, t_start = [], time.time()
+    keep = KeepBest(snapshot=lambda: {"encoder": trainable_state(encoder, torch.float32), "head": module_state(model.head, cpu=True)})
+    for epoch in keep.epochs(a.epochs):
         model.train()
         t0, losses = time.time(), []
         bar = tqdm(_batches(parts["train"], lengths, a.batch_size, rng), desc=f"epoch {epoch}", unit="batch")
         for b in bar:
             tok = encoder.tokenize([texts[i] for i in b], [contexts[i] for i in b]).to(dev)
             loss = F.cross_entropy(model(tok), torch.from_numpy(y[b]).to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss))
+            losses.append(step(opt, loss, clip=1.0, params=model.parameters(), scheduler=sched))
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         dev_logits = predict(model, texts, contexts, parts["dev"])
         rep = classification_report(y[parts["dev"]], dev_logits.argmax(1), MELD_LABELS)
@@ -198,14 +195,12 @@ def main(argv: list[str] | None = None) -> int:
               f"WA {rep['wa']:.2f}  ({time.time() - t0:.0f} s)", flush=True)
         if a.save_epochs:
             torch.save({"encoder": a.encoder, "max_tokens": a.max_tokens, "context": a.context, "layers": trainable_state(encoder),
-                        "head": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}, "epoch": epoch},
+                        "head": module_state(model.head, cpu=True), "epoch": epoch},
                        out / f"epoch{epoch}.pt")
-        if rep["wf1"] > best:
-            best = rep["wf1"]
-            best_state = {"encoder": trainable_state(encoder, torch.float32), "head": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}}
+        keep.update(epoch, rep["wf1"])
         (out / "history.json").write_text(json.dumps(history, indent=1))
 
-    assert best_state is not None
+    best_state = keep.state
     model.encoder.model.load_state_dict(best_state["encoder"], strict=False)
     model.head.load_state_dict(best_state["head"])
     # stored in fp16: score dev again from the fp16 weights, so the reported numbers are the shipped ones
