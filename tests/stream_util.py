@@ -90,10 +90,13 @@ def app_config(checkpoint: Path | None = None, **server: Any):  # type: ignore[n
 
 @asynccontextmanager
 async def served(model: Any, asr: Any, **server: Any) -> AsyncIterator[Any]:
-    """A started App on port 0 with the shared models; shut down (gracefully) on exit."""
+    """A started App on port 0 with the shared models; shut down (gracefully) on exit. Load-based
+    admission is off unless the test sets it (NO_LOAD_ADMISSION): a session streamed faster than
+    real time keeps the decoders busy for the next 10 s, and a busy machine would then refuse the
+    test's next session with 1013 (seen in test_diarize_service)."""
     from streamer.server import create_app
 
-    app = create_app(app_config(**server), model=model, asr=asr)
+    app = create_app(app_config(**(NO_LOAD_ADMISSION | server)), model=model, asr=asr)
     await app.start()
     try:
         yield app
