@@ -3,7 +3,9 @@ dashboard's files (static.py), 404 for anything else; auth and request sanity fi
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -17,16 +19,31 @@ from streamer.routes.sessions_api import api_response
 from streamer.routes.static import set_header, static_response
 from streamer.routes.host import SessionHost
 
+CLOSE_WAIT_S = 5.0  # a failed connection's buffered bytes get this long to leave before it is aborted
 
 
-def process_request(app: SessionHost, connection: ServerConnection, request: Request) -> Response | None:
+async def _closed(connection: ServerConnection) -> Response:
+    """A connection websockets has failed already (it sent its end of the stream): close it and wait
+    until it is closed, so that websockets, which answers only a connection still opening, sends
+    nothing; a response would hit its assertion that nothing follows the end of the stream."""
+    assert connection.transport is not None
+    connection.transport.close()
+    try:
+        await asyncio.wait_for(connection.wait_closed(), CLOSE_WAIT_S)
+    except TimeoutError:  # the peer does not read what is left to send
+        connection.transport.abort()
+        await connection.wait_closed()
+    return connection.respond(HTTPStatus.BAD_REQUEST, "")
+
+
+def process_request(app: SessionHost, connection: ServerConnection,
+                    request: Request) -> Response | Awaitable[Response] | None:
     """websockets' process_request hook: an HTTP response, or None to go on with the WebSocket
     handshake of /v1/stream, /v1/subscribe or /v1/twilio. Checks come in this order: malformed
     request, auth (before any data flows), method, then the route."""
     protocol = connection.protocol
     if protocol.state is State.CONNECTING and protocol.eof_sent:  # bytes after the request (a body, a
-        protocol.state = State.CLOSING  # pipelined request): websockets read them as frames and failed the
-        return connection.respond(HTTPStatus.BAD_REQUEST, "")  # connection; a response would assert: none
+        return _closed(connection)  # pipelined request): websockets read them as frames and failed it
     try:
         path = urlsplit(request.path).path
     except ValueError:  # e.g. "//[": an unclosed IPv6 host in the request target
