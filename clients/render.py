@@ -107,7 +107,7 @@ class Renderer:
             w = ev.get("modality_weights", {})
             start, end = self.spans.get(key, (0.0, 0.0))
             prefix = f"  ↻ revised{speaker}" if ev.type == P.EMOTION_REVISED else f"[{clock(start)}–{clock(end)}]{speaker}"
-            unsure = style(" (low confidence)", DIM, self.colour) if ev.get("confidence") == P.LOW_CONFIDENCE else ""
+            unsure = style(P.LOW_CONFIDENCE_NOTE, DIM, self.colour) if ev.get("confidence") == P.LOW_CONFIDENCE else ""
             line = (
                 f"{prefix} {paint(f'{label:<8}', label, self.colour)} {bar(scores.get(label, 0.0))} "
                 f"{scores.get(label, 0.0):.2f}{unsure}  speech {w.get('speech', 0.0):.2f} | text {w.get('text', 0.0):.2f}"

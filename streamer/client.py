@@ -124,7 +124,7 @@ def tls_for(url: str):  # type: ignore[no-untyped-def]
 
 def _unsure(ev: dict[str, Any]) -> str:
     """' (low confidence)' after the label of an emotion the server marked low, else ''."""
-    return " (low confidence)" if ev.get("confidence") == P.LOW_CONFIDENCE else ""
+    return P.LOW_CONFIDENCE_NOTE if ev.get("confidence") == P.LOW_CONFIDENCE else ""
 
 
 def _sentiment(ev: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ MAX_SPEAKERS = 16  # the largest `max_speakers` a start may ask for
 # `confidence` of emotion, emotion.partial and emotion.revised (added within v1: older servers omit it):
 # "low" when the calibrated top score is below the service's threshold (default 0.5, --low-confidence)
 LOW_CONFIDENCE = "low"
+LOW_CONFIDENCE_NOTE = " (low confidence)"  # what the terminal views print after such a label
 OK_CONFIDENCE = "ok"
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
