@@ -276,21 +276,21 @@ async def _serve_microphone(app: Any, a: argparse.Namespace, token: str | None) 
 async def run(a: argparse.Namespace) -> int:
     """The service with its optional source (demo, file, microphone) until it ends or a signal
     comes; each startup failure gets its own message."""
+    config = config_from_args(a)
+    ckpt = config.inference.checkpoint
+    if not Path(ckpt).is_file():  # before the imports below (torch, ~3 s): a typo fails at once
+        print(f"error: emotion model checkpoint not found: {ckpt}\n"
+              f"       train one (see README) or pass --checkpoint PATH", file=sys.stderr)
+        return 2
     from model import CheckpointError
     from streamer.server import create_app
     from streamer.sources import SourceError
     from streamer.infer.transcriber import AsrModelError
 
-    config = config_from_args(a)
     try:
         audio, speakers = _source_audio(a)
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    ckpt = config.inference.checkpoint
-    if not Path(ckpt).is_file():
-        print(f"error: emotion model checkpoint not found: {ckpt}\n"
-              f"       train one (see README) or pass --checkpoint PATH", file=sys.stderr)
         return 2
     where = f"ASR and encoders on workers via {config.inference.remote}" if config.inference.remote else \
         f"ASR {Path(config.asr.model).name}"
