@@ -69,3 +69,16 @@ def test_step_clips_the_gradient_norm_steps_the_scheduler_and_the_snapshot_is_a_
     assert float(moved.norm()) == pytest.approx(1.0, rel=1e-4)  # lr 1 times the clipped gradient
     assert sched.get_last_lr() == [0.5]
     assert not torch.equal(before["weight"], layer.weight.detach())  # the snapshot did not follow the step
+
+
+def test_step_with_a_grad_scaler_matches_the_plain_step():
+    """The Trainer's path (GradScaler; disabled off CUDA, where it must change nothing)."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cuda", enabled=False)):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 1)
+        opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+        loss = (layer(torch.full((8, 4), 100.0)) ** 2).mean()
+        step(opt, loss, clip=1.0, scaler=scaler)
+        results.append(module_state(layer))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

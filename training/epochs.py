@@ -76,17 +76,25 @@ class KeepBest:
 
 def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float = 0.0,
          params: Iterable[torch.nn.Parameter] | None = None,
-         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+         scaler: torch.amp.GradScaler | None = None) -> float:
     """One optimiser step on `loss`: zero the gradients, backward, clip their norm to `clip` (when
     > 0, over `params`, default every parameter the optimiser holds), step, then the scheduler.
-    Returns the loss's value."""
+    With `scaler` (fp16 autocast on CUDA) the loss is scaled for backward and the gradients are
+    unscaled before clipping. Returns the loss's value."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     if clip > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if params is None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())

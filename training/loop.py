@@ -32,7 +32,7 @@ from model.checkpoint import read_checkpoint
 from training import cache, distributed
 from training.config import TrainConfig
 from training.datasets import TO_MELD, Corpus, fingerprint, load_spec, split_corpus
-from training.epochs import KeepBest
+from training.epochs import KeepBest, step
 from training.metrics import classification_report, format_report
 
 
@@ -477,14 +477,7 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 out = self.train_forward(self.model, self.table, batch, train=True, cfg=cfg, rng=aug_rng)
                 loss = share.loss(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            step(self.optimizer, loss, clip=cfg.grad_clip, scheduler=self.scheduler, scaler=self.scaler)
             total += float(loss.detach()) * len(b)
             count += len(b)
             bar.set_postfix(loss=f"{total / count:.3f}")
