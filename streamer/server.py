@@ -1,7 +1,8 @@
 """The App: wires the parts of the service together, starts the WebSocket server, hands each
 connection to its route (streamer/routes/: source.py /v1/stream, subscribe.py /v1/subscribe,
-twilio.py /v1/twilio, http.py the plain HTTP ones), admits sessions, reports health, and shuts down
-finishing the utterances in flight.
+twilio.py /v1/twilio, listen.py /v1/listen, dispatched by websockets' router; http.py the plain
+HTTP ones, on werkzeug's), admits sessions, reports health, and shuts down finishing the utterances
+in flight.
 
 It only moves bytes and events: a session's pipeline is pipeline.runner.SessionRunner (segmentation
 in pipeline.session/segmenter, synchronous), fan-out and replay are events.fanout.Hub, the models
@@ -16,12 +17,14 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.router import route
+from websockets.asyncio.server import Server, ServerConnection
+from werkzeug.routing import Map, Rule
 
 from model import EmotionModel, load_checkpoint
 from streamer.routes import auth
@@ -37,7 +40,7 @@ from streamer.infer.remote import RemoteInferenceEngine
 from streamer.infer.voice import VoiceEmbedder
 from streamer.memory import tune_allocator
 from streamer.metrics import Metrics
-from streamer.routes.http import process_request
+from streamer.routes.http import SERVER_NAME, WebSocketRouter, process_request
 from streamer.events.store import EventStore
 from streamer.calls.webhook import WebhookSender
 from streamer.pipeline.session import SeqCounter, Session
@@ -141,9 +144,10 @@ class App:
         if not self.config.auth.enabled and not auth.is_loopback(sc.host):
             log.warning("SECURITY: serving on %s without API tokens: anyone who can reach this port can stream "
                         "and watch every session. Set --token/--token-file (and TLS with --certfile/--keyfile).", sc.host)
-        self.server = await serve(
-            self._handler, sc.host, sc.port,
-            process_request=functools.partial(process_request, self),
+        self.server = await route(
+            self._routes(), sc.host, sc.port,
+            process_request=functools.partial(process_request, self),  # the HTTP routes, auth, sanity
+            create_router=functools.partial(WebSocketRouter, self), server_name=SERVER_NAME,
             max_size=self.config.limits.max_message_bytes,
             max_queue=sc.max_incoming_queue,
             ping_interval=sc.ping_interval_s,
@@ -224,24 +228,40 @@ class App:
         }
 
     # ---- WebSocket routes ----
-    async def _handler(self, ws: ServerConnection) -> None:
+    def _routes(self) -> Map:
+        """The WebSocket routes, dispatched by websockets' router (the HTTP ones: routes/http.py)."""
+        return Map([Rule(P.STREAM_PATH, endpoint=self._stream), Rule(P.LISTEN_PATH, endpoint=self._listen),
+                    Rule(P.TWILIO_PATH, endpoint=self._twilio), Rule(P.SUBSCRIBE_PATH, endpoint=self._subscribe)],
+                   merge_slashes=False)
+
+    async def _stream(self, ws: ServerConnection) -> None:
+        await self._connection(ws, lambda sub: SourceConnection(self, ws, sub).run())
+
+    async def _listen(self, ws: ServerConnection) -> None:
+        await self._connection(ws, lambda sub: ListenConnection(self, ws, sub).run(), kind=ListenSubscriber)
+
+    async def _twilio(self, ws: ServerConnection) -> None:
+        await self._connection(ws, lambda sub: twilio_connection(self, ws, sub))
+
+    async def _subscribe(self, ws: ServerConnection) -> None:
         assert ws.request is not None
-        url = urlsplit(ws.request.path)
-        listen = url.path == P.LISTEN_PATH
-        sub = (ListenSubscriber if listen else Subscriber)(ws, self.config.server.subscriber_queue, self.metrics)
+        query = parse_qs(urlsplit(ws.request.path).query)
+
+        async def run(sub: Subscriber) -> None:
+            sub.interim = query.get("interim", ["0"])[0].lower() in ("1", "true", "yes")
+            await subscriber_connection(self, ws, sub, query.get("session", [P.ALL_SESSIONS])[0],
+                                        query.get("after_seq", [None])[0])
+
+        await self._connection(ws, run, source=False)
+
+    async def _connection(self, ws: ServerConnection, run: Callable[[Subscriber], Awaitable[None]],
+                          kind: type[Subscriber] = Subscriber, source: bool = True) -> None:
+        """One WebSocket connection, counted in `connections` (shutdown closes them) while `run` serves it."""
+        sub = kind(ws, self.config.server.subscriber_queue, self.metrics)
+        sub.source = source
         self.connections.add(sub)
         try:
-            if url.path == P.STREAM_PATH or listen:
-                sub.source = True
-                await (ListenConnection if listen else SourceConnection)(self, ws, sub).run()
-            elif url.path == P.TWILIO_PATH:
-                sub.source = True
-                await twilio_connection(self, ws, sub)
-            else:
-                query = parse_qs(url.query)
-                sub.interim = query.get("interim", ["0"])[0].lower() in ("1", "true", "yes")
-                await subscriber_connection(self, ws, sub, query.get("session", [P.ALL_SESSIONS])[0],
-                                            query.get("after_seq", [None])[0])
+            await run(sub)
         finally:
             self.connections.discard(sub)
 

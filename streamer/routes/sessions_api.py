@@ -11,12 +11,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
+from werkzeug.routing import Rule
 
 from streamer.routes.host import SessionHost
 from streamer.routes.static import set_header
 
 SESSIONS_PATH = "/v1/sessions"
-EVENTS_SUFFIX = "/events"
 DEFAULT_SESSIONS = 100
 DEFAULT_EVENTS = 1000
 MAX_LIMIT = 10_000  # rows per response; page with offset / after_seq
@@ -27,38 +27,64 @@ class _BadQuery(ValueError):
     pass
 
 
-def api_response(app: SessionHost, connection: ServerConnection, request: Request) -> Response | None:
-    """A response for the /v1/sessions endpoints, or None for any other path."""
-    url = urlsplit(request.path)
-    path = url.path
-    if path != SESSIONS_PATH and not path.startswith(SESSIONS_PATH + "/"):
-        return None
+def sessions(app: SessionHost, connection: ServerConnection, request: Request) -> Response:
+    """GET /v1/sessions: the stored sessions, newest first (limit, offset)."""
+    if app.store is None:
+        return _no_store(connection)
+    query = parse_qs(urlsplit(request.path).query)
+    try:
+        limit = _int(query, "limit", DEFAULT_SESSIONS, 1, MAX_LIMIT)
+        offset = _int(query, "offset", 0, 0, MAX_SQL_INT)
+    except _BadQuery as e:
+        return _bad_query(connection, e)
+    return _json(connection, HTTPStatus.OK, app.store.sessions(limit=limit, offset=offset))
+
+
+def events(app: SessionHost, connection: ServerConnection, request: Request, session_id: str) -> Response:
+    """GET /v1/sessions/{id}/events: a session's events exactly as sent (after_seq, limit, run)."""
     store = app.store
     if store is None:
-        return _json(connection, HTTPStatus.NOT_FOUND, {
-            "error": "no_store", "message": "no event store: start the service with --store PATH to keep events"})
-    query = parse_qs(url.query)
+        return _no_store(connection)
+    session_id = unquote(session_id)  # ids may hold any character, %-encoded ("/" too, as %2F)
+    query = parse_qs(urlsplit(request.path).query)
     try:
-        if path in (SESSIONS_PATH, SESSIONS_PATH + "/"):
-            limit = _int(query, "limit", DEFAULT_SESSIONS, 1, MAX_LIMIT)
-            offset = _int(query, "offset", 0, 0, MAX_SQL_INT)
-            return _json(connection, HTTPStatus.OK, store.sessions(limit=limit, offset=offset))
-        raw = path[len(SESSIONS_PATH) + 1:]
-        if not raw.endswith(EVENTS_SUFFIX) or "/" in raw[: -len(EVENTS_SUFFIX)] or raw == EVENTS_SUFFIX:
-            return _json(connection, HTTPStatus.NOT_FOUND, {
-                "error": "no_route", "message": f"no route {path}; use {SESSIONS_PATH} or {SESSIONS_PATH}/ID/events"})
-        session_id = unquote(raw[: -len(EVENTS_SUFFIX)])  # ids may hold any character, %-encoded
         after_seq = _int(query, "after_seq", -1, -1, MAX_SQL_INT)
         limit = _int(query, "limit", DEFAULT_EVENTS, 1, MAX_LIMIT)
         run = _int(query, "run", None, 1, MAX_SQL_INT)
     except _BadQuery as e:
-        return _json(connection, HTTPStatus.BAD_REQUEST, {"error": "bad_query", "message": str(e)})
+        return _bad_query(connection, e)
     session = store.session(session_id, run)
     if session is None:
         which = f"session {session_id!r}" + (f" run {run}" if run is not None else "")
         return _json(connection, HTTPStatus.NOT_FOUND, {"error": "unknown_session", "message": f"{which} is not in the event store"})
     texts = store.event_texts(session_id, after_seq=after_seq, limit=limit, run=session["run"])
     return _respond(connection, HTTPStatus.OK, "[" + ",".join(texts) + "]\n")  # events exactly as sent
+
+
+def no_route(app: SessionHost, connection: ServerConnection, request: Request, rest: str) -> Response:
+    """Any other path under /v1/sessions/: this API's JSON 404."""
+    if app.store is None:
+        return _no_store(connection)
+    path = urlsplit(request.path).path
+    return _json(connection, HTTPStatus.NOT_FOUND, {
+        "error": "no_route", "message": f"no route {path}; use {SESSIONS_PATH} or {SESSIONS_PATH}/ID/events"})
+
+
+RULES = [  # for routes/http.py's map; <rest:...> is its converter for the rest of a path
+    Rule(SESSIONS_PATH, endpoint=sessions),
+    Rule(SESSIONS_PATH + "/", endpoint=sessions),
+    Rule(SESSIONS_PATH + "/<session_id>/events", endpoint=events),  # one path segment, still %-encoded
+    Rule(SESSIONS_PATH + "/<rest:rest>", endpoint=no_route),
+]
+
+
+def _no_store(connection: ServerConnection) -> Response:
+    return _json(connection, HTTPStatus.NOT_FOUND, {
+        "error": "no_store", "message": "no event store: start the service with --store PATH to keep events"})
+
+
+def _bad_query(connection: ServerConnection, e: _BadQuery) -> Response:
+    return _json(connection, HTTPStatus.BAD_REQUEST, {"error": "bad_query", "message": str(e)})
 
 
 def _int(query: dict[str, list[str]], name: str, default: int | None, low: int, high: int) -> Any:

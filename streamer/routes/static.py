@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
+from werkzeug.routing import Rule
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CONTENT_TYPES = {
@@ -18,14 +20,21 @@ CONTENT_TYPES = {
 }
 
 
-def static_response(connection: ServerConnection, path: str) -> Response | None:
-    """A response for the dashboard's files, or None when `path` is not one of them."""
-    if path in ("/", "/index.html"):
-        name = "index.html"
-    elif path.startswith("/static/"):
-        name = path[len("/static/"):]
-    else:
-        return None
+def index(app: Any, connection: ServerConnection, request: Request) -> Response:
+    """/ and /index.html: the dashboard's page."""
+    return _file(connection, "index.html", "/index.html")
+
+
+def static_file(app: Any, connection: ServerConnection, request: Request, name: str) -> Response:
+    """/static/<name>: one of the dashboard's files, or 404 for any name outside STATIC_DIR."""
+    return _file(connection, name, "/static/" + name)
+
+
+RULES = [Rule("/", endpoint=index), Rule("/index.html", endpoint=index),
+         Rule("/static/<rest:name>", endpoint=static_file)]  # <rest:...>: routes/http.py's converter
+
+
+def _file(connection: ServerConnection, name: str, path: str) -> Response:
     try:
         file = (STATIC_DIR / name).resolve()
         found = STATIC_DIR in file.parents and file.is_file() and file.suffix in CONTENT_TYPES
