@@ -17,14 +17,12 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from websockets.asyncio.router import route
-from websockets.asyncio.server import Server, ServerConnection
-from werkzeug.routing import Map, Rule
+from websockets.asyncio.server import Server
 
 from model import EmotionModel, load_checkpoint
 from streamer.routes import auth
@@ -41,16 +39,13 @@ from streamer.infer.voice import VoiceEmbedder
 from streamer.memory import tune_allocator
 from streamer.metrics import Metrics
 from streamer.routes.http import SERVER_NAME, WebSocketRouter, process_request
+from streamer.routes.websocket import websocket_routes
 from streamer.events.store import EventStore
 from streamer.calls.webhook import WebhookSender
 from streamer.pipeline.session import SeqCounter, Session
 from streamer.events.fanout import Hub, Subscriber
 from streamer.pipeline.parts import RunnerParts, SessionObserver
 from streamer.pipeline.runner import SessionRunner
-from streamer.routes.listen import ListenConnection, ListenSubscriber
-from streamer.routes.source import SourceConnection
-from streamer.routes.twilio import twilio_connection
-from streamer.routes.subscribe import subscriber_connection
 
 log = logging.getLogger("streamer")
 
@@ -145,7 +140,7 @@ class App:
             log.warning("SECURITY: serving on %s without API tokens: anyone who can reach this port can stream "
                         "and watch every session. Set --token/--token-file (and TLS with --certfile/--keyfile).", sc.host)
         self.server = await route(
-            self._routes(), sc.host, sc.port,
+            websocket_routes(self), sc.host, sc.port,
             process_request=functools.partial(process_request, self),  # the HTTP routes, auth, sanity
             create_router=functools.partial(WebSocketRouter, self), server_name=SERVER_NAME,
             max_size=self.config.limits.max_message_bytes,
@@ -226,44 +221,6 @@ class App:
             "allocator": self.allocator,  # jemalloc | tcmalloc | trim | pinned | glibc (streamer/memory.py)
             "uptime_s": round(self.clock() - self.started_at, 1),
         }
-
-    # ---- WebSocket routes ----
-    def _routes(self) -> Map:
-        """The WebSocket routes, dispatched by websockets' router (the HTTP ones: routes/http.py)."""
-        return Map([Rule(P.STREAM_PATH, endpoint=self._stream), Rule(P.LISTEN_PATH, endpoint=self._listen),
-                    Rule(P.TWILIO_PATH, endpoint=self._twilio), Rule(P.SUBSCRIBE_PATH, endpoint=self._subscribe)],
-                   merge_slashes=False)
-
-    async def _stream(self, ws: ServerConnection) -> None:
-        await self._connection(ws, lambda sub: SourceConnection(self, ws, sub).run())
-
-    async def _listen(self, ws: ServerConnection) -> None:
-        await self._connection(ws, lambda sub: ListenConnection(self, ws, sub).run(), kind=ListenSubscriber)
-
-    async def _twilio(self, ws: ServerConnection) -> None:
-        await self._connection(ws, lambda sub: twilio_connection(self, ws, sub))
-
-    async def _subscribe(self, ws: ServerConnection) -> None:
-        assert ws.request is not None
-        query = parse_qs(urlsplit(ws.request.path).query)
-
-        async def run(sub: Subscriber) -> None:
-            sub.interim = query.get("interim", ["0"])[0].lower() in ("1", "true", "yes")
-            await subscriber_connection(self, ws, sub, query.get("session", [P.ALL_SESSIONS])[0],
-                                        query.get("after_seq", [None])[0])
-
-        await self._connection(ws, run, source=False)
-
-    async def _connection(self, ws: ServerConnection, run: Callable[[Subscriber], Awaitable[None]],
-                          kind: type[Subscriber] = Subscriber, source: bool = True) -> None:
-        """One WebSocket connection, counted in `connections` (shutdown closes them) while `run` serves it."""
-        sub = kind(ws, self.config.server.subscriber_queue, self.metrics)
-        sub.source = source
-        self.connections.add(sub)
-        try:
-            await run(sub)
-        finally:
-            self.connections.discard(sub)
 
     def finals_imminent(self) -> bool:
         """Some channel of some session is in a pause after speech: its utterance may end soon."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from streamer.config import AppConfig
 from streamer.events.bus import LocalBus, RedisBus
-from streamer.events.fanout import Hub
+from streamer.events.fanout import Hub, Subscriber
 from streamer.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class SessionHost(Protocol):
     bus: LocalBus | RedisBus  # other instances (replay of a session one of them runs)
     store: EventStore | None  # the durable event log (/v1/sessions), when --store is given
     sessions: dict[str, SessionRunner]  # live sessions by id (read-only for routes)
+    connections: set[Subscriber]  # open WebSocket connections, each added by its route while served
 
     @property
     def shutting_down(self) -> bool: ...
