@@ -248,6 +248,7 @@ class Reply:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.close: int | None = None
+        self.reason = ""  # the close frame's reason
         self.how = "open"  # close (the server closed first) | echo (our close echoed) | eof | reset | timeout
         self.pongs = 0
         self.malformed = 0
@@ -298,6 +299,7 @@ class Raw:
                         self.writer.write(frame(OP_PONG, data))
                     elif op == OP_CLOSE:
                         r.close = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
+                        r.reason = data[2:].decode("utf-8", "replace")
                         r.how = "echo" if sent_close else "close"
                         if not sent_close:
                             self.writer.write(close_frame(r.close if r.close != 1005 else None))
@@ -602,6 +604,7 @@ class Attack:
     async def s_twilio(self) -> None:
         frames = [frame(OP_TEXT if self.rng.random() < 0.7 else OP_BIN, self.rng.choice(TWILIO_BAD)) for _ in range(self.rng.randint(3, 12))]
         frames.append(frame(OP_BIN, b"\xff\xfe{"))  # binary, not UTF-8
+        call = None
         if self.rng.random() < 0.5:  # a real call, then bad media (and 100 ms of silence at most)
             call = f"atk-call-{next(self.ids)}"
             frames.append(text(json.dumps({"event": "start", "start": {
@@ -615,7 +618,12 @@ class Attack:
                     frames.append(text(self.rng.choice(TWILIO_BAD_MEDIA)))
         frames.append(text('{"event": "stop"}'))
         path = P.TWILIO_PATH + (f"?token={self.token}" if self.phase == "token" else "")
-        r = await self.exchange("twilio_bad", path, frames, [], end="none", closes=("close:1000",))
+        # a call's start goes through admission: at the session limit (the start-and-drop flood keeps
+        # the service there) it is refused with 1013 "too many sessions", Twilio's only way to be told
+        closes = ("close:1000", f"close:{P.CLOSE_TRY_AGAIN}") if call else ("close:1000",)
+        r = await self.exchange("twilio_bad", path, frames, [], end="none", closes=closes)
+        if r is not None and r.close == P.CLOSE_TRY_AGAIN and r.reason not in ("too many sessions", "overloaded"):
+            self.mismatch("twilio_bad", "1013 without an admission reason", got=r.reason)
         if r is not None and r.events:
             self.mismatch("twilio_bad", "events sent back to Twilio", events=[e["type"] for e in r.events][:5])
 
