@@ -42,6 +42,16 @@ def test_every_command_runs_its_entry_point() -> None:
     assert version.returncode == 0 and version.stdout.startswith("emostream")
 
 
+def test_the_worker_command_line_answers_before_torch_is_imported() -> None:
+    """`emostream worker --help` and a bad argument answer at once: the job loop (streamer/infer/
+    consumer.py) and torch are imported only once the arguments are good."""
+    code = ("import sys; from streamer.infer import worker; worker.build_parser().format_help(); "
+            "rc = worker.main(['--bus', 'redis://127.0.0.1:1/0', '--max-batch', '0']); print(rc, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.stdout.split() == ["2", "False"], (run.stdout, run.stderr[-2000:])
+    assert "max_batch" in run.stderr
+
+
 @pytest.mark.slow
 def test_the_wheel_carries_everything_the_demo_needs(tmp_path: Path) -> None:
     """`pip wheel .`, installed into an empty folder (not editable), run from outside the source

@@ -140,7 +140,7 @@ def test_remote_engine_and_worker_round_trip_word_timings(redis_server, tiny_che
     from streamer.config import InferenceConfig, WorkerConfig
     from streamer.metrics import Metrics
     from streamer.infer.remote import JOBS, RemoteInferenceEngine
-    from streamer.infer.worker import Worker
+    from streamer.infer.consumer import Worker
 
     head = load_checkpoint(tiny_checkpoint, device="cpu", load_encoder=False)
     cfg = InferenceConfig(checkpoint=tiny_checkpoint, device="cpu", remote=redis_server.url, remote_timeout_s=WAIT_S)
