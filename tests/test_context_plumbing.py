@@ -198,7 +198,7 @@ def test_worker_encodes_like_the_in_process_engine(ctx_model, monkeypatch) -> No
     Whisper states reach encode_utterances, the replies' vectors equal the in-process engine's,
     and a job with a malformed context gets an error reply (the others go on)."""
     from streamer.infer.remote import job_fields, parse_reply
-    from streamer.infer.worker import Worker
+    from streamer.infer.consumer import Worker
 
     rec = Recorder(ctx_model)
     monkeypatch.setattr(ctx_model, "encode_utterances", rec)
