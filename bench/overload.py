@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
+from streamer.memory import tune_allocator  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
 from streamer.config import SAMPLE_RATE, AppConfig, AsrConfig, InferenceConfig, ServerConfig  # noqa: E402
@@ -350,7 +351,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "what": "admission and bounded latency past capacity, real Whisper, real-time streams over /v1/stream",
         "method": "see the docstring of bench/overload.py",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg()),
+        "machine": {"cpus": os.cpu_count(), "allocator": tune_allocator(), "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg()),
                     "note": "clients run in the service's process and event loop"},
         "audio": {"name": a.audio.name, "seconds_per_copy": len(copy) / SAMPLE_RATE},
         "plan": {"clients": a.clients, "arrive_every_s": a.arrive_every_s, "session_s": a.session_s,
@@ -372,4 +373,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # as the service's own commands do (EMOSTREAM_ALLOCATOR): the allocator users get
     sys.exit(main())

@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from streamer.memory import tune_allocator  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
 from streamer.config import AppConfig, InferenceConfig, ServerConfig  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "what": "end-of-speech -> emotion latency, N concurrent real-time streams over /v1/stream (client-measured): "
                 "models in the service process vs in one remote worker (python -m streamer.infer.worker) through Redis",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "allocator": tune_allocator(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg(),
                     "note": "shared machine, other engineers' jobs may run concurrently; service, worker and "
                             "redis-server all run on these cores"},
         "audio": {"name": a.audio.name, "seconds": len(audio) / 16_000},
@@ -207,4 +208,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # as the service's own commands do (EMOSTREAM_ALLOCATOR): the allocator users get
     sys.exit(main())

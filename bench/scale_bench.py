@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from streamer.memory import tune_allocator  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.config import AppConfig, BusConfig, InferenceConfig, ServerConfig  # noqa: E402
 from streamer.infer.transcriber import Transcript  # noqa: E402
@@ -350,7 +351,7 @@ def main() -> int:
     import redis as redis_py
 
     report = {
-        "machine": {"cpus": cores, "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": cores, "allocator": tune_allocator(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(), "python": platform.python_version(),
                     "redis_server": redis_version, "redis_py": redis_py.__version__},
         "asr": "instant stub (fixed transcript, no Whisper): capacity excludes ASR; see bench/stream_bench.py for Whisper",
         "model": "default checkpoint, CPU, torch threads = cores // instances",
@@ -366,4 +367,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # as the service's own commands do (EMOSTREAM_ALLOCATOR): the allocator users get
     sys.exit(main())
