@@ -89,6 +89,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.soak import FAKE_TEXT, FakeAsr, cpu_s, metric, rss_mb, tiny_checkpoint  # noqa: E402
 from streamer import protocol as P  # noqa: E402
+from streamer.memory import tune_allocator  # noqa: E402
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 CLIPS = ["LJ001-0002.wav", "jfk.flac"]
@@ -1393,7 +1394,7 @@ def main() -> int:
     report: dict[str, Any] = {
         "what": "hostile traffic at volume against the real service, with one healthy real-speech session that must get exactly its baseline events",
         "how": __doc__.split("\n\n", 2)[2].strip(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "allocator": tune_allocator(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": version("torch"), "load_avg_at_start": os.getloadavg(),
                     "note": "shared machine: other jobs may run concurrently"},
         "config": {"frames": a.frames, "concurrency": a.concurrency, "rate": a.rate, "token_share": a.token_share,
@@ -1425,4 +1426,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from streamer.memory import relaunch_with_allocator
+
+    relaunch_with_allocator()  # as the service's own commands do (EMOSTREAM_ALLOCATOR); the --serve child inherits it
     sys.exit(main())
