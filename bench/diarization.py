@@ -14,13 +14,17 @@ within a conversation until they run out.
 
 --tune (offline, no service): RAVDESS actors 1-20 (60 clips each) and EmoDB's ten speakers, the
 training speakers of the bundled model; the bench's test actors 21-24 are never used. The voice
-model's mean embedding over every training clip is what the clustering centres on
-(streamer/assets/voice_mean.npy: `--write-center` writes it). Each conversation is cut into
-utterances by the service's own segmenter (so a turn may be split, as live), each utterance is
-embedded as the service does (streamer.infer.voice) and counts its seconds of voice, then every
-(cap, threshold) of a grid replays the conversation through streamer.pipeline.diarize online;
-the pair with the best mean final accuracy over 2, 3 and 4 speakers is reported (and is what
-streamer.config.DiarizeConfig ships). Writes bench/results/diarization_tune.{json,png}.
+space the clustering works in (streamer.pipeline.diarize.VoiceSpace, streamer/assets/voice_space.npz:
+`--write-space` writes it) is fitted on every training clip: the voice model's mean embedding, and
+a within-speaker whitening (WCCN) shrunk towards the identity by `shrink`. Conversations are built
+within two speaker-disjoint folds (half of each corpus's speakers), cut into utterances by the
+service's own segmenter (so a turn may be split, as live), and each utterance is embedded as the
+service does (streamer.infer.voice) and counts its seconds of voice. The shrinkage is chosen by
+2-fold cross-validation (space fitted and (cap, threshold) chosen on one fold, scored on the other);
+then, with the space fitted on all clips, every (cap, threshold) of a grid replays every
+conversation through streamer.pipeline.diarize online, and the pair with the best mean final
+accuracy over 2, 3 and 4 speakers is reported (and is what streamer.config.DiarizeConfig ships).
+Writes bench/results/diarization_tune.{json,png}.
 
 Live (default): RAVDESS test actors 21-24 plus two real-speech voices from ../shared/data/speech
 (LJ001-*.wav: LJ Speech's reader; jfk.flac: J. F. Kennedy, cut into its phrases). These two have
@@ -199,15 +203,76 @@ def score_conversation(turns: Sequence[Turn], spans: Sequence[tuple[float, float
 
 
 def replay(embeddings: np.ndarray, seconds: Sequence[float], threshold: float, cap: float,
-           center: np.ndarray) -> tuple[list[str], list[str]]:
+           space: Any) -> tuple[list[str], list[str]]:
     """Online clustering of one conversation's utterances as the service does it (each weighted by
-    its seconds of voice, streamer.pipeline.speakers): (live labels, final labels)."""
+    its seconds of voice, streamer.pipeline.speakers) in `space` (a VoiceSpace): (live labels, final labels)."""
     from streamer.pipeline.diarize import SpeakerClusters
     from streamer.pipeline.speakers import MIN_WEIGHT_S
 
-    c = SpeakerClusters(threshold, cap=cap, center=center, window=64)
+    c = SpeakerClusters(threshold, cap=cap, space=space, window=64)
     live = [c.add(i, e, max(w, MIN_WEIGHT_S))[0] for i, (e, w) in enumerate(zip(embeddings, seconds))]
     return live, [c.labels[i] for i in range(len(embeddings))]
+
+
+def speaker_folds(speakers: Sequence[str]) -> tuple[set[str], set[str]]:
+    """Two speaker-disjoint halves of the training speakers for cross-validation: of each corpus
+    (the name's first letter: A = RAVDESS actor, E = EmoDB speaker), the first half and the rest in
+    sorted order."""
+    first: set[str] = set()
+    for corpus in sorted({s[0] for s in speakers}):
+        names = sorted(s for s in speakers if s[0] == corpus)
+        first |= set(names[: len(names) // 2])
+    return first, set(speakers) - first
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One tuning conversation as the service would see it: per utterance its true speaker, voice
+    embedding and seconds of voice."""
+
+    corpus: str
+    fold: int
+    speakers: int
+    who: list[str]
+    embeddings: np.ndarray
+    seconds: list[float]
+
+
+def grid_scores(convs: Sequence[Embedded], space: Any, caps: Sequence[float],
+                thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    """Every (cap, threshold): final and live accuracy and speaker-count error per number of speakers,
+    and their mean final accuracy."""
+    grid: list[dict[str, Any]] = []
+    for cap in caps:
+        for th in thresholds:
+            res: dict[str, list[tuple[float, float, int]]] = {}
+            for c in convs:
+                live, final = replay(c.embeddings, c.seconds, float(th), cap, space)
+                res.setdefault(str(c.speakers), []).append((mapped_accuracy(c.who, final), mapped_accuracy(c.who, live),
+                                                            abs(len(set(final)) - c.speakers)))
+            per_n = {k: {"acc_final": float(np.mean([r[0] for r in v])), "acc_live": float(np.mean([r[1] for r in v])),
+                         "count_error": float(np.mean([r[2] for r in v]))} for k, v in sorted(res.items())}
+            grid.append({"cap": cap, "threshold": float(th), "per_speakers": per_n,
+                         "mean_acc_final": float(np.mean([p["acc_final"] for p in per_n.values()]))})
+    return grid
+
+
+def cross_validate(clips: dict[str, np.ndarray], convs: Sequence[Embedded], shrink: float, caps: Sequence[float],
+                   thresholds: Sequence[float]) -> dict[str, Any]:
+    """Speaker-disjoint 2-fold: the voice space is fitted on one fold's clips and (cap, threshold)
+    chosen on that fold's conversations, then scored on the other fold's conversations."""
+    from streamer.pipeline.diarize import VoiceSpace
+
+    folds = speaker_folds(sorted(clips))
+    out = []
+    for held in (0, 1):
+        fit = 1 - held
+        space = VoiceSpace.fit([clips[s] for s in sorted(folds[fit])], shrink)
+        best = max(grid_scores([c for c in convs if c.fold == fit], space, caps, thresholds), key=lambda g: g["mean_acc_final"])
+        score = grid_scores([c for c in convs if c.fold == held], space, [best["cap"]], [best["threshold"]])[0]
+        out.append({"held_out_fold": held, "chosen_on_the_other": {"cap": best["cap"], "threshold": best["threshold"]},
+                    "per_speakers": score["per_speakers"], "mean_acc_final": score["mean_acc_final"]})
+    return {"shrink": shrink, "folds": out, "mean_acc_final": float(np.mean([f["mean_acc_final"] for f in out]))}
 
 
 def segment(audio: np.ndarray) -> list[Any]:
@@ -272,7 +337,8 @@ def machine() -> dict[str, Any]:
 def tune(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from streamer.infer.voice import CENTER_FILE, VoiceEmbedder
+    from streamer.infer.voice import SPACE_FILE, VoiceEmbedder
+    from streamer.pipeline.diarize import VoiceSpace
 
     import torch
 
@@ -285,21 +351,28 @@ def tune(a: argparse.Namespace) -> int:
     def pad(x: np.ndarray) -> np.ndarray:
         return np.concatenate([noise(PRE_S, rng), x, noise(TAIL_S, rng)])
 
-    clips = [c for voices in corpora.values() for v in voices.values() for c in v]
-    t0 = time.perf_counter()
-    vecs = np.stack([embedder.embed_now(pad(c))[0] for c in tqdm(clips, desc="training clips", unit="clip")])
-    embed_s = (time.perf_counter() - t0) / len(clips)
-    center = vecs.astype(np.float64).mean(0)
-    convs = []
+    t0, n_clips = time.perf_counter(), sum(len(v) for voices in corpora.values() for v in voices.values())
+    bar = tqdm(total=n_clips, desc="training clips", unit="clip")
+    clips: dict[str, np.ndarray] = {}
+    for voices in corpora.values():
+        for who, audio in voices.items():
+            clips[who] = np.stack([embedder.embed_now(pad(c))[0] for c in audio])
+            bar.update(len(audio))
+    bar.close()
+    embed_s = (time.perf_counter() - t0) / n_clips
+    folds = speaker_folds(sorted(clips))
+    plans = []
     for corpus, voices in corpora.items():
-        names = sorted(voices)
-        for n in (2, 3, 4):
-            for _ in range(a.conversations):
-                who = [names[i] for i in rng.choice(len(names), n, replace=False)]
-                turns = make_conversation(voices, who, a.turns, rng)
-                convs.append((corpus, n, turns, *assemble(turns, rng)))
-    embedded, n_utt, n_split = [], 0, 0
-    for corpus, n, turns, audio, spans in tqdm(convs, desc="conversations", unit="conv"):
+        for fold, members in enumerate(folds):
+            names = sorted(s for s in voices if s in members)
+            for n in (2, 3, 4):
+                for _ in range(a.conversations):
+                    who = [names[i] for i in rng.choice(len(names), n, replace=False)]
+                    turns = make_conversation(voices, who, a.turns, rng)
+                    plans.append((corpus, fold, n, turns, *assemble(turns, rng)))
+    convs: list[Embedded] = []
+    n_utt, n_split = 0, 0
+    for corpus, fold, n, turns, audio, spans in tqdm(plans, desc="conversations", unit="conv"):
         ends = segment(audio)  # the utterances as the live service cuts them: a turn may be split
         m = match_clips(spans, [(k, e.start_s, e.end_s) for k, e in enumerate(ends)])
         truth = {u: turns[i].speaker for i, us in enumerate(m.per_clip) for u in us}
@@ -307,39 +380,38 @@ def tune(a: argparse.Namespace) -> int:
         voices_ = [(who, v) for who, v in voices_ if v is not None]
         n_utt += len(voices_)
         n_split += sum(len(us) > 1 for us in m.per_clip)
-        embedded.append((corpus, n, [w for w, _ in voices_], np.stack([v[0] for _, v in voices_]),
-                         [v[1] for _, v in voices_]))
-    grid: list[dict[str, Any]] = []
-    for cap in a.caps:
-        for th in np.round(np.arange(a.th_min, a.th_max + 1e-9, a.th_step), 3):
-            res: dict[str, list[tuple[float, float, int]]] = {}
-            for corpus, n, who, e, secs in embedded:
-                live, final = replay(e, secs, float(th), cap, center)
-                res.setdefault(str(n), []).append((mapped_accuracy(who, final), mapped_accuracy(who, live),
-                                                   abs(len(set(final)) - n)))
-            per_n = {k: {"acc_final": float(np.mean([r[0] for r in v])), "acc_live": float(np.mean([r[1] for r in v])),
-                         "count_error": float(np.mean([r[2] for r in v]))} for k, v in sorted(res.items())}
-            grid.append({"cap": cap, "threshold": float(th), "per_speakers": per_n,
-                         "mean_acc_final": float(np.mean([p["acc_final"] for p in per_n.values()]))})
+        convs.append(Embedded(corpus, fold, n, [w for w, _ in voices_], np.stack([v[0] for _, v in voices_]),
+                              [v[1] for _, v in voices_]))
+    thresholds = [float(t) for t in np.round(np.arange(a.th_min, a.th_max + 1e-9, a.th_step), 3)]
+    cv = [cross_validate(clips, convs, shrink, a.caps, thresholds) for shrink in tqdm(a.shrinks, desc="cross-validation")]
+    for r in cv:
+        per_fold = " / ".join(f"{100 * f['mean_acc_final']:.1f}" for f in r["folds"])
+        print(f"shrink {r['shrink']}: cross-validated mean final accuracy {100 * r['mean_acc_final']:.1f}% ({per_fold})", flush=True)
+    # the best cross-validated shrinkage; a tie goes to the larger one (closer to centring only)
+    shrink = max(cv, key=lambda r: (round(r["mean_acc_final"], 4), r["shrink"]))["shrink"]
+    space = VoiceSpace.fit([clips[s] for s in sorted(clips)], shrink)
+    grid = grid_scores(convs, space, a.caps, thresholds)
     best = max(grid, key=lambda g: g["mean_acc_final"])
     report = {
-        "what": "choice of the diarization clustering (capped-Ward merge threshold and cap) on training speakers: "
+        "what": "choice of the diarization voice space (within-speaker whitening shrinkage, by speaker-disjoint "
+                "2-fold cross-validation) and clustering (capped-Ward merge threshold and cap) on training speakers: "
                 "RAVDESS actors 1-20 and EmoDB; never the bench's test actors 21-24",
         "machine": {**started, "load_avg_at_end": list(os.getloadavg())}, "git": git_state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-        "conversations": len(embedded), "turns": a.turns, "seed": a.seed,
-        "utterances": n_utt, "turns_split_by_the_vad": n_split,
+        "conversations": len(convs), "turns": a.turns, "seed": a.seed,
+        "folds": [sorted(f) for f in folds], "utterances": n_utt, "turns_split_by_the_vad": n_split,
         "weighting": "each utterance counts its seconds of voice (streamer.pipeline.speakers)",
-        "embedding_ms_per_clip": round(1000 * embed_s, 1), "training_clips": len(clips),
-        "best": best, "grid": grid,
+        "embedding_ms_per_clip": round(1000 * embed_s, 1), "training_clips": n_clips,
+        "cross_validation": cv, "shrink": shrink, "best": best, "grid": grid,
+        "minutes": round((time.time() - t_start) / 60, 1),
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "diarization_tune.json").write_text(json.dumps(report, indent=1))
     plot_tune(report, a.out / "diarization_tune.png")
-    if a.write_center:
-        np.save(CENTER_FILE, center.astype(np.float32))
-        print(f"wrote {CENTER_FILE}")
-    print(f"best: cap {best['cap']}, threshold {best['threshold']}: "
+    if a.write_space:
+        space.save(SPACE_FILE)
+        print(f"wrote {SPACE_FILE}")
+    print(f"shrink {shrink}; best: cap {best['cap']}, threshold {best['threshold']}: "
           + ", ".join(f"{k} speakers final {100 * v['acc_final']:.1f}% live {100 * v['acc_live']:.1f}% "
                       f"count error {v['count_error']:.2f}" for k, v in best["per_speakers"].items()))
     print(f"wrote {a.out / 'diarization_tune.json'} and .png")
@@ -366,8 +438,8 @@ def plot_tune(report: dict[str, Any], out: Path) -> None:
         x.legend(fontsize=7)
     ax.set_ylabel("utterances right (%)")
     bx.set_ylabel("|labels - speakers|")
-    fig.suptitle(f"diarization on training speakers (RAVDESS 1-20, EmoDB), cap {cap}: "
-                 f"{report['conversations']} conversations", fontsize=10)
+    fig.suptitle(f"diarization on training speakers (RAVDESS 1-20, EmoDB), whitening shrink {report['shrink']}, "
+                 f"cap {cap}: {report['conversations']} conversations", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -563,9 +635,11 @@ def plot_live(report: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--tune", action="store_true", help="pick the clustering parameters on training speakers (offline)")
-    ap.add_argument("--write-center", action="store_true", help="with --tune: write streamer/assets/voice_mean.npy")
+    ap.add_argument("--write-space", action="store_true", help="with --tune: write streamer/assets/voice_space.npz")
+    ap.add_argument("--shrinks", type=float, nargs="+", default=[0.2, 0.5, 0.8, 1.0],
+                    help="--tune: within-speaker whitening shrinkages cross-validated (1: centring only)")
     ap.add_argument("--conversations", type=int, default=None,
-                    help="per number of speakers (2, 3, 4); default 4 live, 12 per corpus with --tune")
+                    help="per number of speakers (2, 3, 4); default 4 live, 6 per corpus and fold with --tune")
     ap.add_argument("--turns", type=int, default=None, help="turns per conversation (default 12 live, 16 --tune)")
     ap.add_argument("--latency-conversations", type=int, default=2,
                     help="live: conversations streamed again in real time with diarize off and on")
@@ -582,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.speed <= 20:
         ap.error("--speed must be in (0, 20]")
     if a.tune:
-        a.conversations = a.conversations or 12
+        a.conversations = a.conversations or 6
         a.turns = a.turns or 14
         return tune(a)
     a.conversations = a.conversations or 4

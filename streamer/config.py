@@ -219,7 +219,7 @@ class DiarizeConfig:
     (bench/diarization.py --tune)."""
 
     default: bool = False  # serve --diarize: internal sources (--mic, --file, the demo) diarize; model loaded at start
-    threshold: float = 3.2  # capped-Ward merge cost below which two groups of utterances are one voice
+    threshold: float = 3.0  # capped-Ward merge cost below which two groups of utterances are one voice
     cap: float = 16.0  # the cap on Ward's size factor, in seconds of voice (see pipeline/diarize.py)
     window: int = 64  # utterances re-clustered after each one (older ones keep their label; bench/diarization.py times it)
     max_pending: int = 64  # voice embeddings waiting for the voice thread before new ones are refused

@@ -12,7 +12,7 @@ import pytest
 
 from streamer import protocol as P
 from streamer.calls.summary import CallSummary
-from streamer.pipeline.diarize import Revision, SpeakerClusters, cluster, gram_matrix
+from streamer.pipeline.diarize import Revision, SpeakerClusters, VoiceSpace, cluster, gram_matrix
 
 DIM = 256
 
@@ -121,11 +121,77 @@ def test_centering_on_the_model_mean() -> None:
     common = voices(3)[2] * 4.0
     a, b = voices(2)
     xs = [common + (a if i % 2 else b) for i in range(6)]
-    raw, centred = SpeakerClusters(threshold=1.0), SpeakerClusters(threshold=1.0, center=common)
+    raw, centred = SpeakerClusters(threshold=1.0), SpeakerClusters(threshold=1.0, space=VoiceSpace(common))
     for i, x in enumerate(xs):
         raw.add(i, x + 0.01 * rng.standard_normal(DIM))
         centred.add(i, x + 0.01 * rng.standard_normal(DIM))
     assert len(raw.speakers) == 1 and len(centred.speakers) == 2
+
+
+MOODS = voices(3, seed=7)  # directions every voice moves along with emotion (shared by all speakers)
+
+
+def emotional(voice_dirs: np.ndarray, n_clips: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Clip embeddings of speakers whose voices move more with their mood than they differ from
+    each other, and little in any other way."""
+    return [np.stack([v + rng.standard_normal(3) @ MOODS + 0.02 * rng.standard_normal(DIM) for _ in range(n_clips)])
+            for v in voice_dirs]
+
+
+def test_whitening_discounts_how_one_voice_varies() -> None:
+    """Two new speakers whose moods vary more than their voices differ: centring alone cannot tell
+    them apart; the space whitened on training speakers who vary the same way can."""
+    rng = np.random.default_rng(8)
+    training = emotional(voices(8, seed=12), 30, rng)
+    whitened, centred = VoiceSpace.fit(training, shrink=0.2), VoiceSpace.fit(training, shrink=1.0)
+    assert whitened.whiten is not None and whitened.whiten.shape == (DIM, DIM) and centred.whiten is None
+    assert np.allclose(centred.center, np.concatenate(training).mean(0))
+    a, b = emotional(voices(2, seed=13), 4, rng)
+    order, truth = [a[0], b[0], a[1], b[1], a[2], b[2], a[3], b[3]], [0, 1] * 4
+
+    def separated(space: VoiceSpace, threshold: float) -> bool:
+        sc = SpeakerClusters(threshold=threshold, space=space)
+        for i, x in enumerate(order):
+            sc.add(i, x)
+        got = [sc.labels[i] for i in range(len(order))]
+        return len(set(got)) == 2 and all((g == got[0]) == (t == truth[0]) for g, t in zip(got, truth))
+
+    thresholds = (0.5, 0.8, 1.0, 1.2, 1.5, 2.0)
+    assert all(separated(whitened, th) for th in thresholds)
+    assert not any(separated(centred, th) for th in thresholds)
+
+
+def test_voice_space_round_trip_and_checks(tmp_path) -> None:
+    rng = np.random.default_rng(10)
+    space = VoiceSpace.fit(emotional(voices(3, seed=14), 10, rng), shrink=0.5)
+    space.save(tmp_path / "space.npz")
+    back = VoiceSpace.load(tmp_path / "space.npz", DIM)
+    assert back.shrink == 0.5 and np.allclose(back.center, space.center, atol=1e-6)
+    assert np.allclose(back.project(np.ones(DIM)), space.project(np.ones(DIM)), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(space.project(rng.standard_normal((4, DIM))), axis=1), 1.0)
+    VoiceSpace(space.center).save(tmp_path / "centre.npz")
+    assert VoiceSpace.load(tmp_path / "centre.npz").whiten is None
+    with pytest.raises(ValueError):
+        VoiceSpace.load(tmp_path / "space.npz", 128)
+    with pytest.raises(ValueError):
+        VoiceSpace(np.zeros(DIM), np.eye(DIM - 1))
+    with pytest.raises(ValueError):
+        VoiceSpace(np.full(DIM, np.nan))
+    with pytest.raises(ValueError):
+        VoiceSpace.fit([np.ones((3, DIM))], shrink=0.5)  # one speaker
+    with pytest.raises(ValueError):
+        VoiceSpace.fit(emotional(voices(2, seed=14), 5, rng), shrink=0.0)
+    with pytest.raises(ValueError):
+        space.project(np.ones(DIM - 1))
+
+
+def test_the_shipped_voice_space_loads() -> None:
+    from streamer.infer.voice import EMBEDDING_DIM, voice_space
+
+    space = voice_space()
+    assert space.center.shape == (EMBEDDING_DIM,)
+    assert space.whiten is None or space.whiten.shape == (EMBEDDING_DIM, EMBEDDING_DIM)
+    assert 0 < space.shrink <= 1
 
 
 def test_cluster_edge_cases_and_bad_input() -> None:

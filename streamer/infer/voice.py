@@ -24,6 +24,7 @@ import numpy as np
 
 from streamer.config import SAMPLE_RATE
 from streamer.infer.engine import Overloaded
+from streamer.pipeline.diarize import VoiceSpace
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,17 @@ EMBEDDING_DIM = 256  # resemblyzer's d-vector
 INT16_MAX = 2**15 - 1
 
 MIN_VOICED_S = 0.3  # under this much voiced audio after trimming, the untrimmed utterance is embedded
-# the VoiceEncoder's mean embedding over RAVDESS actors 1-20 + EmoDB clips (bench/diarization.py --tune
-# writes it): the clustering centres embeddings on it, which separates voices far better than raw
-# cosine (resemblyzer's embeddings all lie in one positive cone)
-CENTER_FILE = Path(__file__).resolve().parent.parent / "assets" / "voice_mean.npy"
+# where the clustering compares voices (streamer.pipeline.diarize.VoiceSpace): the VoiceEncoder's mean
+# embedding over RAVDESS actors 1-20 + EmoDB clips, and a within-speaker whitening fitted on the same
+# clips (bench/diarization.py --tune --write-space writes it). Centring separates voices far better
+# than raw cosine (resemblyzer's embeddings all lie in one positive cone); the whitening discounts
+# the directions in which one speaker's voice moves with emotion and sentence
+SPACE_FILE = Path(__file__).resolve().parent.parent / "assets" / "voice_space.npz"
 
 
-def voice_center(path: Path = CENTER_FILE) -> np.ndarray:
-    """The mean embedding the clustering subtracts (float64, 256)."""
-    center = np.load(path).astype(np.float64).reshape(-1)
-    if center.shape != (EMBEDDING_DIM,) or not np.isfinite(center).all():
-        raise ValueError(f"{path}: not a {EMBEDDING_DIM}-d voice embedding mean")
-    return center
+def voice_space(path: Path = SPACE_FILE) -> VoiceSpace:
+    """The voice space the clustering works in (checked: finite, EMBEDDING_DIM dimensions)."""
+    return VoiceSpace.load(path, EMBEDDING_DIM)
 
 
 def available() -> bool:
@@ -115,15 +115,15 @@ class VoiceEmbedder:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="emostream-voice",
                                             initializer=lower_thread_priority, initargs=(nice,))
         self._pending = 0
-        self._center: np.ndarray | None = None
+        self._space: VoiceSpace | None = None
         self.load_s: float | None = None
 
     @property
-    def center(self) -> np.ndarray:
-        """The mean embedding the clustering subtracts (read once from CENTER_FILE)."""
-        if self._center is None:
-            self._center = voice_center()
-        return self._center
+    def space(self) -> VoiceSpace:
+        """Where the clustering compares voices (read once from SPACE_FILE)."""
+        if self._space is None:
+            self._space = voice_space()
+        return self._space
 
     @property
     def loaded(self) -> bool:

@@ -6,9 +6,11 @@ earlier utterances whose label changed now that more of the conversation is know
 
 How: every add() re-clusters the last `window` utterances agglomeratively and maps the new
 clusters onto the old labels so that labels stay stable (Hungarian assignment on how many
-utterances each cluster shares with each label). Embeddings are first centred on the voice model's
-mean embedding (`center`) and scaled to unit length; each utterance has a weight (the service
-gives its seconds of voice) and a cluster's size n is the sum of its weights. The merge cost of
+utterances each cluster shares with each label). Embeddings are first put in the `VoiceSpace`:
+centred on the voice model's mean embedding and scaled to unit length, then whitened against how
+one speaker's voice varies (emotion, sentence, recording: WCCN, fitted on training speakers) and
+scaled to unit length again. Each utterance has a weight (the service gives its seconds of voice)
+and a cluster's size n is the sum of its weights. The merge cost of
 clusters a and b is Ward's, sqrt(2 h) * |c_a - c_b| with h = n_a n_b / (n_a + n_b), except that h
 is capped at `cap`: a small cluster (a short utterance, whose embedding is noisy; one odd shout)
 joins a big one easily, as with Ward, but two big clusters are compared by their centroids alone,
@@ -28,20 +30,23 @@ Cost: one merge loop over at most `window` utterances per add() (numpy, no BLAS:
 gram_matrix), measured 1.3 ms median, 2.1 ms p95 at the default window of 64 on the project's
 2-core CPU: small enough for the event loop.
 
-Defaults (`threshold` 3.2, `cap` 16 s) were chosen on RAVDESS actors 1-20 and EmoDB
-conversations cut by the service's segmenter (bench/diarization.py --tune), never on the bench's
-test actors 21-24.
+The whitening's shrinkage, `threshold` and `cap` (the service's defaults: streamer.config.DiarizeConfig,
+streamer/assets/voice_space.npz) were chosen on RAVDESS actors 1-20 and EmoDB conversations cut by
+the service's segmenter (bench/diarization.py --tune: the shrinkage by speaker-disjoint 2-fold
+cross-validation), never on the bench's test actors 21-24.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 LABEL_PREFIX = "S"  # labels are S1, S2, ...
-DEFAULT_THRESHOLD = 3.2
+DEFAULT_THRESHOLD = 3.0
 DEFAULT_CAP = 16.0
 
 
@@ -59,6 +64,65 @@ def _unit(v: np.ndarray) -> np.ndarray:
     if not np.isfinite(n).all() or (n == 0).any():
         raise ValueError("a voice embedding must be a finite vector away from the model's mean")
     return v / n
+
+
+@dataclass(frozen=True, eq=False)
+class VoiceSpace:
+    """Where voices are compared: an embedding minus `center`, scaled to unit length, times `whiten`
+    (when given), scaled to unit length again."""
+
+    center: np.ndarray  # (D,) the voice model's mean embedding over training clips
+    # (D, D) within-speaker whitening: the inverse square root of the mean within-speaker covariance
+    # of centred unit embeddings, shrunk towards a multiple of the identity; None: centring only
+    whiten: np.ndarray | None = None
+    shrink: float = 1.0  # the shrinkage it was fitted with (1: no whitening)
+
+    def __post_init__(self) -> None:
+        c = np.asarray(self.center, dtype=np.float64).reshape(-1)
+        w = None if self.whiten is None else np.asarray(self.whiten, dtype=np.float64)
+        if not np.isfinite(c).all() or (w is not None and (w.shape != (c.size, c.size) or not np.isfinite(w).all())):
+            raise ValueError(f"a voice space needs a finite centre and a finite {c.size}x{c.size} whitening (or none)")
+        object.__setattr__(self, "center", c)
+        object.__setattr__(self, "whiten", w)
+
+    def project(self, v: np.ndarray) -> np.ndarray:
+        """Embeddings (D,) or (N, D) in this space: unit vectors."""
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape[-1] != self.center.size:
+            raise ValueError(f"embedding of size {v.shape[-1]}, the voice space has {self.center.size}")
+        z = _unit(v - self.center)
+        return z if self.whiten is None else _unit(z @ self.whiten)
+
+    @classmethod
+    def fit(cls, per_speaker: Sequence[np.ndarray], shrink: float) -> VoiceSpace:
+        """Centre and whitening from each training speaker's clip embeddings ((n_i, D) each).
+        `shrink` in (0, 1]: the weight of the identity in the within-speaker covariance (1: centring only)."""
+        if not 0 < shrink <= 1 or len(per_speaker) < 2:
+            raise ValueError("need 0 < shrink <= 1 and at least two speakers")
+        xs = [np.asarray(x, dtype=np.float64) for x in per_speaker]
+        center = np.concatenate(xs).mean(0)
+        if shrink == 1:
+            return cls(center)
+        zs = [_unit(x - center) for x in xs]
+        within = sum(np.cov(z.T, bias=True) for z in zs) / len(zs)
+        d = within.shape[0]
+        within = (1 - shrink) * within + shrink * np.trace(within) / d * np.eye(d)
+        evals, evecs = np.linalg.eigh(within)
+        return cls(center, (evecs * evals ** -0.5) @ evecs.T, shrink)
+
+    def save(self, path: Path) -> None:
+        arrays = {"center": self.center.astype(np.float32), "shrink": np.float64(self.shrink)}
+        if self.whiten is not None:
+            arrays["whiten"] = self.whiten.astype(np.float32)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path, dim: int | None = None) -> VoiceSpace:
+        with np.load(path) as f:
+            space = cls(f["center"], f["whiten"] if "whiten" in f.files else None, float(f["shrink"]))
+        if dim is not None and space.center.size != dim:
+            raise ValueError(f"{path}: a voice space of {space.center.size} dimensions, need {dim}")
+        return space
 
 
 def merge_cost(ca: np.ndarray, na: float, cb: np.ndarray, nb: np.ndarray | float, cap: float) -> np.ndarray:
@@ -123,7 +187,7 @@ class SpeakerClusters:
     """One session's speakers. add() an utterance's voice embedding, get (label, revisions)."""
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, max_speakers: int | None = None, window: int = 64,
-                 cap: float = DEFAULT_CAP, center: np.ndarray | None = None) -> None:
+                 cap: float = DEFAULT_CAP, space: VoiceSpace | None = None) -> None:
         if threshold <= 0 or cap <= 0:
             raise ValueError(f"threshold and cap must be > 0, got {threshold}, {cap}")
         if max_speakers is not None and max_speakers < 1:
@@ -131,9 +195,9 @@ class SpeakerClusters:
         if window < 2:
             raise ValueError(f"window must be >= 2, got {window}")
         self.threshold, self.cap, self.max_speakers, self.window = threshold, cap, max_speakers, window
-        self.center = None if center is None else np.asarray(center, dtype=np.float64).reshape(-1)
+        self.space = space  # None: raw embeddings, scaled to unit length
         self._ids: list[int] = []  # utterance ids in the window, in the order they were added
-        self._vecs: list[np.ndarray] = []  # their centred unit embeddings
+        self._vecs: list[np.ndarray] = []  # their embeddings in the voice space (unit vectors)
         self._weights: list[float] = []  # their weights (seconds of voice, as the runner gives them)
         self._gram = np.zeros((0, 0))  # their dot products (kept up to date: O(window) per add)
         self.labels: dict[int, str] = {}  # every utterance's current label (frozen ones included)
@@ -154,11 +218,7 @@ class SpeakerClusters:
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         v = np.asarray(embedding, dtype=np.float64).reshape(-1)
-        if self.center is not None:
-            if self.center.shape != v.shape:
-                raise ValueError(f"embedding of size {v.size}, the centre has {self.center.size}")
-            v = v - self.center
-        v = _unit(v)
+        v = _unit(v) if self.space is None else self.space.project(v)
         dots = np.array([float((u * v).sum()) for u in self._vecs] + [float((v * v).sum())])
         n = len(self._vecs)
         gram = np.empty((n + 1, n + 1))

@@ -37,7 +37,7 @@ class SessionSpeakers:
     @classmethod
     def start(cls, embedder: VoiceEmbedder, config: DiarizeConfig, max_speakers: int | None = None) -> SessionSpeakers:
         """A diarized session's speakers (the voice model starts loading on its thread if no session loaded it yet)."""
-        clusters = SpeakerClusters(config.threshold, max_speakers, config.window, config.cap, center=embedder.center)
+        clusters = SpeakerClusters(config.threshold, max_speakers, config.window, config.cap, space=embedder.space)
         embedder.preload()
         return cls(embedder, clusters)
 

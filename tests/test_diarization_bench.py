@@ -1,0 +1,42 @@
+"""The pure parts of bench/diarization.py: the folds, the scoring and the cross-validation that
+chooses the voice space's whitening (synthetic embeddings; the bench itself needs the corpora)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.diarization import Embedded, cross_validate, mapped_accuracy, speaker_folds
+from tests.test_diarize import emotional, voices
+
+
+def test_speaker_folds_halve_each_corpus() -> None:
+    names = [f"A{i:02d}" for i in range(1, 21)] + ["E03", "E08", "E09", "E10", "E11", "E12"]
+    first, second = speaker_folds(names)
+    assert first.isdisjoint(second) and first | second == set(names)
+    assert sorted(first) == [f"A{i:02d}" for i in range(1, 11)] + ["E03", "E08", "E09"]
+
+
+def test_mapped_accuracy_uses_the_best_one_to_one_mapping() -> None:
+    assert mapped_accuracy(["a", "a", "b", "b"], ["S2", "S2", "S1", "S1"]) == 1.0
+    assert mapped_accuracy(["a", "a", "b", "b"], ["S1", "S1", "S1", "S1"]) == 0.5
+    assert mapped_accuracy(["a", "b"], ["S1", None]) == 0.5  # no label is wrong
+
+
+def test_cross_validation_prefers_whitening_where_moods_hide_voices() -> None:
+    rng = np.random.default_rng(3)
+    names = [f"A{i:02d}" for i in range(1, 9)] + [f"E{i:02d}" for i in range(1, 9)]
+    clips = dict(zip(names, emotional(voices(len(names), seed=21), 24, rng)))
+    folds = speaker_folds(names)
+    convs = []
+    for fold, members in enumerate(folds):
+        members = sorted(members)
+        for k in range(4):
+            who = [members[k], members[k + 4]]
+            turns = [who[t % 2] for t in range(8)]
+            idx = rng.choice(24, 8, replace=False)
+            convs.append(Embedded("synthetic", fold, 2, turns, np.stack([clips[w][i] for w, i in zip(turns, idx)]), [2.0] * 8))
+    thresholds = [0.5, 1.0, 1.5, 2.0, 3.0]
+    whitened, centred = (cross_validate(clips, convs, s, [16.0], thresholds) for s in (0.2, 1.0))
+    assert [f["held_out_fold"] for f in whitened["folds"]] == [0, 1]
+    assert whitened["mean_acc_final"] > 0.95
+    assert centred["mean_acc_final"] < whitened["mean_acc_final"] - 0.1
