@@ -91,7 +91,8 @@ class VoiceSpace:
         if v.shape[-1] != self.center.size:
             raise ValueError(f"embedding of size {v.shape[-1]}, the voice space has {self.center.size}")
         z = _unit(v - self.center)
-        return z if self.whiten is None else _unit(z @ self.whiten)
+        # einsum without `optimize` runs numpy's own loop, not BLAS (see gram_matrix): 0.07 ms
+        return z if self.whiten is None else _unit(np.einsum("...i,ij->...j", z, self.whiten))
 
     @classmethod
     def fit(cls, per_speaker: Sequence[np.ndarray], shrink: float) -> VoiceSpace:
