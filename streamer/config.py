@@ -216,7 +216,7 @@ class CallsConfig:
 class DiarizeConfig:
     """Speakers within one channel (`"diarize": true` in start; streamer/pipeline/diarize.py,
     streamer/infer/voice.py). The clustering defaults were chosen on RAVDESS actors 1-20 + EmoDB
-    (bench/diarization.py --tune)."""
+    (bench/diarization.py --tune), in the voice space shipped in streamer/assets/voice_space.npz."""
 
     default: bool = False  # serve --diarize: internal sources (--mic, --file, the demo) diarize; model loaded at start
     threshold: float = 3.0  # capped-Ward merge cost below which two groups of utterances are one voice
