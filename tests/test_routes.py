@@ -75,3 +75,34 @@ def test_websocket_router_refuses_new_connections_while_shutting_down() -> None:
     assert router(shutting_down=True).route_request(conn, conn.request) == (503, "shutting down\n")  # type: ignore[arg-type]
     conn = Conn(request=request("/nope"))  # an unknown path is still unknown
     assert router(shutting_down=True).route_request(conn, conn.request)[0] == 404  # type: ignore[arg-type,index]
+
+
+def test_a_subscriber_closes_once() -> None:
+    """The first finish() closes the socket; a later one (the listen route after admission refused
+    a start) queues nothing behind it."""
+    import asyncio
+
+    from streamer.events.fanout import Subscriber
+    from streamer.metrics import Metrics
+
+    class FakeSocket:
+        def __init__(self) -> None:
+            self.closes: list[tuple[int, str]] = []
+
+        async def send(self, text: str) -> None:
+            pass
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closes.append((code, reason))
+
+    async def scenario() -> tuple[list[tuple[int, str]], int]:
+        ws = FakeSocket()
+        sub = Subscriber(ws, 8, Metrics())  # type: ignore[arg-type]
+        sub.offer('{"seq": 1}')
+        sub.finish(P.CLOSE_TRY_AGAIN, "too many sessions")
+        sub.finish(P.CLOSE_POLICY, "start refused: see the Error message")
+        await asyncio.wait_for(sub.task, 5)
+        return ws.closes, sub.queue.qsize()
+
+    closes, left = asyncio.run(scenario())
+    assert closes == [(P.CLOSE_TRY_AGAIN, "too many sessions")] and left == 0

@@ -27,6 +27,7 @@ class Subscriber:
         self.queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue(maxsize)
         self.metrics = metrics
         self.dropped = False
+        self.closing = False  # finish() was called: the first close wins, later ones are no-ops
         self.interim = False  # also wants transcript.partial / emotion.partial (start flag, ?interim=1)
         self.source = False  # the socket of a /v1/stream or /v1/twilio source: not counted as a subscriber
         self.held: list[str | tuple[int, str]] | None = None  # live events wait here during a bus replay
@@ -52,9 +53,11 @@ class Subscriber:
             asyncio.create_task(self.ws.close(P.CLOSE_POLICY, "subscriber too slow: event queue overflowed"))
 
     def finish(self, code: int = P.CLOSE_NORMAL, reason: str = "") -> None:
-        """Send what is queued, then close with `code`."""
-        if self.dropped:
+        """Send what is queued, then close with `code`; only the first call closes (a refused start
+        is closed by admission, and its route need not know whether it was)."""
+        if self.dropped or self.closing:
             return
+        self.closing = True
         if self.held is not None:
             self.held.append((code, reason))
             return

@@ -167,8 +167,8 @@ class ListenConnection(SourceConnection):
             await self.sub.task
             return
         self.sub.translate = DeepgramMessages(options, lambda: self.received_s)
-        if self.on_start(start) or self.runner is None:  # refused: admission closed it, else the format
-            self.sub.finish(P.CLOSE_POLICY, "start refused: see the Error message")
+        if self.on_start(start) or self.runner is None:  # refused: by admission (which closed it already), or the format
+            self.sub.finish(P.CLOSE_POLICY, "start refused: see the Error message")  # a no-op after admission's close
             await self.finish()
             return
         await super().run()
