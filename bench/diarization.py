@@ -230,8 +230,7 @@ class Embedded:
     """One tuning conversation as the service would see it: per utterance its true speaker, voice
     embedding and seconds of voice."""
 
-    corpus: str
-    fold: int
+    fold: int  # its speakers' fold (speaker_folds)
     speakers: int
     who: list[str]
     embeddings: np.ndarray
@@ -257,13 +256,13 @@ def grid_scores(convs: Sequence[Embedded], space: Any, caps: Sequence[float],
     return grid
 
 
-def cross_validate(clips: dict[str, np.ndarray], convs: Sequence[Embedded], shrink: float, caps: Sequence[float],
-                   thresholds: Sequence[float]) -> dict[str, Any]:
+def cross_validate(clips: dict[str, np.ndarray], folds: tuple[set[str], set[str]], convs: Sequence[Embedded],
+                   shrink: float, caps: Sequence[float], thresholds: Sequence[float]) -> dict[str, Any]:
     """Speaker-disjoint 2-fold: the voice space is fitted on one fold's clips and (cap, threshold)
-    chosen on that fold's conversations, then scored on the other fold's conversations."""
+    chosen on that fold's conversations, then scored on the other fold's conversations (each
+    conversation's `fold` indexes `folds`)."""
     from streamer.pipeline.diarize import VoiceSpace
 
-    folds = speaker_folds(sorted(clips))
     out = []
     for held in (0, 1):
         fit = 1 - held
@@ -362,17 +361,17 @@ def tune(a: argparse.Namespace) -> int:
     embed_s = (time.perf_counter() - t0) / n_clips
     folds = speaker_folds(sorted(clips))
     plans = []
-    for corpus, voices in corpora.items():
+    for voices in corpora.values():
         for fold, members in enumerate(folds):
             names = sorted(s for s in voices if s in members)
             for n in (2, 3, 4):
                 for _ in range(a.conversations):
                     who = [names[i] for i in rng.choice(len(names), n, replace=False)]
                     turns = make_conversation(voices, who, a.turns, rng)
-                    plans.append((corpus, fold, n, turns, *assemble(turns, rng)))
+                    plans.append((fold, n, turns, *assemble(turns, rng)))
     convs: list[Embedded] = []
     n_utt, n_split = 0, 0
-    for corpus, fold, n, turns, audio, spans in tqdm(plans, desc="conversations", unit="conv"):
+    for fold, n, turns, audio, spans in tqdm(plans, desc="conversations", unit="conv"):
         ends = segment(audio)  # the utterances as the live service cuts them: a turn may be split
         m = match_clips(spans, [(k, e.start_s, e.end_s) for k, e in enumerate(ends)])
         truth = {u: turns[i].speaker for i, us in enumerate(m.per_clip) for u in us}
@@ -380,10 +379,10 @@ def tune(a: argparse.Namespace) -> int:
         voices_ = [(who, v) for who, v in voices_ if v is not None]
         n_utt += len(voices_)
         n_split += sum(len(us) > 1 for us in m.per_clip)
-        convs.append(Embedded(corpus, fold, n, [w for w, _ in voices_], np.stack([v[0] for _, v in voices_]),
+        convs.append(Embedded(fold, n, [w for w, _ in voices_], np.stack([v[0] for _, v in voices_]),
                               [v[1] for _, v in voices_]))
     thresholds = [float(t) for t in np.round(np.arange(a.th_min, a.th_max + 1e-9, a.th_step), 3)]
-    cv = [cross_validate(clips, convs, shrink, a.caps, thresholds) for shrink in tqdm(a.shrinks, desc="cross-validation")]
+    cv = [cross_validate(clips, folds, convs, shrink, a.caps, thresholds) for shrink in tqdm(a.shrinks, desc="cross-validation")]
     for r in cv:
         per_fold = " / ".join(f"{100 * f['mean_acc_final']:.1f}" for f in r["folds"])
         print(f"shrink {r['shrink']}: cross-validated mean final accuracy {100 * r['mean_acc_final']:.1f}% ({per_fold})", flush=True)

@@ -34,9 +34,9 @@ def test_cross_validation_prefers_whitening_where_moods_hide_voices() -> None:
             who = [members[k], members[k + 4]]
             turns = [who[t % 2] for t in range(8)]
             idx = rng.choice(24, 8, replace=False)
-            convs.append(Embedded("synthetic", fold, 2, turns, np.stack([clips[w][i] for w, i in zip(turns, idx)]), [2.0] * 8))
+            convs.append(Embedded(fold, 2, turns, np.stack([clips[w][i] for w, i in zip(turns, idx)]), [2.0] * 8))
     thresholds = [0.5, 1.0, 1.5, 2.0, 3.0]
-    whitened, centred = (cross_validate(clips, convs, s, [16.0], thresholds) for s in (0.2, 1.0))
+    whitened, centred = (cross_validate(clips, folds, convs, s, [16.0], thresholds) for s in (0.2, 1.0))
     assert [f["held_out_fold"] for f in whitened["folds"]] == [0, 1]
     assert whitened["mean_acc_final"] > 0.95
     assert centred["mean_acc_final"] < whitened["mean_acc_final"] - 0.1
