@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_state  # noqa: E402
 from training.datasets import EMODB_CODES, RAVDESS_CODES, TO_MELD  # noqa: E402
+from streamer.config import AsrConfig  # noqa: E402
 
 SR = 16_000
 CORPORA = ("ravdess", "emodb")
@@ -322,9 +323,9 @@ def sha256(path: Path) -> str:
 class Service:
     """`python -m streamer --port 0 ...` in a child process; its URL from the line it prints."""
 
-    def __init__(self, checkpoint: Path, modalities: str, device: str, log: Path) -> None:
+    def __init__(self, checkpoint: Path, modalities: str, device: str, log: Path, extra: Sequence[str] = ()) -> None:
         self.cmd = [sys.executable, "-m", "streamer", "--port", "0", "--checkpoint", str(checkpoint),
-                    "--modalities", modalities, "--device", device]
+                    "--modalities", modalities, "--device", device, *extra]
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
@@ -438,7 +439,8 @@ async def run_one(modalities: str, sessions: Sessions, prefix: str, a: argparse.
     seg = {"clips": 0, "one_utterance": 0, "no_utterance": 0, "split": 0, "utterances": 0,
            "stray_utterances": 0, "spanning_utterances": 0, "errors": 0,
            "error_codes": {}}
-    async with Service(a.checkpoint, modalities, a.device, log_dir / f"service-{modalities}.log") as svc:
+    extra = [] if a.asr_window is None else ["--asr-window", str(a.asr_window)]
+    async with Service(a.checkpoint, modalities, a.device, log_dir / f"service-{modalities}.log", extra) as svc:
         load_s = time.monotonic() - t_load
         t0 = time.monotonic()
         n_clips = sum(len(c) for c, _, _ in sessions.values())
@@ -601,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated --modalities values, one service run each")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled checkpoint")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--asr-window", type=float, default=None, metavar="S", help="the service's --asr-window (default: its own)")
     ap.add_argument("--speed", type=float, default=8.0, help="x real time (the service throttles beyond 20)")
     ap.add_argument("--gap", type=float, default=1.2, help="seconds of low noise before each clip")
     ap.add_argument("--noise-db", type=float, default=-60.0, help="gap noise level, dBFS RMS")
@@ -654,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "sentences": [{"id": s, "text": RAVDESS_SENTENCES.get(s) if a.corpus == "ravdess" else None} for s in used],
         "limit": a.limit,
         "speed": a.speed, "gap_s": a.gap, "noise_dbfs": a.noise_db, "seed": a.seed, "device": a.device,
+        "asr_min_window_s": a.asr_window if a.asr_window is not None else AsrConfig.min_window_s,
         "clip_choice": "longest utterance of a clip; no utterance or no emotion event -> 'none'",
         "label_map": TO_MELD[a.corpus],
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -37,7 +37,9 @@ of audio streamed. Backlog slope = linear fit of latency against end-of-speech t
 up). Queue depth = inference queue + ended utterances waiting per session, sampled every 100 ms.
 Errors are counted by `code` from the `error` events the clients received (`overloaded` separately).
 The naive baseline (--variants naive) decodes one utterance at a time after the silence wait, with
-Whisper's full 30 s window and no batching.
+Whisper's full 30 s window and no batching. `window15` is the service with the 15 s minimum encoder
+window it had before the 10 s one (AsrConfig.min_window_s), to measure that change side by side:
+levels run in order of stream count, each level's variants one after another.
 Writes <out>/stream_bench.json and <out>/stream_bench.png (default out: bench/results).
 """
 
@@ -87,7 +89,9 @@ def variants(checkpoint: Path | None) -> dict[str, AppConfig]:
         asr=replace(AsrConfig(device="cpu"), max_batch=1, min_window_s=30.0),
         inference=replace(inf, max_batch=1, max_wait_ms=0.0),
     )
-    return {"emostream": ours, "naive": naive}
+    # the service as it was before the 10 s encoder window: the side-by-side measurement of that change
+    window15 = replace(ours, asr=replace(ours.asr, min_window_s=15.0))
+    return {"emostream": ours, "naive": naive, "window15": window15}
 
 
 def jsonable(x: Any) -> Any:
@@ -350,7 +354,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
     results = report["results"]
     colors = {("emostream", "sync"): "tab:red", ("emostream", "staggered"): "tab:blue",
-              ("naive", "sync"): "tab:orange", ("naive", "staggered"): "tab:cyan"}
+              ("naive", "sync"): "tab:orange", ("naive", "staggered"): "tab:cyan",
+              ("window15", "sync"): "tab:purple", ("window15", "staggered"): "tab:green"}
     keys = sorted({(r["variant"], r["pattern"], r["interim"]) for r in results if r["pattern"] != SINGLE})
     if not keys:  # only 1-stream levels
         keys = sorted({(r["variant"], SINGLE, r["interim"]) for r in results})
@@ -434,7 +439,7 @@ def main() -> int:
     ap.add_argument("--interim-patterns", nargs="+", default=None, choices=PATTERNS,
                     help="with --interim: only these patterns get the interim run (default: all; 'single' always)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled checkpoint")
-    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=["emostream", "naive"])
+    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=["emostream", "naive", "window15"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the wall-time estimate, run nothing")
     a = ap.parse_args()

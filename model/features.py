@@ -88,10 +88,12 @@ def pad_batch(mels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 WHISPER_STATE_HOP = 320  # samples per Whisper encoder state (20 ms at 16 kHz)
 
 
-def whisper_window_frames(n_samples: int, min_window_s: float = 15.0, margin_s: float = 2.0, step_s: float = 5.0) -> int:
+def whisper_window_frames(n_samples: int, min_window_s: float = 10.0, margin_s: float = 2.0, step_s: float = 5.0) -> int:
     """Whisper encoder window (in 10 ms mel frames) for an utterance: its length plus a margin,
-    rounded up to `step_s`, within [min_window_s, 30 s]. The service's ASR and training both use
-    this, so pooled states seen in training match the ones served."""
+    rounded up to `step_s`, within [min_window_s, 30 s]. The service's ASR (AsrConfig, the same
+    defaults) and training both use this, so pooled states seen in training match the ones served.
+    The bundled checkpoint was trained with a 15 s minimum; MODEL_CARD.md has how its predictions
+    with 10 s states compare."""
     import math
 
     seconds = n_samples / SAMPLE_RATE + margin_s

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's, 0.5: below it the model is more likely wrong than right)")
     p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
     p.add_argument("--asr-beam", type=int, default=1)
+    p.add_argument("--asr-window", type=float, default=None, metavar="S",
+                   help="shortest Whisper encoder window, seconds (default 10; 30 is Whisper's standard, slower on short "
+                        "utterances): an utterance gets its length + 2 s, rounded up to 5 s, within [S, 30]")
     p.add_argument("--asr-workers", type=int, default=0,
                    help="Whisper decoders run in parallel, one thread each on a CPU (0: 2 on a multi-core CPU, 1 on CUDA)")
     p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")
@@ -134,6 +137,8 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
                       early_decode_s=min(seg.early_decode_s, a.trailing_silence),
                       tail_pad_s=min(seg.tail_pad_s, a.trailing_silence))
     asr = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=a.asr_workers)
+    if a.asr_window is not None:
+        asr = replace(asr, min_window_s=a.asr_window)
     if a.asr_model:
         asr = replace(asr, model=a.asr_model)
     inf = InferenceConfig(device=a.device, remote=a.inference, modalities=a.modalities,

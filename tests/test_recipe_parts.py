@@ -213,8 +213,8 @@ def test_context_changes_the_sentence_vector(minilm):
 
 
 # ---- model.features: Whisper states ------------------------------------------------------------------
-@pytest.mark.parametrize("seconds,frames", [(3, 1500), (13, 1500), (13.5, 2000), (14, 2000), (18, 2000),
-                                            (18.5, 2500), (28, 3000), (40, 3000), (0, 1500)])
+@pytest.mark.parametrize("seconds,frames", [(3, 1000), (8, 1000), (8.5, 1500), (13, 1500), (13.5, 2000), (14, 2000),
+                                            (18, 2000), (18.5, 2500), (28, 3000), (40, 3000), (0, 1000)])
 def test_whisper_window_frames_by_hand(seconds, frames):
     from streamer.config import AsrConfig
     from streamer.infer.transcriber import Transcriber
@@ -223,6 +223,17 @@ def test_whisper_window_frames_by_hand(seconds, frames):
     assert features.whisper_window_frames(n) == frames
     fake = types.SimpleNamespace(config=AsrConfig())  # window_frames reads only the config
     assert Transcriber.window_frames(fake, n) == frames
+
+
+def test_asr_window_from_the_command_line_and_its_bounds():
+    from streamer.__main__ import build_parser, config_from_args
+    from streamer.config import AsrConfig
+
+    assert config_from_args(build_parser().parse_args([])).asr.min_window_s == AsrConfig().min_window_s == 10.0
+    assert config_from_args(build_parser().parse_args(["--asr-window", "30"])).asr.min_window_s == 30.0
+    for bad in ({"min_window_s": 0.0}, {"min_window_s": 31.0}, {"window_step_s": 0.0}, {"window_margin_s": -1.0}):
+        with pytest.raises(ValueError):
+            AsrConfig(**bad)
 
 
 def test_whisper_window_frames_follows_the_asr_config():

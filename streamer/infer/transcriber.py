@@ -86,8 +86,8 @@ class Transcriber:
 
     def window_frames(self, n_samples: int) -> int:
         """Encoder window for an utterance: its length plus a margin, in steps, within [min, 30 s].
-        The encoder's cost grows with the window, so a short utterance decodes much faster in the 15 s
-        minimum than in Whisper's fixed 30 s."""
+        The encoder's cost grows with the window, so a short utterance decodes much faster in the 10 s
+        minimum than in Whisper's fixed 30 s (docs/latency.md, "The encoder window")."""
         c = self.config
         return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
 
