@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-beam", type=int, default=1)
     p.add_argument("--asr-window", type=float, default=None, metavar="S",
                    help="shortest Whisper encoder window, seconds (default 10; 30 is Whisper's standard, slower on short "
-                        "utterances): an utterance gets its length + 2 s, rounded up to 5 s, within [S, 30]")
+                        "utterances): an utterance gets its length + 2 s, rounded up to 5 s, within [S, 30]. With --inference "
+                        "the workers decode: give it to them (python -m streamer.infer.worker --asr-window)")
     p.add_argument("--asr-workers", type=int, default=0,
                    help="Whisper decoders run in parallel, one thread each on a CPU (0: 2 on a multi-core CPU, 1 on CUDA)")
     p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")

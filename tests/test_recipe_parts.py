@@ -231,6 +231,10 @@ def test_asr_window_from_the_command_line_and_its_bounds():
 
     assert config_from_args(build_parser().parse_args([])).asr.min_window_s == AsrConfig().min_window_s == 10.0
     assert config_from_args(build_parser().parse_args(["--asr-window", "30"])).asr.min_window_s == 30.0
+    from streamer.infer import worker  # a remote worker decodes, so it takes the option too
+
+    assert worker.asr_config(worker.build_parser().parse_args(["--bus", "redis://x"])).min_window_s == 10.0
+    assert worker.asr_config(worker.build_parser().parse_args(["--bus", "redis://x", "--asr-window", "15"])).min_window_s == 15.0
     for bad in ({"min_window_s": 0.0}, {"min_window_s": 31.0}, {"window_step_s": 0.0}, {"window_margin_s": -1.0}):
         with pytest.raises(ValueError):
             AsrConfig(**bad)

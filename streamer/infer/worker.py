@@ -26,6 +26,16 @@ from streamer.memory import tune_allocator
 from streamer.config import AsrConfig, WorkerConfig, default_checkpoint
 
 
+def asr_config(a: argparse.Namespace) -> AsrConfig:
+    """The worker's Whisper settings from its options: one decoding thread per worker process."""
+    cfg = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=1)
+    if a.asr_model:
+        cfg = replace(cfg, model=a.asr_model)
+    if a.asr_window is not None:
+        cfg = replace(cfg, min_window_s=a.asr_window)
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = WorkerConfig()
     p = argparse.ArgumentParser(prog="python -m streamer.infer.worker", description=__doc__.split("\n")[0],
@@ -36,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help=f"emotion model (default {default_checkpoint()})")
     p.add_argument("--asr-model", default=None, help="Whisper CTranslate2 model name or path (default: packaged tiny.en)")
     p.add_argument("--asr-beam", type=int, default=1)
+    p.add_argument("--asr-window", type=float, default=None, metavar="S",
+                   help="shortest Whisper encoder window, seconds (default 10; 30 is Whisper's standard)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, metavar="N", help="jobs per batch")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, metavar="M", help="wait for company per batch")
     p.add_argument("--claim-idle", type=float, default=d.claim_idle_s, metavar="S",
@@ -65,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.torch_threads)
-    asr_cfg = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=1)  # one decoding thread per worker process
-    if a.asr_model:
-        asr_cfg = replace(asr_cfg, model=a.asr_model)
+    asr_cfg = asr_config(a)
     try:
         model = load_checkpoint(a.checkpoint or default_checkpoint(), device=a.device)
         asr = Transcriber(asr_cfg)
