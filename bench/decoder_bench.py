@@ -3,13 +3,15 @@
     .venv/bin/python bench/decoder_bench.py            # ~2 min on 2 CPU cores
 
 When N sessions stop speaking at once, N utterances need Whisper at once. This measures, with the
-service's own Transcriber (packaged tiny.en, int8, the service's 15 s window), how long it takes to
+service's own Transcriber (packaged tiny.en, int8, the service's window policy), how long it takes to
 decode N = 1, 2, 4, 8 utterances of 3 s of real noisy speech:
 - one decoder with 1 or 2 CTranslate2 threads, the N utterances in batches of 1, 2 or 4;
 - two decoders in parallel (CTranslate2 replicas, `num_workers=2`, one Python thread each), 1 thread
   each, the N utterances split between them in batches of 1 or 2 (AsrConfig.workers / cpu_batch);
 plus the encoder/decoder split of one utterance. Wall time of the whole burst, median of 5 runs.
-Writes bench/results/decoder_bench.json and decoder_bench.png.
+`--windows 15 10` runs the whole grid once per minimum encoder window (AsrConfig.min_window_s,
+default: the service's), one after the other. Writes bench/results/decoder_bench.json and
+decoder_bench.png (one panel per window).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import git_state  # noqa: E402
 from streamer.config import AsrConfig  # noqa: E402
 
 AUDIO = ROOT / "tests" / "fixtures" / "speech" / "noisy_pauses.flac"
@@ -61,8 +64,11 @@ def median_of(fn: Any, reps: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--windows", type=float, nargs="+", default=[AsrConfig().min_window_s],
+                    help="minimum encoder windows, seconds (default: the service's)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
+    git = git_state()
 
     from faster_whisper.audio import pad_or_trim
 
@@ -74,28 +80,31 @@ def main() -> int:
     layouts = [("1 decoder x 2 threads", 1, 2), ("1 decoder x 1 thread", 1, 1), ("2 decoders x 1 thread", 2, 1)]
     rows: list[dict[str, Any]] = []
     split: dict[str, Any] = {}
-    for name, workers, threads in layouts:
-        tr = Transcriber(replace(AsrConfig(device="cpu"), workers=workers, cpu_threads=threads))
+    for window, (name, workers, threads) in [(w, lay) for w in a.windows for lay in layouts]:
+        tr = Transcriber(replace(AsrConfig(device="cpu"), workers=workers, cpu_threads=threads, min_window_s=window))
         for batch in (1, 2, 4):
             if workers == 2 and batch == 4:
                 continue
             for n in (1, 2, 4, 8):
                 s = median_of(lambda: burst(tr, clips[:n], workers, batch), a.reps)
-                rows.append({"layout": name, "workers": workers, "threads": threads, "batch": batch, "utterances": n,
-                             "wall_s": round(s, 4)})
-                print(f"{name:22s} batch {batch}  {n} utterances: {s:.3f} s", flush=True)
+                rows.append({"min_window_s": window, "layout": name, "workers": workers, "threads": threads, "batch": batch,
+                             "utterances": n, "wall_s": round(s, 4)})
+                print(f"window {window:g} s  {name:22s} batch {batch}  {n} utterances: {s:.3f} s", flush=True)
         if workers == 1:  # one utterance: where its time goes
             feats = np.stack([pad_or_trim(tr.model.feature_extractor(clips[0]), tr.window_frames(len(clips[0])))])
             enc_s = median_of(lambda: _t(lambda: tr.model.encode(feats)), a.reps)
             enc = tr.model.encode(feats)
             gen_s = median_of(lambda: _t(lambda: tr.model.model.generate(
                 enc, [list(tr.prompt)], beam_size=1, max_length=len(tr.prompt) + 128)), a.reps)
-            split[name] = {"window_frames": int(feats.shape[-1]), "encoder_s": round(enc_s, 4), "decoder_s": round(gen_s, 4)}
-            print(f"{name:22s} one utterance: encoder {enc_s * 1000:.0f} ms, decoder {gen_s * 1000:.0f} ms", flush=True)
+            split[f"{name}, window {window:g} s"] = {"min_window_s": window, "window_frames": int(feats.shape[-1]),
+                                                      "encoder_s": round(enc_s, 4), "decoder_s": round(gen_s, 4)}
+            print(f"window {window:g} s  {name:22s} one utterance: encoder {enc_s * 1000:.0f} ms, decoder {gen_s * 1000:.0f} ms",
+                  flush=True)
 
     report = {
         "what": "Whisper tiny.en int8 decode wall time for a burst of N 3 s utterances, by decoder layout and batch",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "git": git, "windows_s": a.windows,
         "audio": {"name": AUDIO.name, "clip_s": 3.0, "starts_s": list(STARTS_S)},
         "reps": a.reps,
         "results": rows,
@@ -120,18 +129,21 @@ def plot(report: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    combos = sorted({(r["layout"], r["batch"]) for r in report["results"]})
-    for layout, batch in combos:
-        rs = [r for r in report["results"] if r["layout"] == layout and r["batch"] == batch]
-        ax.plot([r["utterances"] for r in rs], [r["wall_s"] for r in rs], "o-" if "2 decoders" in layout else "s--",
-                label=f"{layout}, batch {batch}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("utterances ending at once")
-    ax.set_ylabel("wall time to decode all (s)")
-    ax.set_title(f"Whisper tiny.en int8, 3 s utterances, {report['machine']['cpus']} CPU cores", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    windows = sorted({r.get("min_window_s", 15.0) for r in report["results"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(windows), figsize=(7 * len(windows), 4), sharey=True, squeeze=False)
+    for ax, window in zip(axes[0], windows):
+        results = [r for r in report["results"] if r.get("min_window_s", 15.0) == window]
+        for layout, batch in sorted({(r["layout"], r["batch"]) for r in results}):
+            rs = [r for r in results if r["layout"] == layout and r["batch"] == batch]
+            ax.plot([r["utterances"] for r in rs], [r["wall_s"] for r in rs], "o-" if "2 decoders" in layout else "s--",
+                    label=f"{layout}, batch {batch}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("utterances ending at once")
+        ax.set_ylabel("wall time to decode all (s)")
+        ax.set_title(f"Whisper tiny.en int8, 3 s utterances, {window:g} s minimum window, "
+                     f"{report['machine']['cpus']} CPU cores", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
