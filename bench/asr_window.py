@@ -28,7 +28,6 @@ import glob
 import json
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import replace
@@ -41,26 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_state  # noqa: E402
+from tests.stream_util import word_edits as edits, words  # noqa: E402  (the suite's WER scoring, as bench/soak.py)
 
 DATA = ROOT.parent / "shared" / "data"
 SENTENCES = {"01": "kids are talking by the door", "02": "dogs are sitting by the door"}
 REAL = [DATA / "speech" / "silero_test.wav", ROOT / "tests" / "fixtures" / "speech" / "noisy_pauses.flac"]
 REFERENCED = ["jfk.flac", "LJ001-0002.wav", "LJ001-0004.wav", "LJ001-0006.wav", "LJ001-0008.wav"]
 BASE = 15.0  # the window the bundled checkpoint's Whisper states were computed with
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
-
-
-def edits(ref: list[str], hyp: list[str]) -> int:
-    """Word-level Levenshtein distance."""
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[:], i
-        for j, h in enumerate(hyp, 1):
-            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r != h))
-    return d[len(hyp)]
 
 
 def step_for(window: float) -> float:
@@ -152,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"what": "Whisper minimum encoder window: decode time, word errors, pooled-state drift",
               "method": "see the docstring of bench/asr_window.py",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg()},
-              "git": git, "asr_model": str(asr.config.model), "threads": 1,
+              "git": git, "asr_model": asr.name, "threads": 1,
               "results": [results[w] for w in windows]}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "asr_window.json").write_text(json.dumps(report, indent=1))

@@ -47,16 +47,21 @@ def words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level Levenshtein distance / reference length (case, punctuation ignored)."""
-    ref, hyp = words(reference), words(hypothesis)
+def word_edits(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance between two word lists (substitutions, insertions, deletions)."""
     d = list(range(len(hyp) + 1))
     for i in range(1, len(ref) + 1):
         prev, d[0] = d[0], i
         for j in range(1, len(hyp) + 1):
             cur = min(d[j] + 1, d[j - 1] + 1, prev + (ref[i - 1] != hyp[j - 1]))
             prev, d[j] = d[j], cur
-    return d[len(hyp)] / max(1, len(ref))
+    return d[len(hyp)]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level Levenshtein distance / reference length (case, punctuation ignored)."""
+    ref = words(reference)
+    return word_edits(ref, words(hypothesis)) / max(1, len(ref))
 
 
 def load(name: str, sr: int = 16_000) -> np.ndarray:

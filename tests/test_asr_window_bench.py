@@ -1,8 +1,9 @@
-"""bench/asr_window.py's scoring: word edits and the window steps it compares."""
+"""bench/asr_window.py's scoring (the suite's word edits, tests.stream_util) and the window steps it compares."""
 
 from __future__ import annotations
 
-from bench.asr_window import edits, step_for, words
+from bench.asr_window import step_for
+from tests.stream_util import wer, word_edits as edits, words
 from model.features import whisper_window_frames
 
 
@@ -13,6 +14,7 @@ def test_word_edits():
     assert edits(["a", "b"], ["a", "x", "b"]) == 1  # insertion
     assert edits(["a", "b"], ["b", "a"]) == 2
     assert edits([], ["a", "a"]) == 2 and edits(["a"], []) == 1
+    assert wer("kids are talking", "kids talking") == 1 / 3
 
 
 def test_windows_below_ten_seconds_step_by_two_and_a_half():
