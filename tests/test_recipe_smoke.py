@@ -144,6 +144,35 @@ def test_stage1_text_finetune_stores_fp16_layers_without_embeddings(stage1, tiny
     for part in ("dev", "test"):
         assert rep[part]["n"] == 48 and {"acc", "wa", "wf1", "per_class"} <= set(rep[part]), part
     assert rep["config"]["context"] == 2
+    assert "sentiment_head" not in blob and "dev_sentiment" not in rep  # single-task unless asked
+
+
+def test_sentiment_ablations_read_a_stage1_encoder(stage1, tiny_checkpoint, work):
+    from tests.test_sentiment import _small_meld
+    from training import sentiment_ablations
+
+    report = work / "ablations.json"
+    rc = sentiment_ablations.main(["--meld", str(_small_meld(work / "meld_small")), "--checkpoint", str(tiny_checkpoint), "--families", "lr",
+                                   "--stage1", str(stage1 / "encoder.pt"), "--report", str(report),
+                                   "--cache-dir", str(work / "cache"), "--threads", "1"])
+    assert rc == 0
+    fit = json.loads(report.read_text())["logistic_regression"][f"stage-1 encoder {stage1 / 'encoder.pt'}"]
+    assert 0 <= fit["dev_wf1"] <= 100 and fit["dev_wf1"] == max(fit["by_C"].values())
+
+
+def test_stage1_multitask_learns_sentiment_beside_emotion(work, tiny_encoder_dir):
+    from model.config import SENTIMENT_LABELS
+    from training import text_finetune
+
+    out = work / "text_multitask"
+    rc = text_finetune.main(["--meld", str(MELD_DIR), "--encoder", str(tiny_encoder_dir), "--max-train", "48", "--epochs", "1",
+                             "--max-tokens", "32", "--context", "2", "--out", str(out), "--threads", "1", "--sentiment-weight", "1"])
+    assert rc == 0
+    blob = torch.load(out / "encoder.pt", map_location="cpu", weights_only=True)
+    assert blob["sentiment_head"]["weight"].shape[0] == len(SENTIMENT_LABELS) and blob["head"]["weight"].shape[0] == 7
+    rep = json.loads((out / "text_finetune.json").read_text())
+    assert rep["dev_sentiment"]["n"] == 48 and rep["dev_sentiment"]["labels"] == list(SENTIMENT_LABELS)
+    assert 0 <= rep["history"][0]["dev_sentiment_wf1"] <= 100
 
 
 SIZES_40 = {"train": 40, "val": 40, "held": 40, "test": 40}

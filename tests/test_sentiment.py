@@ -134,3 +134,30 @@ def test_training_fits_the_head_into_the_checkpoint(tiny_checkpoint, tmp_path) -
         pred = model.sentiment_head(torch.from_numpy(x[dev])).argmax(1).numpy()
     y = [SENTIMENT_LABELS.index(corpus.utterances[i].sentiment) for i in dev]
     assert classification_report(y, pred, SENTIMENT_LABELS)["wf1"] == pytest.approx(rep["dev"]["wf1"], abs=0.01)
+
+
+def test_ablations_score_every_variant_on_dev_only(tiny_checkpoint, tmp_path) -> None:
+    from training import sentiment_ablations as abl
+
+    report = tmp_path / "ablations.json"
+    rc = abl.main(["--meld", str(_small_meld(tmp_path / "meld")), "--checkpoint", str(tiny_checkpoint), "--report", str(report),
+                   "--cache-dir", str(tmp_path / "cache"), "--families", "lr,mlp,curve,untuned", "--mlp-epochs", "3",
+                   "--threads", "1"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    def keys(o):  # type: ignore[no-untyped-def]
+        return set(o) | {k for v in o.values() for k in keys(v)} if isinstance(o, dict) else \
+            {k for v in o for k in keys(v)} if isinstance(o, list) else set()
+
+    assert "test" not in keys(rep) and set(rep["sizes"]) == {"train", "dev"}  # MELD test is never scored
+    shipped = rep["shipped_rule"]
+    assert list(shipped["by_C"]) == [str(c) for c in abl.C_GRID] and shipped["dev_wf1"] == max(shipped["by_C"].values())
+    assert set(rep["logistic_regression"]) == {"sentence+dialogue", "sentence+text emotion", "untuned encoder", "sentence+untuned encoder"}
+    assert len(rep["mlp"]) == 8 and all(len(m["history"]) == 3 and m["dev_wf1"] == max(m["history"]) for m in rep["mlp"])
+    full = rep["learning_curve"][-1]
+    assert full["fraction"] == 1.0 and full["mean"] == shipped["dev_wf1"]  # the whole of train is the shipped fit
+    scores = [v["dev_wf1"] for v in rep["logistic_regression"].values()] + [m["dev_wf1"] for m in rep["mlp"]]
+    best = rep["best_alternative"]
+    assert best["dev_wf1"] == max(scores) and best["margin_over_shipped"] == pytest.approx(max(scores) - shipped["dev_wf1"], abs=0.01)
+    with pytest.raises(SystemExit):
+        abl.main(["--meld", str(tmp_path / "meld"), "--families", "lr,bogus"])
