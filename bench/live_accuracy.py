@@ -305,10 +305,16 @@ def confidence_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     def acc(rs: Sequence[Mapping[str, Any]]) -> float | None:
         return 100.0 * sum(r["pred"] == r["true"] for r in rs) / len(rs) if rs else None
 
+    known = [r for r in records if r.get("familiar_voice") in (True, False)]
+    unfamiliar = [r for r in known if r["familiar_voice"] is False]
     return {"n": len(rated), "n_low": len(low), "n_ok": len(ok),
             "low_share": len(low) / len(rated) if rated else None,
             "acc_ok": acc(ok), "acc_low": acc(low),
-            "unrated_events": sum(1 for r in records if r["pred"] != NONE and r.get("confidence") not in (LOW, OK))}
+            "unrated_events": sum(1 for r in records if r["pred"] != NONE and r.get("confidence") not in (LOW, OK)),
+            # familiar_voice (a checkpoint with training.familiar's check): the share of clips whose voice
+            # was called unfamiliar, and the accuracy on those and on the rest
+            "familiar_known": len(known), "unfamiliar_share": len(unfamiliar) / len(known) if known else None,
+            "acc_familiar": acc([r for r in known if r["familiar_voice"]]), "acc_unfamiliar": acc(unfamiliar)}
 
 
 # ---- the service and the sessions ---------------------------------------------------------------------
@@ -417,6 +423,7 @@ def score_session(clips: Sequence[Clip], spans: Sequence[tuple[float, float]],
             "pred": ev["label"] if ev else NONE,
             "pred_revised": rev["label"] if rev else NONE,
             "confidence": ev.get("confidence") if ev else None,  # absent from older servers' events
+            "familiar_voice": ev.get("familiar_voice") if ev else None,  # absent when not known
             "scores": {k: round(v, 4) for k, v in ev["scores"].items()} if ev else None,
             "modality_weights": {k: round(v, 4) for k, v in ev["modality_weights"].items()} if ev else None,
             "transcript": text.get(uid) if uid is not None else None,
@@ -540,14 +547,17 @@ def print_run(r: dict[str, Any]) -> None:
         print(f"  modality weights: speech mean {mw['speech_mean']:.3f}, median {mw['speech_median']:.3f}, "
               f"speech > text in {100 * mw['frac_speech_over_text']:.0f}% of clips; fallback clips {r['fallback_clips']}, "
               f"empty transcripts {r['empty_transcripts']}")
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
     if conf["low_share"] is None:
         print("  confidence: the events carry no `confidence` field")
     else:
-        def pct(x: float | None) -> str:
-            return "-" if x is None else f"{x:.1f}"
-
         print(f"  confidence: low on {100 * conf['low_share']:.0f}% of clips ({conf['n_low']}/{conf['n']}); "
               f"acc on ok {pct(conf['acc_ok'])} ({conf['n_ok']}), on low {pct(conf['acc_low'])}", flush=True)
+    if conf.get("unfamiliar_share") is not None:
+        print(f"  voice unfamiliar on {100 * conf['unfamiliar_share']:.0f}% of clips ({conf['familiar_known']} known); "
+              f"acc on familiar {pct(conf['acc_familiar'])}, on unfamiliar {pct(conf['acc_unfamiliar'])}", flush=True)
 
 
 def load_sessions(ap: argparse.ArgumentParser, a: argparse.Namespace, sentences: Sequence[str] | None) -> Sessions:

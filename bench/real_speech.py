@@ -79,7 +79,7 @@ def utterances(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         rows.append({"utterance_id": ev["utterance_id"], "text": text.get(ev["utterance_id"], ""), "label": ev["label"],
                      "top_score": round(max(ev["scores"].values()), 3), "confidence": ev.get("confidence"),
-                     "speech_weight": round(ev["modality_weights"]["speech"], 3)})
+                     "speech_weight": round(ev["modality_weights"]["speech"], 3), "familiar_voice": ev.get("familiar_voice")})
     return rows
 
 
@@ -91,7 +91,10 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "mean_top_score": round(float(np.mean([r["top_score"] for r in rows])), 3) if n else None,
             "ok_confidence_share": round(sum(r["confidence"] == "ok" for r in rows) / n, 3) if n else None,
             "anger_ok_share": round(sum(r["label"] == "anger" and r["confidence"] == "ok" for r in rows) / n, 3) if n else None,
-            "mean_speech_weight": round(float(np.mean([r["speech_weight"] for r in rows])), 3) if n else None}
+            "mean_speech_weight": round(float(np.mean([r["speech_weight"] for r in rows])), 3) if n else None,
+            # of the utterances whose familiar_voice is known (a checkpoint with the check): the share called unfamiliar
+            "unfamiliar_share": round(sum(r.get("familiar_voice") is False for r in rows) / known, 3)
+            if (known := sum(r.get("familiar_voice") is not None for r in rows)) else None}
 
 
 def branch_parts(paths: Sequence[Path], checkpoint: str) -> list[dict[str, Any]]:
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["recordings"][name][mod] = {"summary": summarise(rows), "utterances": rows}
                 s = report["recordings"][name][mod]["summary"]
                 print(f"{name:7s} {mod:6s}: {s['utterances']} utterances, labels {s['labels']}, mean top score "
-                      f"{s['mean_top_score']}, anger with confidence ok {s['anger_ok_share']}", flush=True)
+                      f"{s['mean_top_score']}, anger with confidence ok {s['anger_ok_share']}, "
+                      f"voice unfamiliar {s['unfamiliar_share']}", flush=True)
     if "lj" in report["recordings"]:
         report["lj_neutral_share"] = {m: r["summary"]["share"].get("neutral", 0.0) for m, r in report["recordings"]["lj"].items()}
     if a.parts:

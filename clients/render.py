@@ -60,7 +60,8 @@ class Renderer:
     A partial (transcript.partial / emotion.partial) renders as one line marked `… interim`, with
     the text so far and, from emotion.partial, a provisional label (`joy?`). A terminal that can
     rewrite a line shows `interim_line()` in place instead and replaces it by the final lines. An
-    emotion the server marked `"confidence": "low"` gets `(low confidence)` after its score. An
+    emotion the server marked `"confidence": "low"` gets `(low confidence)` after its score
+    (`(low confidence: unfamiliar voice)` when `"familiar_voice": false` is why). An
     utterance's `speaker` (named channels, or a diarized session's S1, S2, ...) follows its times,
     revisions included, and a `speaker.revised` is a `↻ speaker` line."""
 
@@ -107,7 +108,8 @@ class Renderer:
             w = ev.get("modality_weights", {})
             start, end = self.spans.get(key, (0.0, 0.0))
             prefix = f"  ↻ revised{speaker}" if ev.type == P.EMOTION_REVISED else f"[{clock(start)}–{clock(end)}]{speaker}"
-            unsure = style(P.LOW_CONFIDENCE_NOTE, DIM, self.colour) if ev.get("confidence") == P.LOW_CONFIDENCE else ""
+            note = P.confidence_note(ev)
+            unsure = style(note, DIM, self.colour) if note else ""
             line = (
                 f"{prefix} {paint(f'{label:<8}', label, self.colour)} {bar(scores.get(label, 0.0))} "
                 f"{scores.get(label, 0.0):.2f}{unsure}  speech {w.get('speech', 0.0):.2f} | text {w.get('text', 0.0):.2f}"

@@ -49,6 +49,11 @@ class ModelConfig:
     # vector (the words, read with their past context), labels SENTIMENT_LABELS; () = no head
     sentiment_labels: tuple[str, ...] = ()
     sentiment_dialogue: bool = False  # the head also reads the Bi-GRU's dialogue vector (text_dim more inputs)
+    # familiar speech (training.familiar): the Mahalanobis distance of an utterance's pooled Whisper
+    # states from the speech branch's training clips, above which its voice counts as unfamiliar (a
+    # prediction that leans on such a voice gets confidence "low"); 0 = no check (the model's
+    # familiar_mean / familiar_whiten buffers exist only when it is set)
+    familiar_max_distance: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
@@ -59,6 +64,8 @@ class ModelConfig:
             raise ValueError("text_context and whisper_dim must be >= 0, temperature > 0")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        if self.familiar_max_distance < 0 or (self.familiar_max_distance and not self.whisper_dim):
+            raise ValueError("familiar_max_distance must be >= 0, and needs whisper_dim")
         if self.sentiment_labels and tuple(self.sentiment_labels) != SENTIMENT_LABELS:
             raise ValueError(f"sentiment_labels must be {SENTIMENT_LABELS} or empty, got {self.sentiment_labels}")
 

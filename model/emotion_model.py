@@ -50,6 +50,9 @@ class EncodedUtterance:
 
     text_vec: torch.Tensor | None  # (D,) sentence vector; None when the transcript is empty
     speech_vec: torch.Tensor | None  # (S,) speech-CNN embedding; None when there is no audio
+    # Mahalanobis distance of its pooled Whisper states from the speech branch's training clips
+    # (EmotionModel.speech_distances); None without states or without the check in the checkpoint
+    speech_distance: float | None = None
 
 
 def confidence_of(scores: dict[str, float], threshold: float) -> str:
@@ -87,6 +90,9 @@ class Prediction:
     # or, without words, from the emotion scores; None when the checkpoint has no sentiment head
     sentiment: str | None = None
     sentiment_score: float | None = None
+    # whether the target's voice is like the speech the model learned from (ModelConfig.familiar_max_distance);
+    # None when unknown (no audio, no Whisper states, or a checkpoint without the check)
+    familiar_voice: bool | None = None
 
 
 @dataclass
@@ -137,6 +143,9 @@ class EmotionModel(nn.Module):
         self.classifier = nn.Linear(config.fusion_dim, config.num_labels)
         if config.sentiment_labels:  # on the target's sentence vector (training.sentiment fits it)
             self.sentiment_head = nn.Linear(config.encoder_dim + config.text_dim * config.sentiment_dialogue, len(config.sentiment_labels))
+        if config.familiar_max_distance:  # set by training.familiar: mean and whitening of the training clips' states
+            self.register_buffer("familiar_mean", torch.zeros(config.whisper_dim))
+            self.register_buffer("familiar_whiten", torch.eye(config.whisper_dim))
 
     @property
     def device(self) -> torch.device:
@@ -206,10 +215,38 @@ class EmotionModel(nn.Module):
             states = None if whisper is None else [whisper[i] for i in speech_idx]
             emb = self.embed_speech([features.log_mel(audios[i]) for i in speech_idx], whisper=states)
             speech_vecs = {i: emb[k] for k, i in enumerate(speech_idx)}
+        distances: dict[int, float | None] = {}
+        if speech_idx and whisper is not None:
+            distances = dict(zip(speech_idx, self.speech_distances([whisper[i] for i in speech_idx])))
         return [
-            EncodedUtterance(text_vec=text_vecs[i] if has_text[i] else None, speech_vec=speech_vecs.get(i))
+            EncodedUtterance(text_vec=text_vecs[i] if has_text[i] else None, speech_vec=speech_vecs.get(i),
+                             speech_distance=distances.get(i))
             for i in range(len(texts))
         ]
+
+    @torch.inference_mode()
+    def speech_distances(self, states: list[np.ndarray | None]) -> list[float | None]:
+        """Mahalanobis distance of each utterance's pooled Whisper states from the speech branch's
+        training clips (||(x - mean) W||, W the whitening training.familiar fitted); None for an
+        utterance without usable states, and for all when the checkpoint has no such check."""
+        cfg = self.config
+        if not cfg.familiar_max_distance:
+            return [None] * len(states)
+        ok = [i for i, w in enumerate(states) if w is not None and np.shape(w) == (cfg.whisper_dim,)]
+        out: list[float | None] = [None] * len(states)
+        if ok:
+            x = torch.as_tensor(np.stack([np.asarray(states[i], np.float32) for i in ok]), device=self.familiar_mean.device)
+            d = torch.linalg.vector_norm((x - self.familiar_mean) @ self.familiar_whiten, dim=-1).cpu().numpy()
+            for k, i in enumerate(ok):
+                out[i] = float(d[k])
+        return out
+
+    def familiar(self, utt: EncodedUtterance) -> bool | None:
+        """Whether an utterance's voice is within ModelConfig.familiar_max_distance of the training
+        clips; None when that is not known (no speech or states, or no check in the checkpoint)."""
+        if not self.config.familiar_max_distance or utt.speech_vec is None or utt.speech_distance is None:
+            return None
+        return utt.speech_distance <= self.config.familiar_max_distance
 
     @torch.inference_mode()
     def embed_speech(self, mels: list[np.ndarray], max_frames: int | None = None,
@@ -288,13 +325,18 @@ class EmotionModel(nn.Module):
         weights = out.weights.float().cpu().numpy()
         senti = self._sentiment([dlg[index].text_vec for dlg, index in requests], out.text)
         results = []
-        for b in range(len(requests)):
+        for b, (dlg, index) in enumerate(requests):
             scores = {lab: float(p) for lab, p in zip(cfg.labels, probs[b])}
+            familiar = self.familiar(dlg[index])
+            confidence = confidence_of(scores, threshold)
+            if familiar is False and weights[b, 0] >= 0.5:
+                confidence = LOW_CONFIDENCE  # it leaned on a voice unlike any it learned from
             pred = Prediction(
                 label=cfg.labels[int(probs[b].argmax())],
                 scores=scores,
                 modality_weights={"speech": float(weights[b, 0]), "text": float(weights[b, 1])},
-                confidence=confidence_of(scores, threshold),
+                confidence=confidence,
+                familiar_voice=familiar,
             )
             if senti is not None:
                 pred.sentiment, pred.sentiment_score = senti[b] if senti[b] is not None else sentiment_from_emotion(scores)

@@ -123,8 +123,8 @@ def tls_for(url: str):  # type: ignore[no-untyped-def]
 
 
 def _unsure(ev: dict[str, Any]) -> str:
-    """' (low confidence)' after the label of an emotion the server marked low, else ''."""
-    return P.LOW_CONFIDENCE_NOTE if ev.get("confidence") == P.LOW_CONFIDENCE else ""
+    """' (low confidence)' (or why: an unfamiliar voice) after the label of an emotion the server marked low, else ''."""
+    return P.confidence_note(ev)
 
 
 def _sentiment(ev: dict[str, Any]) -> str:

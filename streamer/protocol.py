@@ -55,6 +55,17 @@ MAX_SPEAKERS = 16  # the largest `max_speakers` a start may ask for
 LOW_CONFIDENCE = "low"
 LOW_CONFIDENCE_NOTE = " (low confidence)"  # what the terminal views print after such a label
 OK_CONFIDENCE = "ok"
+# `familiar_voice` of the same events (added within v1; absent when not known): false when the
+# utterance's voice is unlike the speech the model learned from; a prediction that leaned on such a
+# voice (speech weight >= 0.5) is marked low confidence whatever its score
+UNFAMILIAR_VOICE_NOTE = " (low confidence: unfamiliar voice)"
+
+
+def confidence_note(ev: dict) -> str:
+    """What a terminal view prints after an emotion's label: '' when confident, else why not."""
+    if ev.get("confidence") != LOW_CONFIDENCE:
+        return ""
+    return UNFAMILIAR_VOICE_NOTE if ev.get("familiar_voice") is False else LOW_CONFIDENCE_NOTE
 EVENT_TYPES = (
     SESSION_STARTED, UTTERANCE_STARTED, UTTERANCE_ENDED, TRANSCRIPT, EMOTION, EMOTION_REVISED, ERROR, SESSION_ENDED,
     SESSION_RESUMED, ALERT, CALL_SUMMARY, TRANSCRIPT_PARTIAL, EMOTION_PARTIAL, SPEAKER_REVISED,

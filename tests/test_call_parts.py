@@ -106,6 +106,19 @@ def test_rule_does_not_fire_below_threshold_or_when_spread_out():
         assert eng.evaluate(emotion(uid, "customer", anger=s)) == []
 
 
+def test_a_confident_only_rule_ignores_low_confidence_emotions():
+    from dataclasses import replace
+
+    unsure = lambda uid, **kw: {**emotion(uid, "customer", **kw), "confidence": "low", "familiar_voice": False}  # noqa: E731
+    sure = lambda uid, **kw: {**emotion(uid, "customer", **kw), "confidence": "ok"}  # noqa: E731
+    strict, plain = AlertEngine([replace(RULE, confident_only=True)]), AlertEngine([RULE])
+    assert [len(plain.evaluate(unsure(u, anger=0.9))) for u in (0, 1)] == [0, 1]  # scores alone: fires
+    assert [len(strict.evaluate(unsure(u, anger=0.9))) for u in (0, 1)] == [0, 0]
+    assert [len(strict.evaluate(sure(u, anger=0.9))) for u in (2, 3)] == [0, 1]
+    with pytest.raises(ValueError, match="confident_only"):
+        AlertRule.from_dict({"name": "x", "labels": ["anger"], "confident_only": "yes"})
+
+
 def test_rules_load_from_json(tmp_path):
     f = tmp_path / "rules.json"
     f.write_text(json.dumps({"rules": [{"name": "sad", "labels": "sadness", "threshold": 0.5, "count": 1, "window": 1}]}))

@@ -183,3 +183,19 @@ def test_terminal_views_mark_low_confidence_emotions() -> None:
         low, ok = (Event.from_json(json.dumps({**ev, "confidence": c})) for c in (P.LOW_CONFIDENCE, P.OK_CONFIDENCE))
         assert "0.41 (low confidence)" in Renderer(colour=False).render(low)[0]
         assert "(low confidence)" not in Renderer(colour=False).render(ok)[0]
+
+
+def test_terminal_views_say_when_the_voice_was_unfamiliar() -> None:
+    from clients.client import Event
+    from clients.render import Renderer
+    from streamer.client import format_event
+
+    ev = {"type": P.EMOTION, "seq": 3, "session_id": "s", "utterance_id": 0, "label": "anger", "latency_ms": 500.0,
+          "scores": {"anger": 0.88, "neutral": 0.12}, "modality_weights": {"speech": 0.99, "text": 0.01}}
+    unfamiliar = {**ev, "confidence": P.LOW_CONFIDENCE, "familiar_voice": False}
+    familiar_low = {**ev, "confidence": P.LOW_CONFIDENCE, "familiar_voice": True}
+    unfamiliar_ok = {**ev, "confidence": P.OK_CONFIDENCE, "familiar_voice": False}  # the words carried it
+    assert "0.88 (low confidence: unfamiliar voice)" in Renderer(colour=False).render(Event.from_json(json.dumps(unfamiliar)))[0]
+    assert "(low confidence: unfamiliar voice)" in (format_event(unfamiliar) or "")
+    assert "(low confidence)" in (format_event(familiar_low) or "") and "unfamiliar" not in (format_event(familiar_low) or "")
+    assert "low confidence" not in (format_event(unfamiliar_ok) or "")

@@ -245,4 +245,13 @@ def test_confidence_is_null_when_events_lack_the_field() -> None:
     assert st["low_share"] is None and st["acc_ok"] is None and st["acc_low"] is None
     assert (st["n"], st["unrated_events"]) == (0, 3)
     assert confidence_stats([]) == {"n": 0, "n_low": 0, "n_ok": 0, "low_share": None, "acc_ok": None, "acc_low": None,
-                                    "unrated_events": 0}
+                                    "unrated_events": 0, "familiar_known": 0, "unfamiliar_share": None,
+                                    "acc_familiar": None, "acc_unfamiliar": None}
+
+
+def test_familiar_voice_share_and_accuracy_on_each_side() -> None:
+    records = [{"pred": p, "true": t, "confidence": "ok", "familiar_voice": f}
+               for p, t, f in (("anger", "anger", True), ("joy", "anger", True), ("anger", "neutral", False), ("sadness", "sadness", None))]
+    st = confidence_stats(records)
+    assert st["familiar_known"] == 3 and st["unfamiliar_share"] == pytest.approx(1 / 3)
+    assert st["acc_familiar"] == pytest.approx(50.0) and st["acc_unfamiliar"] == pytest.approx(0.0)

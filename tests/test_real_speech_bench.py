@@ -33,6 +33,9 @@ def test_utterances_pair_each_emotion_with_its_transcript_and_summarise_counts_t
     s = summarise(rows)
     assert s["labels"] == {"anger": 2, "neutral": 1} and s["share"] == {"neutral": 0.333, "anger": 0.667}
     assert s["anger_ok_share"] == 0.333 and s["ok_confidence_share"] == 0.667 and s["mean_speech_weight"] == 0.7
+    assert s["unfamiliar_share"] is None  # no event said
+    rows[0]["familiar_voice"], rows[1]["familiar_voice"] = False, True
+    assert summarise(rows)["unfamiliar_share"] == 0.5
     assert summarise([])["utterances"] == 0
 
 

@@ -303,6 +303,11 @@ def test_stage3_report_and_calibrated_checkpoint(stage1, stage2, stage3, tiny_en
     speech = torch.load(stage2 / "speech.pt", map_location="cpu", weights_only=True)
     assert model.metadata["speech_mode"] == speech["mode"]
     assert cfg.whisper_dim == (768 if speech["mode"] == "both" else 0)
+    if cfg.whisper_dim:  # the check for unfamiliar voices, fitted on the split (training.familiar)
+        fam = rep["familiar"]
+        assert cfg.familiar_max_distance == pytest.approx(fam["max_distance"], abs=1e-3) and fam["max_distance"] > 0
+        assert model.metadata["familiar"] == fam and 0 <= fam["unfamiliar_share"]["val/ravdess/clean"] <= 1
+        assert model.familiar_mean.shape == (768,) and model.familiar_whiten.shape == (768, 768)
     # the fine-tuned layers of stage 1 and the speech branch of stage 2 are the ones served
     layers = torch.load(stage1 / "encoder.pt", map_location="cpu", weights_only=True)["layers"]
     enc = model.text_encoder.model.state_dict()
@@ -325,6 +330,7 @@ def test_stage3_report_and_calibrated_checkpoint(stage1, stage2, stage3, tiny_en
     d.append(with_ctx)
     pred = model.predict([(d, 0)])[0]
     assert set(pred.scores) == set(MELD_LABELS) and pred.label in MELD_LABELS
+    assert pred.familiar_voice is (None if not cfg.whisper_dim else bool(with_ctx.speech_distance <= cfg.familiar_max_distance))
     assert sum(pred.scores.values()) == pytest.approx(1.0, abs=1e-5)
     assert pred.modality_weights["speech"] + pred.modality_weights["text"] == pytest.approx(1.0, abs=1e-5)
 

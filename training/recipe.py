@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from model import EmotionModel, MELD_LABELS, ModelConfig, save_checkpoint
 from model.text_encoder import TextEncoder
+from training import acted, familiar
 from training.calibration import calibration_report, fit_temperature, reliability_plot, softmax
-from training import acted
 from training.datasets import load_meld
 from training.epochs import KeepBest, module_state, step
 from training.metrics import classification_report, format_report
@@ -420,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                 out / "curves.png", f"stage 3 ({a.split}): dialogue GRU + fusion (val: MELD dev WF1, score)")
 
     model.config = ModelConfig.from_dict({**model.config.to_dict(), "temperature": float(temperature)})
+    familiar_report = None
+    if model.config.whisper_dim:  # which voices are unlike the training clips (training.familiar)
+        mean, whiten, limit, familiar_report = familiar.fit_split(data.feats, parts)
+        familiar.attach(model, mean, whiten, limit)
+        results["familiar"] = familiar_report
     meta = {
         "recipe": "training/recipe.sh", "split": a.split, "history": history, "train_minutes_stage3": train_minutes,
         "stage1": text_blob.get("history"), "speech_mode": speech_blob["mode"], "temperature": temperature,
@@ -427,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                  "speech": f"acted split {a.split}: " + ", ".join(f"{k} {len(v)} clips" for k, v in parts["train"].items()) +
                  " (RAVDESS CC BY-NC-SA 4.0, non-commercial; EmoDB research use)"},
         "scores": {k: {m: v[m] for m in ("acc", "wa", "wf1")} for k, v in results["test"].items()},
+        **({"familiar": familiar_report} if familiar_report else {}),
     }
     (out / "recipe_report.json").write_text(json.dumps({"history": history, **results, "minutes": (time.time() - t0) / 60}, indent=1))
     path = save_checkpoint(model, out / "model.pt", meta)

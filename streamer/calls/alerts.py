@@ -27,6 +27,7 @@ class AlertRule:
     speaker: str | None = None  # None: any speaker
     aggregate: str = "max"  # an utterance matches when max (or sum) of the labels' scores >= threshold
     severity: str = "warning"
+    confident_only: bool = False  # True: an emotion marked confidence "low" (e.g. an unfamiliar voice) never matches
 
     def __post_init__(self) -> None:
         if not self.name or not self.labels:
@@ -37,6 +38,8 @@ class AlertRule:
             raise ValueError(f"rule {self.name}: need 1 <= count <= window")
         if self.aggregate not in ("max", "sum"):
             raise ValueError(f"rule {self.name}: aggregate must be max or sum")
+        if not isinstance(self.confident_only, bool):
+            raise ValueError(f"rule {self.name}: confident_only must be true or false")
 
     def matches(self, scores: dict[str, float]) -> tuple[bool, float]:
         vals = [float(scores.get(lab, 0.0)) for lab in self.labels]
@@ -45,7 +48,7 @@ class AlertRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AlertRule":
-        known = {"name", "labels", "threshold", "count", "window", "speaker", "aggregate", "severity"}
+        known = {"name", "labels", "threshold", "count", "window", "speaker", "aggregate", "severity", "confident_only"}
         if set(d) - known:
             raise ValueError(f"unknown alert rule fields: {sorted(set(d) - known)}")
         d = dict(d)
@@ -91,6 +94,8 @@ class AlertEngine:
             if st is None:
                 st = self._state[key] = _RuleState(deque(maxlen=rule.window))
             hit, value = rule.matches(ev.get("scores", {}))
+            if rule.confident_only and ev.get("confidence") == "low":
+                hit = False
             st.recent.append((hit, value, ev.get("utterance_id")))
             firing = sum(h for h, _, _ in st.recent) >= rule.count
             if firing and not st.active:

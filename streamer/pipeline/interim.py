@@ -30,11 +30,14 @@ log = logging.getLogger("streamer")
 
 def prediction_fields(pred: Prediction) -> dict[str, Any]:
     """A prediction's fields in emotion, emotion.revised and emotion.partial events; `sentiment` and
-    `sentiment_score` only when the model has a sentiment head."""
+    `sentiment_score` only when the model has a sentiment head, `familiar_voice` only when it is
+    known (speech with Whisper states, a checkpoint with the check)."""
     fields = {"label": pred.label, "scores": pred.scores, "confidence": pred.confidence,
               "modality_weights": pred.modality_weights}
     if pred.sentiment is not None:
         fields.update(sentiment=pred.sentiment, sentiment_score=pred.sentiment_score)
+    if pred.familiar_voice is not None:
+        fields["familiar_voice"] = pred.familiar_voice
     return fields
 
 

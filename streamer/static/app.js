@@ -108,7 +108,9 @@ function showScores(u, ev) {
   const el = u.li.querySelector(".label"), low = ev.confidence === "low";  // absent from older servers: not low
   el.textContent = label;
   el.classList.toggle("low", low);  // greyed, with a "?" (style.css)
-  el.title = low ? `low confidence: top score ${ev.scores[label].toFixed(2)} is below the service's threshold` : "";
+  el.title = !low ? "" : ev.familiar_voice === false
+    ? "low confidence: the voice is unlike the speech the model learned from, and the prediction leaned on it"
+    : `low confidence: top score ${ev.scores[label].toFixed(2)} is below the service's threshold`;
   const bars = u.li.querySelector(".bars");
   bars.innerHTML = "";
   const labels = Object.keys(ev.scores).sort((a, b) => ev.scores[b] - ev.scores[a]);
