@@ -7,7 +7,8 @@ It asserts what a useful emotion model must do here, not a score: every clip is 
 one `emotion`; an actor's angry and sad clips get different labels (the words are identical, "Dogs
 are sitting by the door", so only the voice can tell them apart); and the model leans on speech
 (modality weight speech > text) for every angry and sad clip, and for a neutral clip unless it is
-called neutral (then words and voice agree, and either may weigh more).
+called neutral (then words and voice agree, and either may weigh more); and every clip's voice is
+`familiar_voice` (acted speech of the kind the model learned from is not flagged as unfamiliar).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def test_acted_anger_sadness_and_neutral_are_told_apart_by_voice(bundled_model, 
             # neutral words and voice agree ("neutral") may weigh either
             if not w["speech"] > w["text"] and not (clip.emotion == "neutral" and ev["label"] == "neutral"):
                 problems.append(f"{path.name} ({clip.emotion}): modality weights speech {w['speech']:.3f} <= text {w['text']:.3f}")
+            # (d) acted speech of the kind the model learned from (other actors, another sentence) is a familiar voice
+            if ev.get("familiar_voice") is not True:
+                problems.append(f"{path.name} ({clip.emotion}): familiar_voice {ev.get('familiar_voice')!r}")
         if m.stray:
             problems.append(f"actor {actor}: {len(m.stray)} utterances outside the clips")
         if "angry" in labels and labels.get("angry") == labels.get("sad"):  # (b)

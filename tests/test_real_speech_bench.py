@@ -62,3 +62,7 @@ def test_the_lj_recording_through_the_live_service(tmp_path: Path) -> None:
     assert all(r["speech_weight"] == 1 for r in run["utterances"])  # --modalities speech
     assert rep["lj_neutral_share"]["speech"] == run["summary"]["share"].get("neutral", 0.0)
     assert out.with_suffix(".png").stat().st_size > 0 and rep["git"]["commit"]
+    # the bundled checkpoint's check: LJ Speech's narration is unlike the acted training clips, and a
+    # voice-only prediction on such a voice is never marked confident
+    assert run["summary"]["unfamiliar_share"] == 1.0
+    assert all(r["confidence"] == "low" for r in run["utterances"])
