@@ -4,7 +4,8 @@ speech with a one-sentence transcript. Writes bench/results/model_bench.{json,pn
 Stages: log-mel (librosa, per utterance), speech branch (CNN, plus the projection of pooled Whisper
 states when the checkpoint reads them: the states themselves come free with the ASR), text encoder
 (the checkpoint's MiniLM, each sentence with its earlier ones as the model reads them), Bi-GRU +
-fusion + classifier + sentiment head (the per-prediction part of serving). Every item of a batch is a distinct clip
+fusion + classifier + sentiment head (the per-prediction part of serving), and the familiar-voice
+check (the distance of the pooled states from the training clips; 0 for a checkpoint without it). Every item of a batch is a distinct clip
 and sentence, so no cache or branch predictor sees the same input twice. Median of `--repeats` runs.
 Target (issue 3): the whole model <= 50 ms per utterance at batch 1 for a 3 s utterance.
 
@@ -104,11 +105,15 @@ def main() -> None:
                 with torch.inference_mode():
                     model.text_encoder(texts, contexts=ctx_arg)
 
+            def stage_familiar():  # the distance of each utterance's states from the training clips (0 without the check)
+                model.speech_distances(states or [None] * batch)
+
             t = {
                 "log_mel": timed(lambda: [features.log_mel(c) for c in clips], args.repeats, sync),
                 "speech_cnn": timed(stage_cnn, args.repeats, sync),
                 "text_encoder": timed(stage_text, args.repeats, sync),
                 "gru_fusion": timed(stage_head, args.repeats, sync),
+                "familiar": timed(stage_familiar, args.repeats, sync) if model.config.familiar_max_distance else 0.0,
             }
             per_utt = {k: 1000 * v / batch for k, v in t.items()}
             per_utt["total"] = sum(per_utt.values())
@@ -138,7 +143,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = ["log_mel", "speech_cnn", "text_encoder", "gru_fusion"]
+    stages = ["log_mel", "speech_cnn", "text_encoder", "gru_fusion", "familiar"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for ax, seconds in zip(axes, (2.0, 3.0, 10.0)):
         sub = [r for r in rows if r["seconds"] == seconds]
