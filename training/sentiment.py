@@ -58,26 +58,42 @@ def sentence_vectors(model, texts: list[str], contexts: list[list[str]], cache: 
     return vecs
 
 
+def live_windows(corpus, vecs: np.ndarray, window: int, batch: int = 256):  # type: ignore[no-untyped-def]
+    """Every utterance's window as served live (itself and up to window - 1 earlier utterances of its
+    dialogue, no lookahead), in batches: (utterance indices, (B, window, D) zero-padded vectors, lengths)."""
+    rows = [(i, members[max(0, p - window + 1) : p + 1]) for members in corpus.dialogues.values() for p, i in enumerate(members)]
+    for s in range(0, len(rows), batch):
+        chunk = rows[s : s + batch]
+        ctx = torch.zeros(len(chunk), window, vecs.shape[1])
+        for b, (_, win) in enumerate(chunk):
+            ctx[b, : len(win)] = torch.from_numpy(vecs[win])
+        yield [i for i, _ in chunk], ctx, torch.tensor([len(win) for _, win in chunk])
+
+
 @torch.inference_mode()
 def dialogue_vectors(model, corpus, vecs: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The Bi-GRU's vector at each utterance, read live: the target and up to context_window - 1
     earlier utterances of its dialogue (EmotionModel.predict with no lookahead)."""
     model.eval()
-    w = model.config.context_window
     out = np.zeros((len(vecs), model.config.text_dim), np.float32)
-    rows = [(i, members[max(0, p - w + 1) : p + 1]) for members in corpus.dialogues.values() for p, i in enumerate(members)]
-    for s in range(0, len(rows), 256):
-        chunk = rows[s : s + 256]
-        ctx = torch.zeros(len(chunk), w, vecs.shape[1])
-        for b, (_, win) in enumerate(chunk):
-            ctx[b, : len(win)] = torch.from_numpy(vecs[win])
-        lengths = torch.tensor([len(win) for _, win in chunk])
-        out[[i for i, _ in chunk]] = model.dialogue(ctx, lengths, lengths - 1).float().numpy()
+    for idx, ctx, lengths in live_windows(corpus, vecs, model.config.context_window):
+        out[idx] = model.dialogue(ctx, lengths, lengths - 1).float().numpy()
     return out
 
 
 # inverse L2 strengths tried; 1e-4 and 3e-4 were added when 1e-3, then the grid's smallest, won on dev
 C_GRID = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
+
+
+def meld_inputs(model, meld: str | Path, cache_dir: str | Path):  # type: ignore[no-untyped-def]
+    """MELD read for the sentiment head: (corpus, sentiment label indices, the model's sentence
+    vector of every utterance, cached under cache_dir/sentiment)."""
+    corpus = load_meld(meld)
+    texts = [u.text for u in corpus.utterances]
+    y = np.array([SENTIMENT_LABELS.index(u.sentiment) for u in corpus.utterances])
+    x = sentence_vectors(model, texts, previous_texts(corpus, model.config.text_context),
+                         Path(cache_dir) / "sentiment" / f"meld-{encoder_key(model)}.npy")
+    return corpus, y, x
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, train: np.ndarray, dev: np.ndarray) -> tuple[nn.Linear, dict]:
@@ -122,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     t0 = time.time()
     model = load_checkpoint(a.checkpoint, device="cpu", encoder=a.encoder)
-    corpus = load_meld(a.meld)
-    texts = [u.text for u in corpus.utterances]
-    y = np.array([SENTIMENT_LABELS.index(u.sentiment) for u in corpus.utterances])
-    x = sentence_vectors(model, texts, previous_texts(corpus, model.config.text_context),
-                         Path(a.cache_dir) / "sentiment" / f"meld-{encoder_key(model)}.npy")
+    corpus, y, x = meld_inputs(model, a.meld, a.cache_dir)
     parts = {k: np.array([i for i, u in enumerate(corpus.utterances) if u.part == k and u.text]) for k in ("train", "dev", "test")}
     inputs = {"sentence": x, "sentence+dialogue": np.concatenate([x, dialogue_vectors(model, corpus, x)], axis=1)}
     fits = {name: fit_head(v, y, parts["train"], parts["dev"]) for name, v in inputs.items()}

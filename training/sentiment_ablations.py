@@ -28,9 +28,8 @@ from torch import nn
 
 from model.checkpoint import load_checkpoint
 from model.config import SENTIMENT_LABELS
-from training.datasets import load_meld
 from training.metrics import classification_report
-from training.sentiment import dialogue_vectors, encoder_key, sentence_vectors
+from training.sentiment import dialogue_vectors, live_windows, meld_inputs
 from training.text_finetune import previous_texts
 from training.text_transfer import features
 
@@ -47,18 +46,12 @@ def text_emotion(model, corpus, vecs: np.ndarray) -> np.ndarray:  # type: ignore
     """The model's emotion log-probabilities from the words alone (speech absent, as on MELD),
     each utterance read live with up to context_window - 1 earlier ones."""
     model.eval()
-    w, cfg = model.config.context_window, model.config
+    cfg = model.config
     out = np.zeros((len(vecs), len(cfg.labels)), np.float32)
-    rows = [(i, members[max(0, p - w + 1) : p + 1]) for members in corpus.dialogues.values() for p, i in enumerate(members)]
-    for s in range(0, len(rows), 256):
-        chunk = rows[s : s + 256]
-        ctx = torch.zeros(len(chunk), w, vecs.shape[1])
-        for b, (_, win) in enumerate(chunk):
-            ctx[b, : len(win)] = torch.from_numpy(vecs[win])
-        lengths = torch.tensor([len(win) for _, win in chunk])
-        present = torch.tensor([[False, True]] * len(chunk))
-        o = model.forward_features(torch.zeros(len(chunk), cfg.speech_dim), ctx, lengths, lengths - 1, present)
-        out[[i for i, _ in chunk]] = torch.log_softmax(o.logits.float(), dim=-1).numpy()
+    for idx, ctx, lengths in live_windows(corpus, vecs, cfg.context_window):
+        present = torch.tensor([[False, True]] * len(idx))
+        o = model.forward_features(torch.zeros(len(idx), cfg.speech_dim), ctx, lengths, lengths - 1, present)
+        out[idx] = torch.log_softmax(o.logits.float(), dim=-1).numpy()
     return out
 
 
@@ -156,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     t0 = time.time()
     model = load_checkpoint(a.checkpoint, device="cpu", encoder=a.encoder)
-    corpus = load_meld(a.meld)
+    corpus, y, x = meld_inputs(model, a.meld, a.cache_dir)
     texts = [u.text for u in corpus.utterances]
-    y = np.array([SENTIMENT_LABELS.index(u.sentiment) for u in corpus.utterances])
-    x = sentence_vectors(model, texts, previous_texts(corpus, model.config.text_context),
-                         Path(a.cache_dir) / "sentiment" / f"meld-{encoder_key(model)}.npy")
     train, dev = (np.array([i for i, u in enumerate(corpus.utterances) if u.part == k and u.text]) for k in ("train", "dev"))
     emo = text_emotion(model, corpus, x)
     inputs = {"sentence": x, "sentence+dialogue": np.concatenate([x, dialogue_vectors(model, corpus, x)], axis=1),
