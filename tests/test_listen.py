@@ -107,7 +107,8 @@ def test_translation_holds_a_final_transcript_for_its_emotion() -> None:
         out += m(ev)
     assert [o["type"] for o in out] == ["SpeechStarted", "Results"] and not out[1]["is_final"]  # the final waits
     final = m({"type": P.EMOTION, "utterance_id": 0, "label": "neutral", "scores": scores, "confidence": "ok",
-               "modality_weights": {"speech": 0.4, "text": 0.6}, "sentiment": "positive", "sentiment_score": 0.5})
+               "modality_weights": {"speech": 0.4, "text": 0.6}, "sentiment": "positive", "sentiment_score": 0.5,
+               "familiar_voice": True})
     for o in out + final:
         check_message(o)
     res, end = final
@@ -116,6 +117,7 @@ def test_translation_holds_a_final_transcript_for_its_emotion() -> None:
     assert alt["transcript"] == "Hello, world." and alt["confidence"] == pytest.approx(0.8)
     assert [(w["word"], w["punctuated_word"], w["speaker"]) for w in alt["words"]] == [("hello", "Hello,", 1), ("world", "world.", 1)]
     assert res["emotion"]["label"] == "neutral" and res["sentiment"] == {"label": "positive", "score": 0.5}
+    assert res["emotion"]["familiar_voice"] is True and res["emotion"]["confidence"] == "ok"
     assert end == {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 1.9}
     # an error releases a held transcript without an emotion; the end brings Metadata
     m({"type": P.UTTERANCE_ENDED, "utterance_id": 1, "start_s": 3.0, "end_s": 4.0, "reason": "finalize"})

@@ -116,7 +116,8 @@ class DeepgramMessages:
         end = end if end is not None else (words[-1]["end"] if words else start)
         msg = self.results(t["text"], words, start, end - start, final=True, finalized=finalized)
         if emotion is not None and emotion["utterance_id"] == uid:
-            msg["emotion"] = {k: emotion[k] for k in ("label", "scores", "confidence", "modality_weights")}
+            msg["emotion"] = {k: emotion[k] for k in ("label", "scores", "confidence", "modality_weights", "familiar_voice")
+                              if k in emotion}
             if "sentiment" in emotion:
                 msg["sentiment"] = {"label": emotion["sentiment"], "score": emotion["sentiment_score"]}
         out = [msg]
