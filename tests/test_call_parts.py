@@ -199,3 +199,18 @@ def test_webhook_gives_up_without_blocking():
 
     w = asyncio.run(go())
     assert (w.sent, w.failed) == (0, 1)
+
+
+def test_call_summary_says_how_far_to_trust_each_speakers_emotions():
+    s = CallSummary("CA1")
+    marks = [("ok", True), ("low", False), ("low", True), ("ok", None)]  # None: the event did not say
+    for uid, (conf, familiar) in enumerate(marks):
+        ev = {**emotion(uid, "customer", anger=0.7), "confidence": conf}
+        if familiar is not None:
+            ev["familiar_voice"] = familiar
+        s.add(ev)
+    s.add(emotion(9, "agent", joy=0.8))  # an older server: neither field
+    d = s.to_dict()["speakers"]
+    assert d["customer"]["low_confidence_share"] == 0.5 and d["customer"]["unfamiliar_voice_share"] == pytest.approx(1 / 3, abs=1e-4)
+    assert d["customer"]["timeline"][1]["familiar_voice"] is False and d["customer"]["timeline"][1]["confidence"] == "low"
+    assert "low_confidence_share" not in d["agent"] and "unfamiliar_voice_share" not in d["agent"]

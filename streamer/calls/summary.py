@@ -49,6 +49,7 @@ class CallSummary:
             }
             if ev.get("sentiment") is not None:
                 entry |= {"sentiment": ev["sentiment"], "sentiment_score": ev.get("sentiment_score", 0.0)}
+            entry |= {k: ev[k] for k in ("confidence", "familiar_voice") if ev.get(k) is not None}
             for i, old in enumerate(entries):
                 if old["utterance_id"] == uid:  # a revision replaces the live prediction
                     entries[i] = {**entry, "revised": True}
@@ -88,9 +89,15 @@ class CallSummary:
                 "distribution": {lab: round(c / n, 4) for lab, c in counts.most_common()},
                 "dominant": counts.most_common(1)[0][0] if counts else None,
                 "peaks": dict(sorted(peaks.items(), key=lambda kv: -kv[1]["score"])[:3]),
-                "timeline": [{k: e[k] for k in ("utterance_id", "start_s", "end_s", "label", "score", "text", "sentiment", "sentiment_score")
-                              if k in e} for e in entries],
+                "timeline": [{k: e[k] for k in ("utterance_id", "start_s", "end_s", "label", "score", "text", "sentiment", "sentiment_score",
+                                                "confidence", "familiar_voice") if k in e} for e in entries],
             }
+            # how far to trust the distribution: the share of its emotions marked low confidence, and of
+            # voices unlike the speech the model learned from (each only when the events said)
+            for key, field_, bad in (("low_confidence_share", "confidence", P.LOW_CONFIDENCE), ("unfamiliar_voice_share", "familiar_voice", False)):
+                known = [e[field_] for e in entries if field_ in e]
+                if known:
+                    speakers[speaker][key] = round(sum(v == bad for v in known) / len(known), 4)
             trend = sentiment_trend(entries)
             if trend is not None:
                 speakers[speaker]["sentiment"] = trend
