@@ -42,7 +42,7 @@ from bench.provenance import git_state  # noqa: E402
 
 LJ = ("LJ001-0002.wav", "LJ001-0004.wav", "LJ001-0006.wav", "LJ001-0008.wav")
 RECORDINGS = {"lj": LJ, "jfk": ("jfk.flac",), "silero": ("silero_test.wav",)}
-LJ_GAP_S = 1.0
+GAP_S = 1.0  # silence after each recording of a set (the LJ sentences are four files)
 
 
 def join(paths: Sequence[Path], gap_s: float) -> np.ndarray:
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [r for r in a.recordings.split(",") if r]
     if not names or set(names) - set(RECORDINGS):
         ap.error(f"--recordings: any of {', '.join(RECORDINGS)}")
+    import soundfile as sf
+
     t0 = time.time()
     report: dict[str, Any] = {
         "what": "labels the live service gives real unacted English speech; LJ Speech is neutral narration",
@@ -180,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             paths = [a.data / f for f in RECORDINGS[name]]
             wav = Path(tmp) / f"{name}.wav"
-            import soundfile as sf
-
-            sf.write(wav, join(paths, LJ_GAP_S), 16000)
+            sf.write(wav, join(paths, GAP_S), 16000)
             report["recordings"][name] = {}
             for mod in [m for m in a.runs.split(",") if m]:
                 rows = utterances(stream(wav, a.checkpoint, mod))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer import protocol as P
+
 
 @dataclass(frozen=True)
 class AlertRule:
@@ -94,7 +96,7 @@ class AlertEngine:
             if st is None:
                 st = self._state[key] = _RuleState(deque(maxlen=rule.window))
             hit, value = rule.matches(ev.get("scores", {}))
-            if rule.confident_only and ev.get("confidence") == "low":
+            if rule.confident_only and ev.get("confidence") == P.LOW_CONFIDENCE:
                 hit = False
             st.recent.append((hit, value, ev.get("utterance_id")))
             firing = sum(h for h, _, _ in st.recent) >= rule.count
