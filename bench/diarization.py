@@ -184,6 +184,8 @@ def score_conversation(turns: Sequence[Turn], spans: Sequence[tuple[float, float
     ended = [(e["utterance_id"], float(e["start_s"]), float(e["end_s"])) for e in events if e["type"] == "utterance.ended"]
     m = match_clips(spans, ended)
     uids = [(uid, turns[i].speaker) for i, us in enumerate(m.per_clip) for uid in us]
+    turn_of = {uid: i for i, us in enumerate(m.per_clip) for uid in us}
+    times = {uid: (s, e) for uid, s, e in ended}
     live, final, revisions = labels_from_events(events)
     true = [s for _, s in uids]
     n_true = len({t.speaker for t in turns})
@@ -199,6 +201,9 @@ def score_conversation(turns: Sequence[Turn], spans: Sequence[tuple[float, float
         "labels_used": len(used), "count_error": abs(len(used) - n_true),
         "unlabelled": sum(u not in live for u, _ in uids), "revisions": revisions,
         "errors": [e.get("code") for e in events if e["type"] == "error"],
+        # per utterance: the turn it fell in, who said it, and its label as first published and at the end
+        "labels": [{"utterance_id": u, "turn": turn_of[u], "start_s": times[u][0], "end_s": times[u][1],
+                    "true": s, "live": live.get(u), "final": final.get(u)} for u, s in uids],
     }
 
 

@@ -184,7 +184,7 @@ def test_interim_results_and_word_timings_through_the_clients_api(emotion_model,
                     seen[name].append(e)
 
             tasks = [asyncio.create_task(watch(k)) for k in watchers]
-            while sum(len(g) for g in app.hub.subs.values()) < 2:  # both registered before the session starts
+            while app.hub.subscriber_count() < 2:  # both registered before the session starts
                 await asyncio.sleep(0.01)
             async with StreamClient(app.url, session_id="jfk", interim=True, word_timestamps=True) as client:
                 events = await run_source(client, paced_chunks(load("jfk.flac"), realtime=True))

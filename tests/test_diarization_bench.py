@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.diarization import Embedded, cross_validate, mapped_accuracy, speaker_folds
+from bench.diarization import Embedded, Turn, cross_validate, mapped_accuracy, score_conversation, speaker_folds
 from tests.test_diarize import emotional, voices
 
 
@@ -20,6 +20,30 @@ def test_mapped_accuracy_uses_the_best_one_to_one_mapping() -> None:
     assert mapped_accuracy(["a", "a", "b", "b"], ["S2", "S2", "S1", "S1"]) == 1.0
     assert mapped_accuracy(["a", "a", "b", "b"], ["S1", "S1", "S1", "S1"]) == 0.5
     assert mapped_accuracy(["a", "b"], ["S1", None]) == 0.5  # no label is wrong
+
+
+def test_score_conversation_keeps_every_utterances_labels() -> None:
+    """Two turns, the second split by the VAD; the split's first half was first called S1 and
+    revised to S2: the scores and the per-utterance rows say so."""
+    turns = [Turn("A21", np.zeros(16_000, np.float32)), Turn("JFK", np.zeros(32_000, np.float32))]
+    spans = [(1.0, 2.0), (3.0, 5.0)]
+    events = [
+        {"type": "utterance.ended", "utterance_id": 0, "start_s": 0.9, "end_s": 2.1},
+        {"type": "transcript", "utterance_id": 0, "speaker": "S1"},
+        {"type": "utterance.ended", "utterance_id": 1, "start_s": 2.9, "end_s": 3.8},
+        {"type": "transcript", "utterance_id": 1, "speaker": "S1"},
+        {"type": "utterance.ended", "utterance_id": 2, "start_s": 4.2, "end_s": 5.1},
+        {"type": "transcript", "utterance_id": 2, "speaker": "S2"},
+        {"type": "speaker.revised", "utterance_id": 1, "speaker": "S2", "previous_speaker": "S1"},
+    ]
+    r = score_conversation(turns, spans, events)
+    assert (r["utterances"], r["turns_split"], r["revisions"], r["labels_used"]) == (3, 1, 1, 2)
+    assert (r["correct_final"], r["correct_live"]) == (3, 2)
+    assert r["labels"] == [
+        {"utterance_id": 0, "turn": 0, "start_s": 0.9, "end_s": 2.1, "true": "A21", "live": "S1", "final": "S1"},
+        {"utterance_id": 1, "turn": 1, "start_s": 2.9, "end_s": 3.8, "true": "JFK", "live": "S1", "final": "S2"},
+        {"utterance_id": 2, "turn": 1, "start_s": 4.2, "end_s": 5.1, "true": "JFK", "live": "S2", "final": "S2"},
+    ]
 
 
 def test_cross_validation_prefers_whitening_where_moods_hide_voices() -> None:

@@ -124,7 +124,7 @@ def test_interim_and_word_timings_end_to_end(emotion_model, whisper) -> None:  #
             async with connect(f"{app.url}{P.SUBSCRIBE_PATH}?session=jfk&interim=1") as with_partials, \
                     connect(f"{app.url}{P.SUBSCRIBE_PATH}?session=jfk") as finals_only:
                 await asyncio.sleep(0)  # both registered before the session starts (same loop, in order)
-                while sum(len(g) for g in app.hub.subs.values()) < 2:
+                while app.hub.subscriber_count() < 2:
                     await asyncio.sleep(0.01)
                 src = await stream_audio(app.url, audio, realtime=True, session_id="jfk", interim=True,
                                          word_timestamps=True)
