@@ -27,9 +27,11 @@ accuracy over 2, 3 and 4 speakers is reported (and is what streamer.config.Diari
 Writes bench/results/diarization_tune.{json,png}.
 
 Live (default): RAVDESS test actors 21-24 plus two real-speech voices from ../shared/data/speech
-(LJ001-*.wav: LJ Speech's reader; jfk.flac: J. F. Kennedy, cut into its phrases). These two have
-only 4 recordings each, so their turns repeat the same audio within a conversation (exact repeats
-are easy to cluster: the report also gives the RAVDESS-only conversations). A fresh
+(LJ001-*.wav: LJ Speech's reader; jfk.flac: J. F. Kennedy, cut into its 4 phrases where the
+service's segmenter finds the pauses). These two have only 4 recordings each, so their turns repeat
+the same audio within a conversation: each repeated phrase keeps its own quirks instead of averaging
+out as a real speaker's varied utterances do, so it can become a cluster of its own (the report also
+gives the RAVDESS-only conversations). A fresh
 `python -m streamer --port 0` runs in a child process; each conversation is one WebSocket session
 with `diarize: true`, streamed at --speed x real time (the segmenter and the clustering run on
 audio time, so speed changes only the wall clock). Then --latency-conversations of them are
@@ -300,12 +302,17 @@ def trimmed(path: Path) -> np.ndarray:
 
 
 def phrases(audio: np.ndarray, min_s: float = 0.8) -> list[np.ndarray]:
-    """A recording with pauses cut into its phrases (librosa.effects.split); short ones join the next."""
+    """A recording cut at the pauses the service's segmenter finds (its phrases), each trimmed as the
+    other voices' clips are; one shorter than `min_s` joins the next. (librosa.effects.split at
+    TRIM_DB, used before, found no pause in jfk.flac, whose pauses carry the recording's hiss: every
+    JFK turn was then the whole 10.8 s recording, past the turns' 8 s.)"""
     import librosa
 
+    lead = noise(1.0, np.random.default_rng(0))  # as in a conversation: the segmenter starts on low noise
     out, cur = [], np.zeros(0, np.float32)
-    for s, e in librosa.effects.split(audio, top_db=TRIM_DB):
-        cur = np.concatenate([cur, audio[s:e]]) if len(cur) else audio[s:e]
+    for e in segment(np.concatenate([lead, audio, lead])):
+        piece = librosa.effects.trim(e.audio, top_db=TRIM_DB)[0].astype(np.float32)
+        cur = np.concatenate([cur, piece]) if len(cur) else piece
         if len(cur) >= min_s * SR:
             out.append(cur)
             cur = np.zeros(0, np.float32)

@@ -64,3 +64,15 @@ def test_cross_validation_prefers_whitening_where_moods_hide_voices() -> None:
     assert [f["held_out_fold"] for f in whitened["folds"]] == [0, 1]
     assert whitened["mean_acc_final"] > 0.95
     assert centred["mean_acc_final"] < whitened["mean_acc_final"] - 0.1
+
+
+def test_jfk_is_cut_into_its_phrases() -> None:
+    """The real-speech voice with one recording is cut at the pauses the service's segmenter finds,
+    so its turns stay within the bench's 1-8 s (librosa.effects.split at 35 dB found none in it)."""
+    from bench.diarization import DATA, SR, phrases, trimmed
+
+    jfk = trimmed(DATA / "speech" / "jfk.flac")
+    pieces = phrases(jfk)
+    assert len(pieces) == 4
+    assert all(0.8 * SR <= len(p) <= 3.0 * SR for p in pieces)
+    assert sum(len(p) for p in pieces) >= 0.7 * len(jfk)
