@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.diarization import Embedded, Turn, cross_validate, mapped_accuracy, score_conversation, speaker_folds
+from bench.diarization import (Embedded, Turn, cross_validate, mapped_accuracy, paired_added_ms, score_conversation,
+                               speaker_folds)
 from tests.test_diarize import emotional, voices
 
 
@@ -76,3 +77,12 @@ def test_jfk_is_cut_into_its_phrases() -> None:
     assert len(pieces) == 4
     assert all(0.8 * SR <= len(p) <= 3.0 * SR for p in pieces)
     assert sum(len(p) for p in pieces) >= 0.7 * len(jfk)
+
+
+def test_paired_added_latency_matches_each_utterance_with_itself() -> None:
+    row = lambda conv, uid, ms: {"conversation": conv, "utterance_id": uid, "client_ms": ms}  # noqa: E731
+    latency = {"off": [row("2-0", 0, 500.0), row("2-0", 1, 700.0), row("3-0", 0, 505.0)],
+               "on": [row("2-0", 0, 510.0), row("2-0", 1, 730.0), row("3-0", 0, 505.0), row("3-0", 7, 900.0)]}
+    got = paired_added_ms(latency)
+    assert got["pairs"] == 3  # utterance 7 was not streamed with diarize off: no pair
+    assert got["median_ms"] == 10.0 and got["mean_ms"] == 40.0 / 3
