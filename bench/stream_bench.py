@@ -39,7 +39,11 @@ Errors are counted by `code` from the `error` events the clients received (`over
 The naive baseline (--variants naive) decodes one utterance at a time after the silence wait, with
 Whisper's full 30 s window and no batching. `window15` is the service with the 15 s minimum encoder
 window it had before the 10 s one (AsrConfig.min_window_s), to measure that change side by side:
-levels run in order of stream count, each level's variants one after another.
+levels run in order of stream count, each level's variants one after another. `diarize` is the
+service with every session started with `diarize: true` (a voice embedding per utterance on the
+voice thread, then the clustering), `diarize_nice19` the same with that thread at nice 19 instead
+of DiarizeConfig.voice_nice's default: what speakers within a channel cost under load, and what the
+voice thread's priority changes.
 Writes <out>/stream_bench.json and <out>/stream_bench.png (default out: bench/results).
 """
 
@@ -91,7 +95,16 @@ def variants(checkpoint: Path | None) -> dict[str, AppConfig]:
     )
     # the service as it was before the 10 s encoder window: the side-by-side measurement of that change
     window15 = replace(ours, asr=replace(ours.asr, min_window_s=15.0))
-    return {"emostream": ours, "naive": naive, "window15": window15}
+    # every session diarized (start flag diarize: voice embedding + clustering per utterance), the voice
+    # thread at the default nice value, and at the lowest priority
+    diarize = ours
+    diarize_nice19 = replace(ours, diarize=replace(ours.diarize, voice_nice=19))
+    return {"emostream": ours, "naive": naive, "window15": window15, "diarize": diarize, "diarize_nice19": diarize_nice19}
+
+
+def diarized(variant: str) -> bool:
+    """Whether a variant's sessions start with `diarize: true`."""
+    return variant.startswith("diarize")
 
 
 def jsonable(x: Any) -> Any:
@@ -247,7 +260,8 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     async def one(i: int) -> Any:
         if offsets[i]:
             await asyncio.sleep(offsets[i])
-        return await stream_audio(app.url, audio, realtime=True, session_id=f"bench-{i}", timeout_s=600, interim=interim)
+        return await stream_audio(app.url, audio, realtime=True, session_id=f"bench-{i}", timeout_s=600, interim=interim,
+                                  diarize=diarized(job["variant"]))
 
     sampler, lagger = asyncio.create_task(sample()), asyncio.create_task(loop_lag())
     c0, w0 = cpu_seconds(), time.monotonic()
@@ -265,6 +279,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     await app.shutdown()
 
     samples, server_lat, errors, close_codes, failures = [], [], Counter(), Counter(), []
+    unlabelled = 0  # diarized: final emotions without a speaker (the voice embedding failed or was refused)
     n_types: Counter[str] = Counter()
     for i, res in enumerate(results):
         if isinstance(res, BaseException):
@@ -278,6 +293,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
                 errors[str(ev.get("code"))] += 1
             if ev["type"] != P.EMOTION or ev.get("utterance_id") not in ends:
                 continue
+            unlabelled += diarized(job["variant"]) and not ev.get("speaker")
             end_s = float(ends[ev["utterance_id"]]["end_s"])
             samples.append((i, end_s, t - res.sent_time(end_s)))
             if ev.get("latency_ms") is not None:
@@ -294,6 +310,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     slope = float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0]) if len(pts) >= 3 and np.ptp(pts[:, 0]) > 0 else None
     return {
         "variant": job["variant"], "pattern": job["pattern"], "streams": n, "interim": interim,
+        "diarize": diarized(job["variant"]), "emotions_without_speaker": unlabelled if diarized(job["variant"]) else None,
         "repeats": r, "stagger_s": stagger, "start_offsets_s": [round(o, 3) for o in offsets],
         "expected_utterances": job["expected_utterances"],  # offline segmenter count, see the docstring
         "utterances_ended": n_types[P.UTTERANCE_ENDED],
@@ -439,7 +456,7 @@ def main() -> int:
     ap.add_argument("--interim-patterns", nargs="+", default=None, choices=PATTERNS,
                     help="with --interim: only these patterns get the interim run (default: all; 'single' always)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled checkpoint")
-    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=["emostream", "naive", "window15"])
+    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=["emostream", "naive", "window15", "diarize", "diarize_nice19"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the wall-time estimate, run nothing")
     a = ap.parse_args()
