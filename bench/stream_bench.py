@@ -372,7 +372,9 @@ def plot(report: dict[str, Any], out: Path) -> None:
     results = report["results"]
     colors = {("emostream", "sync"): "tab:red", ("emostream", "staggered"): "tab:blue",
               ("naive", "sync"): "tab:orange", ("naive", "staggered"): "tab:cyan",
-              ("window15", "sync"): "tab:purple", ("window15", "staggered"): "tab:green"}
+              ("window15", "sync"): "tab:purple", ("window15", "staggered"): "tab:green",
+              ("diarize", "sync"): "tab:brown", ("diarize", "staggered"): "tab:olive",
+              ("diarize_nice19", "sync"): "tab:pink", ("diarize_nice19", "staggered"): "tab:gray"}
     keys = sorted({(r["variant"], r["pattern"], r["interim"]) for r in results if r["pattern"] != SINGLE})
     if not keys:  # only 1-stream levels
         keys = sorted({(r["variant"], SINGLE, r["interim"]) for r in results})
