@@ -224,6 +224,10 @@ class EmotionModel(nn.Module):
             for i in range(len(texts))
         ]
 
+    def _usable_states(self, states: np.ndarray | None) -> bool:
+        """Whether one utterance's pooled Whisper states are there and of the size the model reads."""
+        return states is not None and np.shape(states) == (self.config.whisper_dim,)
+
     @torch.inference_mode()
     def speech_distances(self, states: list[np.ndarray | None]) -> list[float | None]:
         """Mahalanobis distance of each utterance's pooled Whisper states from the speech branch's
@@ -232,7 +236,7 @@ class EmotionModel(nn.Module):
         cfg = self.config
         if not cfg.familiar_max_distance:
             return [None] * len(states)
-        ok = [i for i, w in enumerate(states) if w is not None and np.shape(w) == (cfg.whisper_dim,)]
+        ok = [i for i, w in enumerate(states) if self._usable_states(w)]
         out: list[float | None] = [None] * len(states)
         if ok:
             x = torch.as_tensor(np.stack([np.asarray(states[i], np.float32) for i in ok]), device=self.familiar_mean.device)
@@ -274,7 +278,7 @@ class EmotionModel(nn.Module):
             start = end
         if self.config.whisper_dim:
             dw = self.config.whisper_dim
-            ok = [w is not None and np.shape(w) == (dw,) for w in (whisper or [None] * len(mels))]
+            ok = [self._usable_states(w) for w in (whisper or [None] * len(mels))]
             states = torch.zeros(len(mels), dw, device=dev)
             for i, good in enumerate(ok):
                 if good:

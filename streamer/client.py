@@ -122,11 +122,6 @@ def tls_for(url: str):  # type: ignore[no-untyped-def]
     return ssl.create_default_context()
 
 
-def _unsure(ev: dict[str, Any]) -> str:
-    """' (low confidence)' (or why: an unfamiliar voice) after the label of an emotion the server marked low, else ''."""
-    return P.confidence_note(ev)
-
-
 def _sentiment(ev: dict[str, Any]) -> str:
     """' | sentiment negative -0.62' for an emotion event that carries one, else ''."""
     return f" | sentiment {ev['sentiment']} {ev.get('sentiment_score', 0.0):+.2f}" if ev.get("sentiment") else ""
@@ -155,18 +150,18 @@ def format_event(ev: dict[str, Any]) -> str | None:
     if t == P.EMOTION_PARTIAL:
         w = ev["modality_weights"]
         return (f"    #{uid} … interim emotion ({ev.get('audio_s', 0.0):.1f} s): {ev['label'].upper()}? "
-                f"{ev['scores'][ev['label']]:.2f}{_unsure(ev)} | speech {w['speech']:.2f} / text {w['text']:.2f}"
+                f"{ev['scores'][ev['label']]:.2f}{P.confidence_note(ev)} | speech {w['speech']:.2f} / text {w['text']:.2f}"
                 + (f" | {ev['text']!r}" if ev.get("text") else ""))
     if t == P.EMOTION:
         top = sorted(ev["scores"].items(), key=lambda kv: -kv[1])[:3]
         w = ev["modality_weights"]
         return (f"    #{uid} emotion: {ev['label'].upper():8s} "
-                + "  ".join(f"{k} {v:.2f}" for k, v in top) + _unsure(ev)
+                + "  ".join(f"{k} {v:.2f}" for k, v in top) + P.confidence_note(ev)
                 + f"  | speech {w['speech']:.2f} / text {w['text']:.2f}" + _sentiment(ev)
                 + f" | {ev['latency_ms']:.0f} ms after end of speech")
     if t == P.EMOTION_REVISED:
         return (f"    #{uid} revised with #{ev.get('revised_with')}: {ev['label']} ({ev['scores'][ev['label']]:.2f})"
-                + _unsure(ev))
+                + P.confidence_note(ev))
     if t == P.SPEAKER_REVISED:
         return (f"    #{ev.get('utterance_id')} speaker revised with #{ev.get('revised_with')}: "
                 f"{ev.get('previous_speaker')} -> {ev.get('speaker')}")

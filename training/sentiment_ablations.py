@@ -55,6 +55,14 @@ def text_emotion(model, corpus, vecs: np.ndarray) -> np.ndarray:  # type: ignore
     return out
 
 
+def encoder_vectors(enc, texts: list[str], contexts: list[list[str]]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Each utterance's sentence vector from the TextEncoder `enc` (zeros for an empty transcript)."""
+    rows = [i for i, t in enumerate(texts) if t]
+    out = np.zeros((len(texts), enc.hidden_size), np.float32)
+    out[rows] = features(enc, [texts[i] for i in rows], [contexts[i] for i in rows])
+    return out
+
+
 def stage1_vectors(path: Path, corpus) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Sentence vectors (with the encoder's own past context) from a stage-1 encoder.pt."""
     from model.text_encoder import TextEncoder
@@ -64,11 +72,7 @@ def stage1_vectors(path: Path, corpus) -> np.ndarray:  # type: ignore[no-untyped
     unexpected = enc.model.load_state_dict({k: v.float() for k, v in blob["layers"].items()}, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"{path}: layers that {blob['encoder']} does not have: {unexpected[:3]}")
-    texts, contexts = [u.text for u in corpus.utterances], previous_texts(corpus, blob["context"])
-    rows = [i for i, t in enumerate(texts) if t]
-    out = np.zeros((len(texts), enc.hidden_size), np.float32)
-    out[rows] = features(enc, [texts[i] for i in rows], [contexts[i] for i in rows])
-    return out
+    return encoder_vectors(enc, [u.text for u in corpus.utterances], previous_texts(corpus, blob["context"]))
 
 
 def lr_grid(x: np.ndarray, y: np.ndarray, train: np.ndarray, dev: np.ndarray) -> dict:
@@ -163,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         from model.text_encoder import TextEncoder
 
         untuned = TextEncoder(model.config.encoder if a.encoder is None else a.encoder, model.config.max_text_tokens)
-        rows = [i for i, t in enumerate(texts) if t]
-        u = np.zeros((len(texts), untuned.hidden_size), np.float32)
-        u[rows] = features(untuned, [texts[i] for i in rows], [[] for _ in rows])
+        u = encoder_vectors(untuned, texts, [[] for _ in texts])
         inputs["untuned encoder"] = u
         inputs["sentence+untuned encoder"] = np.concatenate([x, u], axis=1)
     for path in a.stage1:

@@ -96,21 +96,23 @@ def _batches(idx: list[int], lengths: list[int], batch_size: int, rng: random.Ra
 
 
 @torch.inference_mode()
-def predict(model: Classifier, texts: list[str], contexts: list[list[str]], idx: list[int], batch_size: int = 64,
-            sentiment: bool = False) -> np.ndarray:
-    """(len(idx), C) logits: of the emotion head, or with `sentiment` of the sentiment head."""
+def predict(model: Classifier, texts: list[str], contexts: list[list[str]], idx: list[int],
+            batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """(len(idx), C) emotion logits, and the sentiment head's (len(idx), 3) when the classifier has
+    one (else None), from one encoder pass."""
     model.eval()
     dev = model.head.weight.device
-    head = model.sentiment if sentiment else model.head
-    if head is None:
-        raise ValueError("this classifier has no sentiment head")
     order = sorted(range(len(idx)), key=lambda k: len(texts[idx[k]]) + sum(len(c) for c in contexts[idx[k]]))
-    out = np.zeros((len(idx), head.out_features), np.float32)
+    emotion = np.zeros((len(idx), model.head.out_features), np.float32)
+    sentiment = None if model.sentiment is None else np.zeros((len(idx), model.sentiment.out_features), np.float32)
     for s in range(0, len(order), batch_size):
         ks = order[s : s + batch_size]
         tok = model.encoder.tokenize([texts[idx[k]] for k in ks], [contexts[idx[k]] for k in ks]).to(dev)
-        out[ks] = model.both(tok)[1 if sentiment else 0].float().cpu().numpy()  # type: ignore[union-attr]
-    return out
+        emo, senti = model.both(tok)
+        emotion[ks] = emo.float().cpu().numpy()
+        if sentiment is not None:
+            sentiment[ks] = senti.float().cpu().numpy()  # type: ignore[union-attr]
+    return emotion, sentiment
 
 
 def extract(checkpoint: str | Path, out: str | Path) -> Path:
@@ -213,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + a.sentiment_weight * F.cross_entropy(senti, torch.from_numpy(ys[b]).to(dev))
             losses.append(step(opt, loss, clip=1.0, params=model.parameters(), scheduler=sched))
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        dev_logits = predict(model, texts, contexts, parts["dev"])
+        dev_logits, dev_senti = predict(model, texts, contexts, parts["dev"])
         rep = classification_report(y[parts["dev"]], dev_logits.argmax(1), MELD_LABELS)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "dev_wf1": rep["wf1"], "dev_acc": rep["acc"],
                         "dev_wa": rep["wa"], "seconds": time.time() - t0})
         if multitask:
-            srep = classification_report(ys[parts["dev"]], predict(model, texts, contexts, parts["dev"], sentiment=True).argmax(1), SENTIMENT_LABELS)
+            srep = classification_report(ys[parts["dev"]], dev_senti.argmax(1), SENTIMENT_LABELS)  # type: ignore[union-attr]
             history[-1]["dev_sentiment_wf1"] = srep["wf1"]
             print(f"epoch {epoch}: sentiment dev WF1 {srep['wf1']:.2f}", flush=True)
         print(f"epoch {epoch}: loss {np.mean(losses):.3f}  dev WF1 {rep['wf1']:.2f} acc {rep['acc']:.2f} "
@@ -241,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": vars(a), "history": history, "minutes": (time.time() - t_start) / 60,
               "frozen_prefixes": list(frozen), "machine": f"{torch.get_num_threads()} torch threads, {dev}"}
     for part in ("dev", "test"):
-        logits = predict(model, texts, contexts, parts[part])
+        logits, senti_logits = predict(model, texts, contexts, parts[part])
         rep = classification_report(y[parts[part]], logits.argmax(1), MELD_LABELS)
         result[part] = rep
         print(format_report(rep, f"MELD {a.split} {part} (kept epoch, fp16 weights)"), flush=True)
         if multitask:
-            srep = classification_report(ys[parts[part]], predict(model, texts, contexts, parts[part], sentiment=True).argmax(1), SENTIMENT_LABELS)
+            srep = classification_report(ys[parts[part]], senti_logits.argmax(1), SENTIMENT_LABELS)  # type: ignore[union-attr]
             result[f"{part}_sentiment"] = srep
             print(format_report(srep, f"MELD {a.split} {part} sentiment (kept epoch)"), flush=True)
     torch.save({"encoder": a.encoder, "max_tokens": a.max_tokens, "context": a.context, "layers": half,
