@@ -1,0 +1,16 @@
+"""The pure parts of bench/stream_bench.py: which variants diarize and how they differ from the
+service's defaults (the bench itself streams for minutes)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from bench.stream_bench import diarized, variants
+
+
+def test_diarize_variants_differ_from_the_service_only_where_named() -> None:
+    v = variants(None)
+    assert {name for name in v if diarized(name)} == {"diarize", "diarize_nice19"}
+    assert v["diarize"] == v["emostream"]  # the sessions ask for diarize; the service is the same
+    assert v["diarize_nice19"].diarize.voice_nice == 19 != v["emostream"].diarize.voice_nice
+    assert replace(v["diarize_nice19"], diarize=v["emostream"].diarize) == v["emostream"]
