@@ -64,6 +64,8 @@ def test_a_checkpoint_carries_the_check_and_flags_an_unfamiliar_voice(tiny_confi
     near, far = _states(1, 5)[0], _states(1, 5, shift=3.0)[0]
     d = loaded.speech_distances([near, None, far, np.zeros(3, np.float32)])
     assert d[1] is None and d[3] is None and d[0] < limit < d[2]
+    # serving (torch, on the model's device) measures what fitting (numpy) measured
+    assert [d[0], d[2]] == pytest.approx(familiar.distances(np.stack([near, far]), mean, whiten).tolist(), rel=1e-5)
 
     audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     enc = loaded.encode_utterances([None, None, "hello there"], [audio, audio, None], whisper=[near, far, None])
