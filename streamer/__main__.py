@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Whisper decoders run in parallel, one thread each on a CPU (0: 2 on a multi-core CPU, 1 on CUDA)")
     p.add_argument("--vad", choices=["hybrid", "silero", "webrtc"], default="hybrid")
     p.add_argument("--trailing-silence", type=float, default=None, metavar="S", help="silence that ends an utterance (0.5)")
+    p.add_argument("--split-after", type=float, default=None, metavar="S",
+                   help="an utterance this long ends at its next pause of 0.1 s, so a long turn is decoded while the "
+                        "speaker goes on (8; 0: only the silence wait and the 15 s maximum end an utterance)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
                      help="capture the microphone (default device, or a name/index from --list-devices)")
@@ -136,7 +139,10 @@ def config_from_args(a: argparse.Namespace) -> AppConfig:
     if a.trailing_silence is not None:
         seg = replace(seg, trailing_silence_s=a.trailing_silence,
                       early_decode_s=min(seg.early_decode_s, a.trailing_silence),
-                      tail_pad_s=min(seg.tail_pad_s, a.trailing_silence))
+                      tail_pad_s=min(seg.tail_pad_s, a.trailing_silence),
+                      split_pause_s=min(seg.split_pause_s, a.trailing_silence))
+    if a.split_after is not None:
+        seg = replace(seg, split_after_s=a.split_after)
     asr = AsrConfig(device=a.device, beam_size=a.asr_beam, workers=a.asr_workers)
     if a.asr_window is not None:
         asr = replace(asr, min_window_s=a.asr_window)

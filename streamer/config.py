@@ -39,6 +39,12 @@ class SegmenterConfig:
     trailing_silence_s: float = 0.5  # silence that ends an utterance
     min_utterance_s: float = 0.35  # shorter speech (clicks, coughs) is dropped
     max_utterance_s: float = 15.0  # a longer monologue is split (reason "max_length")
+    # an utterance already this long ends at its next short pause (reason "pause"), so a long turn is decoded
+    # while the speaker goes on and its end waits only for its last part; 8 s is where the encoder window
+    # grows past its 10 s minimum (AsrConfig). 0: never (only the silence wait and max_utterance_s end one)
+    split_after_s: float = 8.0
+    split_pause_s: float = 0.098  # the pause that splits it: faster-whisper's VAD splits a chunk longer than
+    # its max_speech_duration_s at a silence of more than 98 ms (faster_whisper.vad.get_speech_timestamps)
     early_decode: bool = True  # hand the utterance to ASR before the silence wait is over ...
     early_decode_s: float = 0.25  # ... after this much silence (>= tail_pad_s; speech may resume)
 
@@ -53,6 +59,10 @@ class SegmenterConfig:
             raise ValueError("need tail_pad_s <= early_decode_s <= trailing_silence_s")
         if not 0 < self.min_utterance_s < self.max_utterance_s:
             raise ValueError("need 0 < min_utterance_s < max_utterance_s")
+        if self.split_after_s and not self.min_utterance_s < self.split_after_s < self.max_utterance_s:
+            raise ValueError("need split_after_s = 0 (off) or min_utterance_s < split_after_s < max_utterance_s")
+        if not 0 < self.split_pause_s <= self.early_decode_s:
+            raise ValueError("need 0 < split_pause_s <= early_decode_s")
 
 
 @dataclass(frozen=True)

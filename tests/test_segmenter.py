@@ -79,8 +79,9 @@ def test_noisy_speech_splits_at_every_half_second_pause(noisy: np.ndarray) -> No
 
 def test_webrtcvad_alone_glues_sentences_in_noise(noisy: np.ndarray) -> None:
     """Why the default is hybrid: webrtcvad hears the noise as speech and misses pauses."""
-    hybrid = ends(run(Segmenter(SegmenterConfig()), noisy))
-    webrtc = ends(run(Segmenter(SegmenterConfig(vad="webrtc")), noisy))
+    cfg = SegmenterConfig(split_after_s=0.0)  # the silence wait alone: pause splits would cut the glued turns
+    hybrid = ends(run(Segmenter(cfg), noisy))
+    webrtc = ends(run(Segmenter(replace(cfg, vad="webrtc")), noisy))
     assert len(webrtc) < len(hybrid)
 
 
@@ -91,7 +92,7 @@ def test_chunk_size_does_not_change_the_result(jfk: np.ndarray) -> None:
 
 
 def test_max_length_splits_a_monologue_with_reason(noisy: np.ndarray) -> None:
-    cfg = SegmenterConfig(max_utterance_s=3.0)
+    cfg = SegmenterConfig(max_utterance_s=3.0, split_after_s=0.0)
     events = run(Segmenter(cfg), noisy)
     utts = ends(events)
     assert any(u.reason == "max_length" for u in utts)
@@ -143,3 +144,58 @@ def test_config_is_validated() -> None:
         SegmenterConfig(vad="nope")
     with pytest.raises(ValueError):
         replace(SegmenterConfig(), min_utterance_s=20.0)
+
+
+def test_a_long_utterance_ends_at_its_next_short_pause(noisy: np.ndarray) -> None:
+    """Past split_after_s, a pause of split_pause_s ends the utterance (reason "pause"); the rest of the
+    turn follows as the next utterance, from the same pause, so no audio is lost. Without the rule
+    the same speech is one utterance that runs on across that pause."""
+    cfg = SegmenterConfig()
+    on = ends(run(Segmenter(cfg), noisy))
+    off = ends(run(Segmenter(replace(cfg, split_after_s=0.0)), noisy))
+    split = [u for u in on if u.reason == "pause"]
+    assert split, [(u.start_s, u.end_s, u.reason) for u in on]
+    assert not any(u.reason == "pause" for u in off)
+    for u in split:
+        assert u.end_s - u.start_s >= cfg.split_after_s
+        nxt = on[on.index(u) + 1]
+        assert nxt.start_s == pytest.approx(u.end_s, abs=1e-6)  # contiguous: the pause leads in the rest
+        assert any(o.start_s < u.end_s < o.end_s for o in off)  # one utterance spans it without the rule
+    # every utterance the rule leaves alone is cut where it was; one fewer utterance per split
+    assert len(on) == len(off) + len(split)
+    assert {(u.start_s, u.end_s) for u in off if not any(u.start_s <= s.end_s <= u.end_s for s in split)} <= \
+        {(u.start_s, u.end_s) for u in on}
+
+
+def test_a_long_turn_that_stops_ends_at_the_short_pause_and_emits_nothing_more(noisy: np.ndarray) -> None:
+    """The split pause may be the end of the turn: then the silence runs on, and the continuation,
+    which never heard speech, is dropped instead of becoming an empty utterance."""
+    cfg = SegmenterConfig()
+    long_turn = [u for u in ends(run(Segmenter(cfg), noisy)) if u.reason == "pause"][0]
+    s0, s1 = int(long_turn.start_s * 16000), int(long_turn.end_s * 16000)
+    audio = np.concatenate([np.zeros(8000, np.float32), noisy[s0:s1], np.zeros(32000, np.float32)])
+    events = run(Segmenter(cfg), audio)
+    utts = ends(events)
+    assert [u.reason for u in utts] == ["pause"]
+    assert sum(isinstance(e, SpeechStarted) for e in events) == 1
+    assert utts[0].end_s == pytest.approx(0.5 + (s1 - s0) / 16000, abs=0.1)
+
+
+def test_split_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        SegmenterConfig(split_after_s=15.0)  # not below max_utterance_s
+    with pytest.raises(ValueError):
+        SegmenterConfig(split_pause_s=0.3)  # longer than the speculative-decode wait
+    assert SegmenterConfig(split_after_s=0.0).split_after_s == 0.0  # off
+
+
+def test_cli_sets_and_disables_the_split() -> None:
+    from streamer.__main__ import build_parser, config_from_args
+
+    def seg(*argv: str) -> SegmenterConfig:
+        return config_from_args(build_parser().parse_args(list(argv))).segmenter
+
+    assert seg().split_after_s == SegmenterConfig().split_after_s
+    assert seg("--split-after", "0").split_after_s == 0.0
+    assert seg("--split-after", "6").split_after_s == 6.0
+    assert seg("--trailing-silence", "0.08").split_pause_s <= 0.08  # a shorter silence wait stays valid

@@ -128,7 +128,7 @@ class SpeechEnded:
     audio: np.ndarray  # float32, pre-roll + speech + tail pad
     start_s: float
     end_s: float  # end of the last speech frame (what latency is measured from)
-    reason: str  # "silence" | "max_length" | "end_of_stream"
+    reason: str  # "silence" | "pause" (a short pause in a long utterance) | "max_length" | "end_of_stream"
 
 
 SegmentEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
@@ -150,6 +150,8 @@ class Segmenter:
         self._end_frames = max(self._early_frames, math.ceil(config.trailing_silence_s / FRAME_S))
         self._min_frames = math.ceil(config.min_utterance_s / FRAME_S)
         self._max_frames = math.ceil(config.max_utterance_s / FRAME_S)
+        self._split_frames = math.ceil(config.split_after_s / FRAME_S)  # 0: no pause splits
+        self._pause_frames = max(1, math.ceil(config.split_pause_s / FRAME_S))
         self._next_index = 0
         # open utterance state
         self._frames: list[np.ndarray] | None = None  # None: not in an utterance
@@ -158,6 +160,7 @@ class Segmenter:
         self._silence_run = 0
         self._started = False  # SpeechStarted emitted (speech reached min length)
         self._paused = False  # SpeechPaused emitted for the current silence
+        self._continuing = False  # opened by a pause split: its first speech frame starts it
 
     @property
     def position_s(self) -> float:
@@ -222,7 +225,7 @@ class Segmenter:
             self._start_frame = no - keep + 1
             self._last_speech = no
             self._silence_run = 0
-            self._started = self._paused = False
+            self._started = self._paused = self._continuing = False
             self._recent.clear()
             return self._check_started()
         self._frames.append(frame)
@@ -244,6 +247,8 @@ class Segmenter:
                 events.append(self._end("silence"))
             self._frames = None
             self._recent.clear()
+        elif self._silence_run == self._pause_frames and self._started and self._long_enough():
+            events.append(self._pause_split(no))
         elif self._silence_run == self._early_frames and self._started and cfg.early_decode:
             audio, start_s, end_s = self._cut()
             events.append(SpeechPaused(self._next_index, audio, start_s, end_s))
@@ -255,6 +260,9 @@ class Segmenter:
     def _check_started(self) -> list[SegmentEvent]:
         if self._started or self._frames is None:
             return []
+        if self._continuing and self._last_speech >= self._start_frame:
+            self._started = True  # the rest of a split turn: any speech counts
+            return [SpeechStarted(self._next_index, self._start_frame * FRAME_S)]
         if self._last_speech - self._start_frame + 1 - self._pre_frames >= self._min_frames:
             self._started = True
             return [SpeechStarted(self._next_index, self._start_frame * FRAME_S)]
@@ -270,7 +278,22 @@ class Segmenter:
         audio, start_s, end_s = self._cut()
         ev = SpeechEnded(self._next_index, audio, start_s, end_s, reason)
         self._next_index += 1
-        self._started = self._paused = False
+        self._started = self._paused = self._continuing = False
+        return ev
+
+    def _long_enough(self) -> bool:
+        return self._split_frames > 0 and self._last_speech - self._start_frame + 1 >= self._split_frames
+
+    def _pause_split(self, no: int) -> SpeechEnded:
+        """A long utterance reached a short pause: end it there. The pause so far leads in the next
+        part, which starts with the next speech frame; if the silence goes on to the usual wait
+        instead, the turn is over and nothing more is emitted."""
+        assert self._frames is not None
+        ev = self._end("pause")
+        run = self._silence_run
+        self._frames = self._frames[-run:]
+        self._start_frame = no - run + 1
+        self._continuing = True
         return ev
 
     def _split(self) -> list[SegmentEvent]:
