@@ -93,6 +93,25 @@ def test_query_string_options() -> None:
     assert auth.request_token("/v1/listen", "Token abc123") == "abc123"  # Deepgram's header scheme
 
 
+def test_a_cut_at_the_maximum_length_is_final_but_not_an_endpoint() -> None:
+    """Deepgram marks a segment it finalizes while the speaker goes on is_final without speech_final:
+    so is an utterance cut at max_length (no UtteranceEnd either). A split at a short pause (reason
+    "pause") is an endpoint: the speaker may have stopped there."""
+    m = DeepgramMessages({"interim_results": False, "vad_events": False, "utterance_end_ms": 1000, "diarize": False,
+                          "channels": 1}, lambda: 30.0)
+    got = []
+    for uid, reason in enumerate(("max_length", "pause", "silence")):
+        m({"type": P.UTTERANCE_ENDED, "utterance_id": uid, "start_s": 15.0 * uid, "end_s": 15.0 * uid + 8, "reason": reason})
+        m({"type": P.TRANSCRIPT, "utterance_id": uid, "text": " Go on", "words": []})
+        out = m({"type": P.EMOTION, "utterance_id": uid, "label": "neutral", "scores": {"neutral": 1.0}, "confidence": "ok"})
+        for o in out:
+            check_message(o)
+        got.append([(o["type"], o.get("is_final"), o.get("speech_final")) for o in out])
+    assert got == [[("Results", True, False)],
+                   [("Results", True, True), ("UtteranceEnd", None, None)],
+                   [("Results", True, True), ("UtteranceEnd", None, None)]]
+
+
 def test_translation_holds_a_final_transcript_for_its_emotion() -> None:
     m = DeepgramMessages({"interim_results": True, "vad_events": True, "utterance_end_ms": 1000, "diarize": True,
                           "channels": 1}, lambda: 4.25)

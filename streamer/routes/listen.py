@@ -74,7 +74,7 @@ class DeepgramMessages:
         self.options, self.audio_s = options, audio_s
         self.request_id = str(uuid.uuid4())
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-        self.spans: dict[int, tuple[float, float | None, bool]] = {}  # utterance -> start, end, by Finalize
+        self.spans: dict[int, tuple[float, float | None, str]] = {}  # utterance -> start, end, why it ended
         self.held: dict[str, Any] | None = None  # a final transcript waiting for its emotion
         self.metadata = {"request_id": self.request_id, "model_uuid": self.request_id,
                          "model_info": {"name": MODEL_NAME, "version": P.VERSION, "arch": "whisper"}}
@@ -82,13 +82,13 @@ class DeepgramMessages:
     def __call__(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind, out = event.get("type"), []
         if kind == P.UTTERANCE_STARTED:
-            self.spans[event["utterance_id"]] = (event["start_s"], None, False)
+            self.spans[event["utterance_id"]] = (event["start_s"], None, "")
             if self.options["vad_events"]:
                 out.append({"type": "SpeechStarted", "channel": [0], "timestamp": event["start_s"]})
         elif kind == P.UTTERANCE_ENDED:
-            self.spans[event["utterance_id"]] = (event["start_s"], event["end_s"], event.get("reason") == "finalize")
+            self.spans[event["utterance_id"]] = (event["start_s"], event["end_s"], event.get("reason", ""))
         elif kind == P.TRANSCRIPT_PARTIAL and self.options["interim_results"]:
-            start = self.spans.get(event["utterance_id"], (0.0, None, False))[0]
+            start = self.spans.get(event["utterance_id"], (0.0, None, ""))[0]
             out.append(self.results(event["text"], [], start, event.get("audio_s", 0.0), final=False))
         elif kind == P.TRANSCRIPT:
             out += self.release()
@@ -111,25 +111,30 @@ class DeepgramMessages:
         if t is None:
             return []
         uid = t["utterance_id"]
-        start, end, finalized = self.spans.pop(uid, (0.0, None, False))
+        start, end, reason = self.spans.pop(uid, (0.0, None, ""))
+        # cut at the maximum length, the speaker is still talking: final, but no endpoint (as Deepgram marks a
+        # segment it finalizes mid-speech). Every other end, a short split pause included, is an endpoint
         words = [self.word(w, t.get("speaker")) for w in t.get("words", [])]
         end = end if end is not None else (words[-1]["end"] if words else start)
-        msg = self.results(t["text"], words, start, end - start, final=True, finalized=finalized)
+        speech_final = reason != "max_length"
+        msg = self.results(t["text"], words, start, end - start, final=True, finalized=reason == "finalize",
+                           speech_final=speech_final)
         if emotion is not None and emotion["utterance_id"] == uid:
             msg["emotion"] = {k: emotion[k] for k in ("label", "scores", "confidence", "modality_weights", "familiar_voice")
                               if k in emotion}
             if "sentiment" in emotion:
                 msg["sentiment"] = {"label": emotion["sentiment"], "score": emotion["sentiment_score"]}
         out = [msg]
-        if self.options["utterance_end_ms"] is not None:
+        if self.options["utterance_end_ms"] is not None and speech_final:
             out.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": words[-1]["end"] if words else end})
         return out
 
     def results(self, text: str, words: list[dict[str, Any]], start: float, duration: float, final: bool,
-                finalized: bool = False) -> dict[str, Any]:
+                finalized: bool = False, speech_final: bool | None = None) -> dict[str, Any]:
         confidence = sum(w["confidence"] for w in words) / len(words) if words else (1.0 if text.strip() else 0.0)
         return {"type": "Results", "channel_index": [0, 1], "duration": round(duration, 3), "start": round(start, 3),
-                "is_final": final, "speech_final": final, "from_finalize": finalized,
+                "is_final": final, "speech_final": final if speech_final is None else speech_final and final,
+                "from_finalize": finalized,
                 "channel": {"alternatives": [{"transcript": text.strip(), "confidence": round(confidence, 4), "words": words}]},
                 "metadata": self.metadata}
 
