@@ -43,7 +43,9 @@ levels run in order of stream count, each level's variants one after another. `d
 service with every session started with `diarize: true` (a voice embedding per utterance on the
 voice thread, then the clustering), `diarize_nice19` the same with that thread at nice 19 instead
 of DiarizeConfig.voice_nice's default: what speakers within a channel cost under load, and what the
-voice thread's priority changes.
+voice thread's priority changes. `nosplit` is the service without pause splits of long utterances
+(SegmenterConfig.split_after_s = 0), as before they existed; its expected utterance count is the
+default segmenter's, so it ends one fewer per split the default makes.
 Writes <out>/stream_bench.json and <out>/stream_bench.png (default out: bench/results).
 """
 
@@ -77,6 +79,7 @@ from streamer.config import SAMPLE_RATE, AppConfig, AsrConfig, InferenceConfig, 
 
 DEFAULT_AUDIO = ROOT / "tests" / "fixtures" / "speech" / "noisy_pauses.flac"
 PATTERNS = ("sync", "staggered")
+VARIANTS = ("emostream", "naive", "window15", "diarize", "diarize_nice19", "nosplit")  # see variants()
 SINGLE = "single"  # the pattern label of a 1-stream level (sync and staggered coincide)
 OVERHEAD_S = 6.0  # per configuration, for the estimate: service start + model warm-up + drain
 TRANSCRIPT_PARTIAL = getattr(P, "TRANSCRIPT_PARTIAL", "transcript.partial")
@@ -99,7 +102,10 @@ def variants(checkpoint: Path | None) -> dict[str, AppConfig]:
     # thread at the default nice value, and at the lowest priority
     diarize = ours
     diarize_nice19 = replace(ours, diarize=replace(ours.diarize, voice_nice=19))
-    return {"emostream": ours, "naive": naive, "window15": window15, "diarize": diarize, "diarize_nice19": diarize_nice19}
+    # the service as it was before long utterances were split at short pauses (SegmenterConfig.split_after_s)
+    nosplit = replace(ours, segmenter=replace(ours.segmenter, split_after_s=0.0))
+    return {"emostream": ours, "naive": naive, "window15": window15, "diarize": diarize, "diarize_nice19": diarize_nice19,
+            "nosplit": nosplit}
 
 
 def diarized(variant: str) -> bool:
@@ -129,7 +135,8 @@ def latency_knobs(cfg: AppConfig) -> dict[str, Any]:
     """The settings that move latency; getattr throughout, since the engine's config is changing."""
     seg, asr, inf, srv = (getattr(cfg, k, None) for k in ("segmenter", "asr", "inference", "server"))
     pick = {
-        "segmenter": (seg, ("vad", "early_decode", "early_decode_s", "trailing_silence_s", "tail_pad_s", "max_utterance_s")),
+        "segmenter": (seg, ("vad", "early_decode", "early_decode_s", "trailing_silence_s", "tail_pad_s", "max_utterance_s",
+                                "split_after_s", "split_pause_s")),
         "asr": (asr, ("device", "compute_type", "cpu_threads", "max_batch", "cpu_batch", "workers", "num_workers",
                       "min_window_s", "beam_size")),
         "inference": (inf, ("max_batch", "max_wait_ms", "queue_size", "torch_threads", "workers", "remote")),
@@ -374,7 +381,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
               ("naive", "sync"): "tab:orange", ("naive", "staggered"): "tab:cyan",
               ("window15", "sync"): "tab:purple", ("window15", "staggered"): "tab:green",
               ("diarize", "sync"): "tab:brown", ("diarize", "staggered"): "tab:olive",
-              ("diarize_nice19", "sync"): "tab:pink", ("diarize_nice19", "staggered"): "tab:gray"}
+              ("diarize_nice19", "sync"): "tab:pink", ("diarize_nice19", "staggered"): "tab:gray",
+              ("nosplit", "sync"): "black", ("nosplit", "staggered"): "tab:gray"}
     keys = sorted({(r["variant"], r["pattern"], r["interim"]) for r in results if r["pattern"] != SINGLE})
     if not keys:  # only 1-stream levels
         keys = sorted({(r["variant"], SINGLE, r["interim"]) for r in results})
@@ -458,7 +466,7 @@ def main() -> int:
     ap.add_argument("--interim-patterns", nargs="+", default=None, choices=PATTERNS,
                     help="with --interim: only these patterns get the interim run (default: all; 'single' always)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled checkpoint")
-    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=["emostream", "naive", "window15", "diarize", "diarize_nice19"])
+    ap.add_argument("--variants", nargs="+", default=["emostream"], choices=VARIANTS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the wall-time estimate, run nothing")
     a = ap.parse_args()
