@@ -31,6 +31,10 @@ R >= --min-repeats (default 2, so there is a spread) with N * utterances(R) >= -
 since an utterance can run across the seam between copies. Each result records the offline
 expectation next to the `utterance.ended` and `emotion` counts the service actually produced.
 
+`by_reason` gives the same figures for the utterances of each `utterance.ended` reason: `silence`
+(the speaker stopped: what a listener waits for), `pause` (a long turn split at a short pause while
+the speaker goes on), `max_length`, `end_of_stream`.
+
 CPU = process CPU seconds (resource.getrusage: client, server and model threads all live in this
 process) / wall, in cores, plus one sample per second. ASR RTF = Whisper decode seconds / seconds
 of audio streamed. Backlog slope = linear fit of latency against end-of-speech time (0 = keeping
@@ -286,6 +290,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
     await app.shutdown()
 
     samples, server_lat, errors, close_codes, failures = [], [], Counter(), Counter(), []
+    reasons: list[str] = []  # per sample: why its utterance ended (utterance.ended reason)
     unlabelled = 0  # diarized: final emotions without a speaker (the voice embedding failed or was refused)
     n_types: Counter[str] = Counter()
     for i, res in enumerate(results):
@@ -303,6 +308,7 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
             unlabelled += diarized(job["variant"]) and not ev.get("speaker")
             end_s = float(ends[ev["utterance_id"]]["end_s"])
             samples.append((i, end_s, t - res.sent_time(end_s)))
+            reasons.append(str(ends[ev["utterance_id"]].get("reason")))
             if ev.get("latency_ms") is not None:
                 server_lat.append(ev["latency_ms"] / 1000)
     lat = [s[2] for s in samples]
@@ -323,6 +329,10 @@ async def run_config(config: AppConfig, model: Any, asr: Any, copy: np.ndarray, 
         "utterances_ended": n_types[P.UTTERANCE_ENDED],
         "finals": len(lat),  # final `emotion` events timed (the latency sample size)
         "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "max_s": max(lat) if lat else None,
+        # the same by why the utterance ended: "silence" (the speaker stopped), "pause" (a long turn split while
+        # the speaker goes on), "max_length", "end_of_stream"
+        "by_reason": {k: {"n": len(v), "p50_s": pct(v, 50), "p95_s": pct(v, 95), "max_s": max(v)}
+                      for k in sorted(set(reasons)) for v in [[x for x, why in zip(lat, reasons) if why == k]]},
         "mean_s": float(np.mean(lat)) if lat else None,
         "per_copy_n": [len(c) for c in by_copy],
         "per_copy_p50_s": c50, "per_copy_p95_s": c95,
