@@ -7,6 +7,10 @@ Frames are 32 ms (512 samples at 16 kHz). Each frame gets a speech probability f
   open while Silero does. webrtcvad alone never hears the end of speech in background noise
   (see shared/PEERS.md); Silero keeps splitting at ~0.5 s pauses there.
 
+An utterance ends after `trailing_silence_s` of silence; one already `split_after_s` long ends at
+its next pause of `split_pause_s` (the rest of the turn is the next utterance), and one with no
+such pause is cut at `max_utterance_s`.
+
 Times are positions in the stream (seconds of audio fed), so no clock is needed here.
 """
 
