@@ -47,18 +47,19 @@ BANDS = {"8-9 s": (8.0, 9.0), "13-14 s": (13.0, 14.0)}
 PER_ACTOR = 15
 
 
-def composites(rng: np.random.Generator) -> dict[str, list[tuple[np.ndarray, str]]]:
+def composites(rng: np.random.Generator, actors: range = range(17, 21),
+               per_actor: int = PER_ACTOR) -> dict[str, list[tuple[np.ndarray, str]]]:
     """band -> [(audio, reference)]: one actor's trimmed clips back to back until the length lands in the band."""
     from model.features import load_audio
     from training.augment import trim_silence
 
     out: dict[str, list[tuple[np.ndarray, str]]] = {b: [] for b in BANDS}
-    for actor in range(17, 21):
+    for actor in actors:
         clips = [(trim_silence(load_audio(p), margin_s=0.1), SENTENCES[Path(p).name.split("-")[4]])
                  for p in sorted(glob.glob(str(DATA / "ravdess" / f"Actor_{actor:02d}" / "*.flac")))]
         for band, (lo, hi) in BANDS.items():
             made = 0
-            while made < PER_ACTOR:
+            while made < per_actor:
                 audio, ref = np.zeros(0, np.float32), []
                 for i in rng.permutation(len(clips)):
                     audio = np.concatenate([audio, clips[i][0]])
