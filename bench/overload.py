@@ -5,6 +5,7 @@ them), and does every admitted session end properly?
 
     .venv/bin/python bench/overload.py                    # 60 clients, one every 1.5 s, 60 s each (~3 min)
     .venv/bin/python bench/overload.py --clients 32 --arrive-every-s 2.5 --session-s 75
+    .venv/bin/python bench/overload.py --split-after 0 --out /tmp/x   # without pause splits, side by side
 
 Method. One service on port 0 in this process with the default configuration (admission:
 ServerConfig.admit_max_load / admit_max_wait_s; InferenceConfig.max_queue_s, speculate_max_wait_s;
@@ -40,6 +41,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +335,8 @@ def main() -> int:
     ap.add_argument("--retry-s", type=float, default=10.0, help="a refused client tries again after this")
     ap.add_argument("--retry-until-s", type=float, default=110.0, help="... until this time")
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
+    ap.add_argument("--split-after", type=float, default=None,
+                    help="SegmenterConfig.split_after_s (default: the service's; 0: no pause splits, as before them)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
 
@@ -344,6 +348,8 @@ def main() -> int:
     n = int(a.session_s * SAMPLE_RATE)
     audio = np.tile(copy, int(np.ceil(n / len(copy))))[:n]
     config = AppConfig(server=ServerConfig(port=0), inference=InferenceConfig(device="cpu"))
+    if a.split_after is not None:
+        config = replace(config, segmenter=replace(config.segmenter, split_after_s=a.split_after))
     model = load_checkpoint(config.inference.checkpoint, device="cpu")
     asr = Transcriber(AsrConfig(device="cpu"))
     est = (a.clients - 1) * a.arrive_every_s + a.session_s
@@ -356,7 +362,7 @@ def main() -> int:
         "audio": {"name": a.audio.name, "seconds_per_copy": len(copy) / SAMPLE_RATE},
         "plan": {"clients": a.clients, "arrive_every_s": a.arrive_every_s, "session_s": a.session_s,
                  "retry_s": a.retry_s, "retry_until_s": a.retry_until_s},
-        "config": {"admit_max_load": config.server.admit_max_load, "admit_max_wait_s": config.server.admit_max_wait_s,
+        "config": {"split_after_s": config.segmenter.split_after_s, "admit_max_load": config.server.admit_max_load, "admit_max_wait_s": config.server.admit_max_wait_s,
                    "max_queue_s": config.inference.max_queue_s, "speculate_max_wait_s": config.inference.speculate_max_wait_s,
                    "decoders": getattr(asr, "workers", None), "cpu_batch": config.asr.cpu_batch},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
