@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import git_state  # noqa: E402
+
 from streamer.memory import tune_allocator  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
@@ -159,6 +161,7 @@ def main() -> int:
     from streamer.sources import load_file
     from streamer.infer.transcriber import Transcriber
 
+    git = git_state()  # before anything runs
     inf = InferenceConfig(device="cpu") if a.checkpoint is None else InferenceConfig(checkpoint=a.checkpoint, device="cpu")
     base = AppConfig(server=ServerConfig(port=0, max_sessions=64), inference=inf)
     audio = np.tile(load_file(a.audio)[: int(a.seconds * 16_000)], a.repeat)
@@ -173,6 +176,7 @@ def main() -> int:
         "worker": {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "device": "cpu"},
         "streams": a.streams,
         "results": {"in_process": [], "remote_1_worker": []},
+        "git": git,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     full = load_checkpoint(inf.checkpoint, device="cpu")
