@@ -105,8 +105,9 @@ class Flagger:
         self.summaries.append(summary)
 
 
-def run(audio_by_channel: list[np.ndarray], config: AppConfig, speakers: list[str] | None = None):  # type: ignore[no-untyped-def]
-    backend, sink, flagger, closed = FakeBackend(), ListSink(), Flagger(), []
+def run(audio_by_channel: list[np.ndarray], config: AppConfig, speakers: list[str] | None = None,  # type: ignore[no-untyped-def]
+        backend: FakeBackend | None = None):
+    backend, sink, flagger, closed = backend or FakeBackend(), ListSink(), Flagger(), []
     parts = RunnerParts(backend, sink, Metrics(), config, [flagger], closed=closed.append)
 
     async def go() -> None:
@@ -164,6 +165,24 @@ def test_unscored_side_is_transcribed_and_read_as_context_but_never_scored() -> 
     assert all(not backend.encodes[call[t]] for t in agent)
     assert all(backend.encodes[call[e["text"]]] for e in events if e["type"] == P.TRANSCRIPT and e["speaker"] == "customer")
     assert backend.encodes.count(False) >= len(agent)
+
+
+class BusyBackend(FakeBackend):
+    """Decoders past the admission limit: busy 95 % of the last 10 s."""
+
+    def load(self) -> float: return 0.95
+
+
+def test_long_turns_are_split_only_while_the_service_has_room() -> None:
+    """The segmenter's pause split of a long turn is allowed by the admission test (load and wait):
+    with the decoders at capacity the turn stays whole, as splitting it would only add work."""
+    noisy = load("noisy_pauses.flac")  # its last 10 s are one turn with a short pause past 8 s
+    reasons = {}
+    for name, backend in (("room", FakeBackend()), ("busy", BusyBackend())):
+        _, events, _, _ = run([noisy], AppConfig(), backend=backend)
+        reasons[name] = [e["reason"] for e in events if e["type"] == P.UTTERANCE_ENDED]
+    assert "pause" in reasons["room"] and "pause" not in reasons["busy"]
+    assert len(reasons["room"]) == len(reasons["busy"]) + reasons["room"].count("pause")
 
 
 def test_no_module_below_the_server_imports_the_app() -> None:

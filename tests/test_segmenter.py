@@ -199,3 +199,13 @@ def test_cli_sets_and_disables_the_split() -> None:
     assert seg("--split-after", "0").split_after_s == 0.0
     assert seg("--split-after", "6").split_after_s == 6.0
     assert seg("--trailing-silence", "0.08").split_pause_s <= 0.08  # a shorter silence wait stays valid
+
+
+def test_may_split_can_hold_a_long_turn_whole(noisy: np.ndarray) -> None:
+    seg = Segmenter(SegmenterConfig())
+    asked = []
+    seg.may_split = lambda: asked.append(seg.position_s) or False
+    whole = ends(run(seg, noisy))
+    assert asked and not any(u.reason == "pause" for u in whole)  # asked at the pause, and told no
+    off = ends(run(Segmenter(SegmenterConfig(split_after_s=0.0)), noisy))
+    assert [(u.start_s, u.end_s) for u in whole] == [(u.start_s, u.end_s) for u in off]

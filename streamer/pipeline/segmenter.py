@@ -8,8 +8,8 @@ Frames are 32 ms (512 samples at 16 kHz). Each frame gets a speech probability f
   (see shared/PEERS.md); Silero keeps splitting at ~0.5 s pauses there.
 
 An utterance ends after `trailing_silence_s` of silence; one already `split_after_s` long ends at
-its next pause of `split_pause_s` (the rest of the turn is the next utterance), and one with no
-such pause is cut at `max_utterance_s`.
+its next pause of `split_pause_s` (the rest of the turn is the next utterance) where `may_split()`
+allows it, and one with no such pause is cut at `max_utterance_s`.
 
 Times are positions in the stream (seconds of audio fed), so no clock is needed here.
 """
@@ -20,7 +20,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -144,6 +144,9 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig, vad: FrameVad | None = None) -> None:
         self.config = config
         self.vad = vad if vad is not None else make_vad(config)
+        # asked at a pause that would split a long utterance; False: not now (the service asks whether
+        # the decoders could start on the first part at once, see SessionRunner)
+        self.may_split: Callable[[], bool] = lambda: True
         self._pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole frame
         self._frame_no = 0  # frames consumed so far
         pre = math.ceil(config.pre_roll_s / FRAME_S)
@@ -251,7 +254,7 @@ class Segmenter:
                 events.append(self._end("silence"))
             self._frames = None
             self._recent.clear()
-        elif self._silence_run == self._pause_frames and self._started and self._long_enough():
+        elif self._silence_run == self._pause_frames and self._started and self._long_enough() and self.may_split():
             events.append(self._pause_split(no))
         elif self._silence_run == self._early_frames and self._started and cfg.early_decode:
             audio, start_s, end_s = self._cut()
