@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
+from bench.provenance import git_state  # noqa: E402
 from streamer.memory import tune_allocator  # noqa: E402
 from streamer import protocol as P  # noqa: E402
 from streamer.client import stream_audio  # noqa: E402
@@ -356,6 +357,7 @@ def main() -> int:
     print(f"{a.clients} clients, one every {a.arrive_every_s:g} s, {a.session_s:g} s each: ~{est:.0f} s", flush=True)
     report: dict[str, Any] = {
         "what": "admission and bounded latency past capacity, real Whisper, real-time streams over /v1/stream",
+        "git": git_state(),
         "method": "see the docstring of bench/overload.py",
         "machine": {"cpus": os.cpu_count(), "allocator": tune_allocator(), "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg()),
                     "note": "clients run in the service's process and event loop"},
