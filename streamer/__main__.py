@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trailing-silence", type=float, default=None, metavar="S", help="silence that ends an utterance (0.5)")
     p.add_argument("--split-after", type=float, default=None, metavar="S",
                    help="an utterance this long ends at its next pause of 0.1 s, so a long turn is decoded while the "
-                        "speaker goes on (8; 0: only the silence wait and the 15 s maximum end an utterance)")
+                        "speaker goes on, unless the service is at capacity (8; 0: only the silence wait and the "
+                        "15 s maximum end an utterance)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
                      help="capture the microphone (default device, or a name/index from --list-devices)")

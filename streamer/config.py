@@ -41,7 +41,8 @@ class SegmenterConfig:
     max_utterance_s: float = 15.0  # a longer monologue is split (reason "max_length")
     # an utterance already this long ends at its next short pause (reason "pause"), so a long turn is decoded
     # while the speaker goes on and its end waits only for its last part; 8 s is where the encoder window
-    # grows past its 10 s minimum (AsrConfig). 0: never (only the silence wait and max_utterance_s end one)
+    # grows past its 10 s minimum (AsrConfig). Not while the service is at capacity (SessionRunner._room_to_split).
+    # 0: never (only the silence wait and max_utterance_s end one)
     split_after_s: float = 8.0
     split_pause_s: float = 0.098  # the pause that splits it: faster-whisper's VAD splits a chunk longer than
     # its max_speech_duration_s at a silence of more than 98 ms (faster_whisper.vad.get_speech_timestamps)
