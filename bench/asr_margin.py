@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import platform
 import sys
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.asr_window import DATA, REAL, SENTENCES  # noqa: E402
-from bench.provenance import git_state  # noqa: E402
+from bench.provenance import git_state, write_report  # noqa: E402
 from tests.stream_util import word_edits as edits, words  # noqa: E402
 
 SR = 16_000
@@ -157,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               "method": "see the docstring of bench/asr_margin.py",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg()},
               "git": git, "asr_model": asr.name, "threads": 1, "seed": a.seed, "results": results}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "asr_margin.json").write_text(json.dumps(report, indent=1))
-    plot(report, a.out / "asr_margin.png")
-    print(f"wrote {a.out / 'asr_margin.json'} and .png")
+    write_report(a.out, "asr_margin", report, plot)
     return 0
 
 

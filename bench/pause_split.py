@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import git_state  # noqa: E402
+from bench.provenance import git_state, write_report  # noqa: E402
 from bench.real_speech import GAP_S, LJ, join  # noqa: E402
 from tests.stream_util import word_edits, words  # noqa: E402  (the suite's WER scoring)
 
@@ -177,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 for p in t["parts"]:
                     print(f"    part [{p.get('label')}] {p.get('reason')} {p.get('text', '')!r}")
     report["wall_s"] = round(time.monotonic() - t0, 1)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "pause_split.json").write_text(json.dumps(report, indent=1))
-    plot(report, a.out / "pause_split.png")
-    print(f"wrote {a.out / 'pause_split.json'} and .png ({report['wall_s']} s)")
+    write_report(a.out, "pause_split", report, plot)
     return 0
 
 

@@ -27,3 +27,13 @@ def test_compare_finds_the_turns_the_split_cut_and_scores_words() -> None:
     assert turn["whole"] is off[1] and [p["reason"] for p in turn["parts"]] == ["pause", "silence"]
     assert (turn["label_whole"], turn["labels_parts"], turn["word_edits"]) == ("anger", ["anger", "joy"], 0)
     assert compare(off, off, None)["turns_cut"] == [] and "wer" not in compare(off, off, None)
+
+
+def test_write_report_writes_the_json_and_the_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from bench.provenance import write_report
+
+    write_report(tmp_path / "out", "x", {"a": 1}, lambda report, png: png.write_text(str(report["a"])))
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"a": 1}
+    assert (tmp_path / "out" / "x.png").read_text() == "1"
