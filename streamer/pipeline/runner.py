@@ -78,7 +78,7 @@ class SessionRunner:
         names = speakers or [None] * len(sessions)
         self.channels = [Channel(i, s, names[i], not sides or names[i] is None or names[i] in sides)
                          for i, s in enumerate(sessions)]
-        for ch in self.channels:  # a long turn is split only while its first part would be decoded at once
+        for ch in self.channels:  # a long turn is split only while the service has room
             ch.session.segmenter.may_split = self._room_to_split
         self.multi = speakers is not None
         self.context = parts.backend.new_context()
@@ -117,7 +117,7 @@ class SessionRunner:
     def _room_to_split(self) -> bool:
         """Whether the service has room for more work, by the test admission uses for a new session
         (decoders busy at most admit_max_load of the last 10 s, a new utterance decoded within
-        admit_max_wait_s). Splitting a long turn costs 5-15 % more decoding; past capacity its first
+        admit_max_wait_s). Splitting a long turn costs 4-16 % more CPU; past capacity its first
         part would wait in the queue instead of being decoded while the speaker goes on, so the
         turn stays whole there (bench/overload.py)."""
         b, sc = self.parts.backend, self.parts.config.server

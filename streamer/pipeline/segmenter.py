@@ -144,8 +144,8 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig, vad: FrameVad | None = None) -> None:
         self.config = config
         self.vad = vad if vad is not None else make_vad(config)
-        # asked at a pause that would split a long utterance; False: not now (the service asks whether
-        # the decoders could start on the first part at once, see SessionRunner)
+        # asked at a pause that would split a long utterance; False: not now (the service says whether
+        # it has room for the extra decoding, SessionRunner._room_to_split)
         self.may_split: Callable[[], bool] = lambda: True
         self._pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole frame
         self._frame_no = 0  # frames consumed so far
