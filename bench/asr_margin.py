@@ -73,17 +73,11 @@ def composites(rng: np.random.Generator, actors: range = range(17, 21),
 
 def split_parts() -> list[np.ndarray]:
     """The first parts (reason "pause") of the real recordings' long turns, as the service cuts them."""
+    from bench.diarization import segment
     from model.features import load_audio
-    from streamer.config import SegmenterConfig
-    from streamer.pipeline.segmenter import Segmenter, SpeechEnded
 
-    parts = []
-    for path in REAL:
-        audio = np.concatenate([load_audio(str(path)), np.zeros(SR, np.float32)])
-        seg = Segmenter(SegmenterConfig())
-        events = [e for i in range(0, len(audio), SR // 10) for e in seg.feed(audio[i : i + SR // 10])] + seg.flush()
-        parts += [e.audio for e in events if isinstance(e, SpeechEnded) and e.reason == "pause"]
-    return parts
+    return [e.audio for path in REAL for e in segment(np.concatenate([load_audio(str(path)), np.zeros(SR, np.float32)]))
+            if e.reason == "pause"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,23 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         for band in [*sets, "real split parts"]:
             got = decoded[mg][band]
             ref_texts = [r for _, r in sets[band]] if band in sets else [t[0] for t in decoded[base][band]]
-            e = sum(edits(words(r), words(t[0])) for r, t in zip(ref_texts, got))
-            n = sum(len(words(r)) for r in ref_texts)
+            each = [edits(words(r), words(t[0])) for r, t in zip(ref_texts, got)]
+            e, n = sum(each), sum(len(words(r)) for r in ref_texts)
+            seconds = [len(x) / SR for x, _ in sets[band]] if band in sets else [len(x) / SR for x in real]
             cos = [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in
                    zip((t[3] for t in got), (t[3] for t in decoded[base][band]))]
             row["bands"][band] = {
-                "utterances": len(got), "seconds": [round(float(np.min([len(x) for x in (s[0] for s in sets[band])]) / SR), 2),
-                                                   round(float(np.max([len(x) for x in (s[0] for s in sets[band])]) / SR), 2)]
-                if band in sets else [round(len(x) / SR, 2) for x in real],
+                "utterances": len(got),
+                "seconds": [round(min(seconds), 2), round(max(seconds), 2)] if band in sets else [round(x, 2) for x in seconds],
                 "windows_s": sorted({t[4] for t in got}),
                 "reference": "the clips' sentences" if band in sets else f"the {base:g} s margin's transcript",
                 "wer": e / n if n else None, "word_edits": e, "words": n,
-                "off_by_3_words_or_more": sum(edits(words(r), words(t[0])) >= 3 for r, t in zip(ref_texts, got)),
+                "off_by_3_words_or_more": sum(d >= 3 for d in each),
                 "encoder_ms_median": 1000 * float(np.median([t[1] for t in got])) if got else None,
                 "decoder_ms_median": 1000 * float(np.median([t[2] for t in got])) if got else None,
                 "state_cosine_to_2s": {"median": float(np.median(cos)), "min": float(np.min(cos))} if cos else None,
-                "texts": [t[0] for t in got] if band not in sets else
-                [t[0] for r, t in zip(ref_texts, got) if edits(words(r), words(t[0])) >= 3][:6],
+                "texts": [t[0] for t in got] if band not in sets else [t[0] for d, t in zip(each, got) if d >= 3][:6],
             }
             b = row["bands"][band]
             print(f"margin {mg:g} s, {band}: windows {b['windows_s']} s, WER {100 * (b['wer'] or 0):.1f} % "
