@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.provenance import git_state, write_report  # noqa: E402
-from bench.real_speech import GAP_S, LJ, join  # noqa: E402
+from bench.real_speech import GAP_S, LJ, join, service_events  # noqa: E402
 from tests.stream_util import word_edits, words  # noqa: E402  (the suite's WER scoring)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "speech" / "noisy_pauses.flac"
@@ -59,16 +57,9 @@ def recordings(data: Path) -> dict[str, tuple[np.ndarray, str | None]]:
             "noisy_pauses_x3": (np.concatenate([np.tile(load_audio(str(FIXTURE)), 3), np.zeros(16_000, np.float32)]), None)}
 
 
-def stream(wav: Path, checkpoint: str, split_after: float, timeout_s: float = 600) -> list[dict[str, Any]]:
+def stream(wav: Path, checkpoint: str, split_after: float) -> list[dict[str, Any]]:
     """The utterance.ended, transcript and emotion events of one run of a fresh service, in order."""
-    cmd = [sys.executable, "-m", "streamer", "--port", "0", "--file", str(wav), "--fast", "--json",
-           "--checkpoint", checkpoint, "--split-after", str(split_after)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}")
-    return [ev for line in done.stdout.splitlines() if line.startswith("{")
-            for ev in [json.loads(line)] if ev.get("type") in KEPT]
+    return service_events(wav, checkpoint, ["--split-after", str(split_after)], KEPT)
 
 
 def rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -53,10 +53,12 @@ def join(paths: Sequence[Path], gap_s: float) -> np.ndarray:
     return np.concatenate([x for p in paths for x in (load_audio(str(p)), gap)])
 
 
-def stream(wav: Path, checkpoint: str, modalities: str, timeout_s: float = 600) -> list[dict[str, Any]]:
-    """The `transcript` and `emotion` events of one recording through a fresh service, in order."""
+def service_events(wav: Path, checkpoint: str, flags: Sequence[str], kept: Sequence[str] = ("transcript", "emotion"),
+                   timeout_s: float = 600) -> list[dict[str, Any]]:
+    """The events of types `kept` of one recording through a fresh service (`python -m streamer
+    --file --fast --json` with `flags`), in order."""
     cmd = [sys.executable, "-m", "streamer", "--port", "0", "--file", str(wav), "--fast", "--json",
-           "--checkpoint", checkpoint, "--modalities", modalities]
+           "--checkpoint", checkpoint, *flags]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode:
@@ -65,9 +67,14 @@ def stream(wav: Path, checkpoint: str, modalities: str, timeout_s: float = 600) 
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             ev = json.loads(line)
-            if ev.get("type") in ("transcript", "emotion"):
+            if ev.get("type") in kept:
                 events.append(ev)
     return events
+
+
+def stream(wav: Path, checkpoint: str, modalities: str, timeout_s: float = 600) -> list[dict[str, Any]]:
+    """The `transcript` and `emotion` events of one recording through a fresh service, in order."""
+    return service_events(wav, checkpoint, ["--modalities", modalities], timeout_s=timeout_s)
 
 
 def utterances(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
