@@ -212,6 +212,12 @@ class ServerConfig:
     realtime_burst_s: float = 30.0  # ... beyond a burst of this many seconds of audio
     ping_interval_s: float | None = 20.0
 
+    def within_capacity(self, load: float, wait_s: float) -> bool:
+        """Room for more work: decoders busy at most `admit_max_load` of the last 10 s and an utterance
+        queued now decoded within `admit_max_wait_s`. Admission refuses new sessions outside it, and a
+        long turn is not split there (SessionRunner._room_to_split)."""
+        return load <= self.admit_max_load and wait_s <= self.admit_max_wait_s
+
 
 @dataclass(frozen=True)
 class CallsConfig:

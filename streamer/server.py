@@ -238,7 +238,7 @@ class App:
         if down is not None:
             return f"inference unavailable: {down}; try again later"
         load, wait = self.engine.load(), self.engine.wait_estimate_s()
-        if load > sc.admit_max_load or wait > sc.admit_max_wait_s:
+        if not sc.within_capacity(load, wait):
             return (f"at capacity: decoders busy {load:.0%} of the last 10 s (limit {sc.admit_max_load:.0%}), "
                     f"a new utterance would wait {wait:.1f} s (limit {sc.admit_max_wait_s:g} s); try again later")
         return None

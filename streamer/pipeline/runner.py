@@ -116,12 +116,11 @@ class SessionRunner:
 
     def _room_to_split(self) -> bool:
         """Whether the service has room for more work, by the test admission uses for a new session
-        (decoders busy at most admit_max_load of the last 10 s, a new utterance decoded within
-        admit_max_wait_s). Splitting a long turn costs 4-16 % more CPU; past capacity its first
-        part would wait in the queue instead of being decoded while the speaker goes on, so the
+        (ServerConfig.within_capacity). Splitting a long turn costs 4-16 % more CPU; past capacity its
+        first part would wait in the queue instead of being decoded while the speaker goes on, so the
         turn stays whole there (bench/overload.py)."""
-        b, sc = self.parts.backend, self.parts.config.server
-        return b.load() <= sc.admit_max_load and b.wait_estimate_s() <= sc.admit_max_wait_s
+        b = self.parts.backend
+        return self.parts.config.server.within_capacity(b.load(), b.wait_estimate_s())
 
     def publish(self, type_: str, **fields: Any) -> None:
         ev = self.session.event(type_, **fields)
