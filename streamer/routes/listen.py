@@ -112,10 +112,10 @@ class DeepgramMessages:
             return []
         uid = t["utterance_id"]
         start, end, reason = self.spans.pop(uid, (0.0, None, ""))
-        # cut at the maximum length, the speaker is still talking: final, but no endpoint (as Deepgram marks a
-        # segment it finalizes mid-speech). Every other end, a short split pause included, is an endpoint
         words = [self.word(w, t.get("speaker")) for w in t.get("words", [])]
         end = end if end is not None else (words[-1]["end"] if words else start)
+        # cut at the maximum length, the speaker is still talking: final, but no endpoint (as Deepgram marks a
+        # segment it finalizes mid-speech). Every other end, a short split pause included, is an endpoint
         speech_final = reason != "max_length"
         msg = self.results(t["text"], words, start, end - start, final=True, finalized=reason == "finalize",
                            speech_final=speech_final)
@@ -130,10 +130,10 @@ class DeepgramMessages:
         return out
 
     def results(self, text: str, words: list[dict[str, Any]], start: float, duration: float, final: bool,
-                finalized: bool = False, speech_final: bool | None = None) -> dict[str, Any]:
+                finalized: bool = False, speech_final: bool = True) -> dict[str, Any]:
         confidence = sum(w["confidence"] for w in words) / len(words) if words else (1.0 if text.strip() else 0.0)
         return {"type": "Results", "channel_index": [0, 1], "duration": round(duration, 3), "start": round(start, 3),
-                "is_final": final, "speech_final": final if speech_final is None else speech_final and final,
+                "is_final": final, "speech_final": final and speech_final,
                 "from_finalize": finalized,
                 "channel": {"alternatives": [{"transcript": text.strip(), "confidence": round(confidence, 4), "words": words}]},
                 "metadata": self.metadata}
