@@ -392,7 +392,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
               ("window15", "sync"): "tab:purple", ("window15", "staggered"): "tab:green",
               ("diarize", "sync"): "tab:brown", ("diarize", "staggered"): "tab:olive",
               ("diarize_nice19", "sync"): "tab:pink", ("diarize_nice19", "staggered"): "tab:gray",
-              ("nosplit", "sync"): "black", ("nosplit", "staggered"): "tab:gray"}
+              ("nosplit", "sync"): "black", ("nosplit", "staggered"): "dimgray"}
     keys = sorted({(r["variant"], r["pattern"], r["interim"]) for r in results if r["pattern"] != SINGLE})
     if not keys:  # only 1-stream levels
         keys = sorted({(r["variant"], SINGLE, r["interim"]) for r in results})
