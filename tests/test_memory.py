@@ -51,15 +51,15 @@ def work(seed):
         if len(live) > 6:
             live.pop(rng.randrange(len(live)))
 
-def after_next_trim():
+def after_next_trims(n=1):
     # `trim` hands holes back every EMOSTREAM_TRIM_EVERY_S: its RSS is read after the trim that follows
     # a round, not at whatever point of the trim cycle the round happens to end (which made the
-    # round-to-round figure vary by several MB)
+    # round-to-round figure vary by several MB); waits (bounded) for n more trims
     if allocator == "trim":
         from streamer import memory
         with memory.trimmed:
             seen = memory.trims
-            assert memory.trimmed.wait_for(lambda: memory.trims >= seen + 1, timeout=20), "no trim within 20 s"
+            assert memory.trimmed.wait_for(lambda: memory.trims >= seen + n, timeout=20), "no trim within 20 s"
 
 rounds = []
 for r in range(4):
@@ -69,15 +69,12 @@ for r in range(4):
         t.start()
     for t in threads:
         t.join()
-    after_next_trim()
+    after_next_trims()
     rounds.append({"rss_mb": rss_mb(), "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
                    "kept_mb": sum(k.nbytes for k in keep) / 2**20})
 after_trim = None
-if allocator == "trim":  # wait (bounded) for two trims after the work, then look again
-    from streamer import memory
-    with memory.trimmed:
-        seen = memory.trims
-        assert memory.trimmed.wait_for(lambda: memory.trims >= seen + 2, timeout=20), "no trim within 20 s"
+if allocator == "trim":  # two more trims after the work, then look again
+    after_next_trims(2)
     after_trim = rss_mb()
 print(json.dumps({"allocator": allocator, "loaded": loaded_allocator(), "rounds": rounds, "rss_after_trim_mb": after_trim}))
 """
