@@ -15,7 +15,10 @@ margins:
 Per margin and band: word error rate, composites off by 3+ words, encoder and decoder ms (median,
 1 thread), and the pooled Whisper states' cosine to the 2 s margin's (what the emotion model reads).
 
-    .venv/bin/python bench/asr_margin.py [--margins 2 1 0.5] [--seed 0]
+    .venv/bin/python bench/asr_margin.py [--margins 2 1 0.5] [--steps 5 1] [--seed 0]
+
+`--steps`: the rounding step of the window too (5 s: the service's); every margin is run with
+every step, and the 2 s margin with the 5 s step is the reference.
 
 Writes bench/results/asr_margin/asr_margin.{json,png}.
 """
@@ -83,6 +86,7 @@ def split_parts() -> list[np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--margins", type=float, nargs="+", default=[2.0, 1.0, 0.5])
+    ap.add_argument("--steps", type=float, nargs="+", default=[5.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "asr_margin")
     a = ap.parse_args(argv)
@@ -93,16 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     from streamer.config import AsrConfig
     from streamer.infer.transcriber import Transcriber
 
-    base = 2.0
-    margins = sorted({*a.margins, base}, reverse=True)
+    base = (2.0, 5.0)  # (margin, step): the service's
+    configs = [(mg, st) for st in sorted({*a.steps, base[1]}, reverse=True) for mg in sorted({*a.margins, base[0]}, reverse=True)]
     asr = Transcriber(replace(AsrConfig(device="cpu"), workers=1, cpu_threads=1))
     m = asr.model
     tok, prompt = whisper_tokenizer(m)
     sets = composites(np.random.default_rng(a.seed))
     real = split_parts()
 
-    def decode(audio: np.ndarray, margin: float) -> tuple[str, float, float, np.ndarray, int]:
-        frames = whisper_window_frames(len(audio), 10.0, margin, 5.0)
+    def decode(audio: np.ndarray, margin: float, step: float) -> tuple[str, float, float, np.ndarray, int]:
+        frames = whisper_window_frames(len(audio), 10.0, margin, step)
         feats = pad_or_trim(m.feature_extractor(audio[: 30 * SR]), frames)[None]
         t0 = time.perf_counter()
         enc = m.encode(feats)
@@ -111,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
         return text, t1 - t0, t2 - t1, pool_whisper_states(np.array(enc, dtype=np.float32)[0], len(audio)), frames // 100
 
-    decoded: dict[float, dict[str, list[tuple[str, float, float, np.ndarray, int]]]] = {}
-    for mg in margins:
-        decoded[mg] = {band: [decode(x, mg) for x, _ in items] for band, items in sets.items()}
-        decoded[mg]["real split parts"] = [decode(x, mg) for x in real]
-        print(f"margin {mg:g} s decoded", flush=True)
+    decoded: dict[tuple[float, float], dict[str, list[tuple[str, float, float, np.ndarray, int]]]] = {}
+    for mg, st in configs:
+        decoded[mg, st] = {band: [decode(x, mg, st) for x, _ in items] for band, items in sets.items()}
+        decoded[mg, st]["real split parts"] = [decode(x, mg, st) for x in real]
+        print(f"margin {mg:g} s, step {st:g} s decoded", flush=True)
     results = []
-    for mg in margins:
-        row: dict[str, Any] = {"margin_s": mg, "bands": {}}
+    for mg, st in configs:
+        got_all = decoded[mg, st]
+        row: dict[str, Any] = {"margin_s": mg, "step_s": st, "bands": {}}
         for band in [*sets, "real split parts"]:
-            got = decoded[mg][band]
+            got = got_all[band]
             ref_texts = [r for _, r in sets[band]] if band in sets else [t[0] for t in decoded[base][band]]
             each = [edits(words(r), words(t[0])) for r, t in zip(ref_texts, got)]
             e, n = sum(each), sum(len(words(r)) for r in ref_texts)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 "utterances": len(got),
                 "seconds": [round(min(seconds), 2), round(max(seconds), 2)] if band in sets else [round(x, 2) for x in seconds],
                 "windows_s": sorted({t[4] for t in got}),
-                "reference": "the clips' sentences" if band in sets else f"the {base:g} s margin's transcript",
+                "reference": "the clips' sentences" if band in sets else f"the {base[0]:g} s margin's transcript (step {base[1]:g} s)",
                 "wer": e / n if n else None, "word_edits": e, "words": n,
                 "off_by_3_words_or_more": sum(d >= 3 for d in each),
                 "encoder_ms_median": 1000 * float(np.median([t[1] for t in got])) if got else None,
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 "texts": [t[0] for t in got] if band not in sets else [t[0] for d, t in zip(each, got) if d >= 3][:6],
             }
             b = row["bands"][band]
-            print(f"margin {mg:g} s, {band}: windows {b['windows_s']} s, WER {100 * (b['wer'] or 0):.1f} % "
+            print(f"margin {mg:g} s, step {st:g} s, {band}: windows {b['windows_s']} s, WER {100 * (b['wer'] or 0):.1f} % "
                   f"({b['off_by_3_words_or_more']} off by 3+), encoder {b['encoder_ms_median']:.0f} ms + decoder "
                   f"{b['decoder_ms_median']:.0f} ms, states cosine to 2 s median {b['state_cosine_to_2s']['median']:.4f} "
                   f"min {b['state_cosine_to_2s']['min']:.4f}", flush=True)
@@ -166,8 +171,8 @@ def plot(report: dict[str, Any], out: Path) -> None:
     for k, r in enumerate(rs):
         x = np.arange(len(bands)) + (k - (len(rs) - 1) / 2) * w
         ms = [r["bands"][b]["encoder_ms_median"] + r["bands"][b]["decoder_ms_median"] for b in bands]
-        ax1.bar(x, ms, w, label=f"margin {r['margin_s']:g} s")
-        ax2.bar(x, [100 * (r["bands"][b]["wer"] or 0) for b in bands], w, label=f"margin {r['margin_s']:g} s")
+        ax1.bar(x, ms, w, label=f"margin {r['margin_s']:g} s, step {r.get('step_s', 5):g} s")
+        ax2.bar(x, [100 * (r["bands"][b]["wer"] or 0) for b in bands], w, label=f"margin {r['margin_s']:g} s, step {r.get('step_s', 5):g} s")
     for ax, label in ((ax1, "encoder + decoder ms (median, 1 thread)"), (ax2, "word error rate % (real parts: vs 2 s)")):
         ax.set_xticks(np.arange(len(bands)), bands)
         ax.set_ylabel(label)
