@@ -16,6 +16,10 @@ with the packaged tiny.en (int8, 1 thread, greedy, the service's prompt and no-s
   service's own segmenter: word edits against the 30 s window's transcript of the same utterance
   (there is no per-utterance reference), and the jfk/LJ recordings' word error rate against their
   reference transcripts (transcripts.csv), all their utterances joined.
+Then the same clips and utterances once more through the service's own Transcriber (its default
+AsrConfig, 1 thread), where a decode that repeats itself (gzip compression ratio above
+AsrConfig.compression_ratio_threshold) is decoded again in the 30 s window: how many were, the
+same word error figures, and the time per utterance with and without that second decode.
 Nothing here is a test set of the emotion model: actors 17-20 are its validation actors.
 Writes bench/results/asr_window.{json,png}.
 """
@@ -135,16 +139,53 @@ def main(argv: list[str] | None = None) -> int:
                               "word_edits": e, "words": n, "utterances_differing": len(diffs), "differing": diffs}
         print(f"window {w:4.1f} s: states cosine to 15 s median {np.median(cos):.4f} min {np.min(cos):.4f}; real utterances "
               f"differing from {top:g} s: {len(diffs)} of {results[w]['real']['utterances']} ({e} word edits of {n})")
+    service = service_path(asr, rav, real, referenced, refs, texts[max(windows)])
     report = {"what": "Whisper minimum encoder window: decode time, word errors, pooled-state drift",
               "method": "see the docstring of bench/asr_window.py",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_start": os.getloadavg()},
               "git": git, "asr_model": asr.name, "threads": 1,
-              "results": [results[w] for w in windows]}
+              "results": [results[w] for w in windows], "service_path": service}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "asr_window.json").write_text(json.dumps(report, indent=1))
     plot(report, a.out / "asr_window.png")
     print(f"wrote {a.out / 'asr_window.json'} and asr_window.png")
     return 0
+
+
+def service_path(asr: Any, rav: list[tuple[np.ndarray, str]], real: dict[str, list[np.ndarray]],
+                 referenced: dict[str, list[np.ndarray]], refs: dict[str, str], top: dict[str, list[str]]) -> dict[str, Any]:
+    """Every clip and utterance decoded alone through `asr.transcribe` (the service's window and its
+    second decode of repeats): redecoded counts, word errors as above, ms per utterance."""
+    def run(audio: np.ndarray) -> tuple[str, bool, float]:
+        t0 = time.perf_counter()
+        tr = asr.transcribe([audio])[0]
+        return tr.text, tr.redecoded, time.perf_counter() - t0
+
+    got_rav = [run(x) for x, _ in rav]
+    each = [edits(words(ref), words(t)) for (_, ref), (t, _, _) in zip(rav, got_rav)]
+    got_real = {name: [run(u) for u in us] for name, us in real.items()}
+    diffs = [{"recording": name, "utterance": i, "30s": x, "service": y[0], "redecoded": y[1]}
+             for name in real for i, (x, y) in enumerate(zip(top[name], got_real[name])) if words(x) != words(y[0])]
+    got_ref = {name: [run(u) for u in us] for name, us in referenced.items()}
+    ref_e = sum(edits(words(refs[n]), words(" ".join(t for t, _, _ in got_ref[n]))) for n in referenced)
+    everything = got_rav + [r for v in got_real.values() for r in v] + [r for v in got_ref.values() for r in v]
+    again = [s for _, r, s in everything if r]
+    out = {"config": {"min_window_s": asr.config.min_window_s, "compression_ratio_threshold": asr.config.compression_ratio_threshold},
+           "ravdess": {"clips": len(rav), "redecoded": sum(r for _, r, _ in got_rav), "wer": sum(each) / sum(len(words(r)) for _, r in rav),
+                       "clips_off_by_3_words_or_more": sum(d > 2 for d in each)},
+           "real": {"utterances": sum(len(v) for v in real.values()), "redecoded": sum(r for v in got_real.values() for _, r, _ in v),
+                    "utterances_differing_from_30s": len(diffs), "word_edits_vs_30s": sum(edits(words(d["30s"]), words(d["service"])) for d in diffs),
+                    "differing": diffs},
+           "referenced": {"utterances": sum(len(v) for v in got_ref.values()), "redecoded": sum(r for v in got_ref.values() for _, r, _ in v),
+                          "wer": ref_e / sum(len(words(refs[n])) for n in referenced)},
+           "ms_per_utterance": {"redecoded": [round(1000 * s) for s in again],
+                                "others_median": round(1000 * float(np.median([s for _, r, s in everything if not r])), 1)}}
+    print(f"service path (window {asr.config.min_window_s:g} s, threshold {asr.config.compression_ratio_threshold}): redecoded "
+          f"{out['ravdess']['redecoded']} of {len(rav)} RAVDESS clips (WER {100 * out['ravdess']['wer']:.1f} %, "
+          f"{out['ravdess']['clips_off_by_3_words_or_more']} off by 3+), {out['real']['redecoded']} of {out['real']['utterances']} real "
+          f"utterances ({len(diffs)} differ from 30 s), {out['referenced']['redecoded']} jfk/LJ (WER {100 * out['referenced']['wer']:.1f} %); "
+          f"ms: redecoded {out['ms_per_utterance']['redecoded']}, others median {out['ms_per_utterance']['others_median']}", flush=True)
+    return out
 
 
 def plot(report: dict[str, Any], out: Path) -> None:

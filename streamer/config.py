@@ -89,12 +89,17 @@ class AsrConfig:
     window_step_s: float = 5.0
     no_speech_threshold: float = 0.6  # with a low log-prob: the decode is treated as empty
     logprob_threshold: float = -1.0
+    # a decode whose text compresses more than this (gzip ratio: Whisper repeating itself) is decoded again in
+    # Whisper's standard 30 s window; 2.4 is faster-whisper's compression_ratio_threshold. None: never
+    compression_ratio_threshold: float | None = 2.4
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.cpu_threads < 0 or self.cpu_batch < 1 or self.max_batch < 1:
             raise ValueError("need workers >= 0, cpu_threads >= 0 (0: auto), cpu_batch >= 1, max_batch >= 1")
         if not 0 < self.min_window_s <= 30 or self.window_margin_s < 0 or self.window_step_s <= 0:
             raise ValueError("need 0 < min_window_s <= 30 (Whisper's window), window_margin_s >= 0 and window_step_s > 0")
+        if self.compression_ratio_threshold is not None and self.compression_ratio_threshold <= 0:
+            raise ValueError("need compression_ratio_threshold > 0, or None (never decode again)")
 
 
 @dataclass(frozen=True)

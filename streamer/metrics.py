@@ -19,6 +19,7 @@ COUNTERS = (
     ("emostream_subscribers_dropped_total", "subscribers dropped for being too slow"),
     ("emostream_speculative_decodes_total", "decodes started before the silence wait ended"),
     ("emostream_speculative_wasted_total", "speculative decodes thrown away (speech resumed)"),
+    ("emostream_asr_redecoded_total", "utterances whose transcript repeated itself and was decoded again in the 30 s window"),
     ("emostream_interim_total", "interim decodes run (transcript.partial, emotion.partial)"),
     ("emostream_interim_skipped_total", "interim decodes skipped because no decoder was idle"),
     ("emostream_overloaded_total", "utterances and sessions refused because the decoders were behind"),

@@ -164,6 +164,8 @@ def reply_fields(job_id: bytes, transcript: Transcript, encoded: EncodedUtteranc
               "asr": repr(asr_s), "enc": repr(enc_s), "w": worker}
     if transcript.words is not None:
         fields["wd"] = encode_words(transcript.words)
+    if transcript.redecoded:
+        fields["rd"] = "1"
     if encoded.speech_distance is not None:
         fields["sd"] = repr(encoded.speech_distance)
     return fields
@@ -226,7 +228,7 @@ def parse_reply(fields: dict[bytes, bytes], device: torch.device) -> tuple[str, 
         worker = fields.get(b"w", b"?").decode(errors="replace")
         return job_id, RemoteError(f"inference worker {worker}: {fields.get(b'err', b'').decode(errors='replace')}")
     tr = Transcript(text=fields[b"text"].decode(), no_speech_prob=float(fields[b"nsp"]), avg_logprob=float(fields[b"lp"]),
-                    words=decode_words(fields.get(b"wd")))
+                    words=decode_words(fields.get(b"wd")), redecoded=fields.get(b"rd") == b"1")
     sd = fields.get(b"sd")
     enc = EncodedUtterance(text_vec=_vec(fields[b"tv"], device), speech_vec=_vec(fields[b"sv"], device),
                            speech_distance=None if sd is None else float(sd))

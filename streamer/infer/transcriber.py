@@ -4,7 +4,9 @@ Synchronous and blocking: the engine calls it from its decoding threads, never f
 Utterances from any sessions are decoded in one encoder/decoder call (greedy by default); the
 speech-only audio the segmenter cut is all it ever sees, so Whisper is not fed bare silence.
 Word timings, when asked for, come from Whisper's cross-attention alignment of the decoded tokens
-(as faster-whisper's word_timestamps), on the same encoder output.
+(as faster-whisper's word_timestamps), on the same encoder output. A decode that repeats itself
+(gzip compression ratio above AsrConfig.compression_ratio_threshold, faster-whisper's test) is
+decoded again in Whisper's standard 30 s window, which the shorter windows trade for speed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Transcript:
     avg_logprob: float
     whisper_states: np.ndarray | None = None  # (2 x d_model,) pooled encoder states (model.features)
     words: tuple[Word, ...] | None = None  # word timings: None when not asked for, () when there is no text
+    redecoded: bool = False  # the text repeated itself in the short window and comes from Whisper's 30 s one
 
 
 class AsrModelError(RuntimeError):
@@ -114,17 +117,50 @@ class Transcriber:
             ])  # (B, 80, frames)
             enc = self.model.encode(feats)
             states = encoder_states(enc)  # (B, T, d_model), for the emotion model's speech branch
-            decoded = whisper_decode(self.model, self.tokenizer, self.prompt, enc, len(chunk), self.config.beam_size,
-                                     self.config.max_new_tokens, self.config.no_speech_threshold, self.config.logprob_threshold)
+            decoded = self._decode(enc, len(chunk))
             timings: list[tuple[Word, ...] | None] = [None] * len(chunk)
             if any(wanted):
                 aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
                 timings = [t if w else None for w, t in zip(wanted, aligned)]
-            for (text, _, nsp, avg_logprob), a, st, timed_words in zip(decoded, chunk, states, timings):
+            again = self._redecode(chunk, decoded, wanted, frames)
+            for i, ((text, _, nsp, avg_logprob), a, st) in enumerate(zip(decoded, chunk, states)):
+                text, nsp, avg_logprob, timed_words = again.get(i, (text, nsp, avg_logprob, timings[i]))
                 out.append(Transcript(text=text, no_speech_prob=nsp, avg_logprob=avg_logprob,
                                       whisper_states=pool_whisper_states(st, min(len(a), _MAX_SAMPLES)),
-                                      words=timed_words))
+                                      words=timed_words, redecoded=i in again))
         return out
+
+    def _decode(self, enc, n: int) -> list[tuple[str, list[int], float, float]]:  # type: ignore[no-untyped-def]
+        c = self.config
+        return whisper_decode(self.model, self.tokenizer, self.prompt, enc, n, c.beam_size, c.max_new_tokens,
+                              c.no_speech_threshold, c.logprob_threshold)
+
+    def _redecode(self, chunk: list[np.ndarray], decoded: list[tuple[str, list[int], float, float]],
+                  wanted: list[bool], frames: int) -> dict[int, tuple[str, float, float, tuple[Word, ...] | None]]:
+        """Utterances of a batch whose text repeats itself (gzip compression ratio above the threshold,
+        faster-whisper's test) decoded again in Whisper's standard 30 s window, which the shorter
+        windows save time against (docs/latency.md, "The encoder window"): index -> (text, no-speech
+        probability, avg log-prob, word timings), kept where the repeat is gone or smaller. The pooled
+        states stay the short window's: the emotion model was trained on those."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.transcribe import get_compression_ratio
+
+        limit = self.config.compression_ratio_threshold
+        full = _MAX_SAMPLES // _HOP
+        redo = [i for i, d in enumerate(decoded) if limit is not None and frames < full and get_compression_ratio(d[0]) > limit]
+        if not redo:
+            return {}
+        feats = np.stack([pad_or_trim(self.model.feature_extractor(np.asarray(chunk[i][:_MAX_SAMPLES], dtype=np.float32)), full)
+                          for i in redo])
+        enc = self.model.encode(feats)
+        again = self._decode(enc, len(redo))
+        timings: list[tuple[Word, ...] | None] = [None] * len(redo)
+        if any(wanted[i] for i in redo):
+            aligned = self._word_timings(enc, [chunk[i] for i in redo],
+                                         [d[1] if wanted[i] else [] for i, d in zip(redo, again)], full)
+            timings = [t if wanted[i] else None for i, t in zip(redo, aligned)]
+        return {i: (d[0], d[2], d[3], t) for i, d, t in zip(redo, again, timings)
+                if get_compression_ratio(d[0]) < get_compression_ratio(decoded[i][0])}
 
     def _word_timings(self, enc, chunk: list[np.ndarray], tokens: list[list[int]],  # type: ignore[no-untyped-def]
                       frames: int) -> list[tuple[Word, ...]]:

@@ -230,6 +230,8 @@ class SessionRunner:
         moved: list[Any] = []  # diarized: earlier utterances this one moved to another speaker
         try:
             analysis: Analysis = await item.job.future
+            if analysis.transcript.redecoded:
+                self.parts.metrics.inc("emostream_asr_redecoded_total")
             if self.speakers is not None:
                 who, moved = await self._speaker(uid, item.voice)
             timed = word_fields(analysis.transcript.words, ev.start_s) if self.words else {}
