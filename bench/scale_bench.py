@@ -51,7 +51,7 @@ class InstantASR:
 
     name, workers, batch_size = None, 1, 16
 
-    def transcribe(self, audios: list[np.ndarray], words: object = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: object = None, redecode: object = None) -> list[Transcript]:
         return [Transcript("and so my fellow americans ask not what your country can do for you", 0.01, -0.2)
                 for _ in audios]
 

@@ -70,7 +70,7 @@ class FakeAsr:
 
     name, workers, batch_size = None, 1, 8  # streamer.infer.backend.SpeechToText
 
-    def transcribe(self, audios: list[np.ndarray], words: object = None) -> list[Any]:
+    def transcribe(self, audios: list[np.ndarray], words: object = None, redecode: object = None) -> list[Any]:
         from streamer.infer.transcriber import Transcript
 
         return [Transcript(text=FAKE_TEXT, no_speech_prob=0.0, avg_logprob=-0.1) for _ in audios]

@@ -37,7 +37,7 @@ class StubAsr:
     workers = 1
     batch_size = 8
 
-    def transcribe(self, audios: list[np.ndarray], words: Any = None) -> list[Any]:
+    def transcribe(self, audios: list[np.ndarray], words: Any = None, redecode: Any = None) -> list[Any]:
         from streamer.infer.transcriber import Transcript
 
         return [Transcript("", 0.0, 0.0) for _ in audios]

@@ -48,6 +48,8 @@ def test_a_looping_decode_is_decoded_again_in_the_30_s_window(whisper) -> None: 
     check_words(got, len(loop))  # word timings from the 30 s window's alignment
     np.testing.assert_allclose(got.whisper_states, short_states, atol=1e-5)  # the states the emotion model trained on
     assert not ok.redecoded and ok.words is None and ok.text == decode_in(whisper, plain, frames)[0]
+    (draft,) = whisper.transcribe([loop], redecode=[False])  # an interim draft is not worth the second decode
+    assert not draft.redecoded and draft.text == short_text
 
 
 def test_the_threshold_is_checked() -> None:
@@ -68,10 +70,48 @@ def test_the_remote_reply_carries_the_flag() -> None:
         assert parse_reply(fields, torch.device("cpu"))[1].transcript.redecoded is flag
 
 
+def test_interim_drafts_are_not_decoded_again_on_either_engine(tiny_model) -> None:
+    """The in-process engine passes redecode=[False] for an interim job and nothing for a final
+    one; a remote job says it is interim in field i (is_interim, read by the worker's consumer)."""
+    from streamer.config import InferenceConfig
+    from streamer.infer.engine import InferenceEngine
+    from streamer.infer.remote import is_interim, job_fields
+    from streamer.metrics import Metrics
+
+    class Recording(StubAsr):
+        def __init__(self) -> None:
+            self.calls: list[dict[str, object]] = []
+
+        def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                       redecode: Sequence[bool] | None = None) -> list[Transcript]:
+            self.calls.append({"n": len(audios), "redecode": None if redecode is None else list(redecode)})
+            return [Transcript("hello", 0.0, -0.1) for _ in audios]
+
+    asr = Recording()
+    engine = InferenceEngine(tiny_model, asr, InferenceConfig(max_wait_ms=0), Metrics())
+    audio = np.zeros(16_000, np.float32)
+
+    async def scenario() -> None:
+        engine.start()
+        try:
+            await asyncio.wait_for(engine.analyze(audio).future, WAIT_S)
+            job = engine.interim(audio)
+            assert job is not None
+            await asyncio.wait_for(job.future, WAIT_S)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(scenario())
+    assert asr.calls == [{"n": 1, "redecode": None}, {"n": 1, "redecode": [False]}]
+    fields = job_fields("j", "r", audio, 0.0, interim=True)
+    assert is_interim(to_redis(fields)) and not is_interim(to_redis(job_fields("j", "r", audio, 0.0)))
+
+
 class RedecodingAsr(StubAsr):
     """Says every decode was decoded again (warm-up and speculative ones included)."""
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         return [Transcript("well, I don't know", 0.0, -0.1, redecoded=True) for _ in audios]
 
 

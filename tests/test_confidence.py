@@ -29,7 +29,8 @@ from tests.stream_util import StubAsr, WAIT_S, check_session_events, load
 class FakeAsr(StubAsr):
     """A fixed transcript for every utterance: these tests are about the scores, not about Whisper."""
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         return [Transcript("well, I don't know", 0.0, -0.1) for _ in audios]
 
 

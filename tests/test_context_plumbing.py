@@ -39,7 +39,8 @@ class FakeAsr(StubAsr):
         self.name, self.dim, self.text = name, dim, text
         self.n = 0
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         out = []
         for a in audios:
             self.n += 1

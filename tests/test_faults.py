@@ -57,7 +57,8 @@ class JammedAsr(StubAsr):
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         assert self.release.wait(WAIT_S)
         return [Transcript("hello there", 0.0, -0.1) for _ in audios]
 

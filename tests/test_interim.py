@@ -34,7 +34,8 @@ class GatedAsr(StubAsr):
         self.inside = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         self.inside.release()
         assert self.release.wait(WAIT_S)
         return [Transcript("hello there", 0.0, -0.1) for _ in audios]

@@ -322,7 +322,7 @@ class FlakyAsr(StubAsr):
     def __init__(self, real, poison_len: int) -> None:
         self.real, self.poison_len, self.calls = real, poison_len, 0
 
-    def transcribe(self, audios, words=None):  # type: ignore[no-untyped-def]
+    def transcribe(self, audios, words=None, redecode=None):  # type: ignore[no-untyped-def]
         self.calls += 1
         if any(abs(len(a) - self.poison_len) < 16000 * 0.6 for a in audios):
             raise RuntimeError("simulated ASR crash")

@@ -29,7 +29,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 class WordsAsr(StubAsr):
     """Fixed words for every utterance: these tests are about the fields, not about Whisper."""
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         return [Transcript("thanks, that is great", 0.0, -0.1) for _ in audios]
 
 

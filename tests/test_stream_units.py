@@ -31,7 +31,8 @@ class FakeAsr(StubAsr):
         self.text, self.fail, self.gate = text, fail, gate
         self.batches: list[int] = []
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         if self.gate is not None:
             assert self.gate.wait(WAIT_S)
         self.batches.append(len(audios))

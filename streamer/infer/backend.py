@@ -39,9 +39,13 @@ class SpeechToText(Protocol):
     workers: int  # decoding threads it serves at once (each its own replica)
     batch_size: int  # the most utterances one transcribe() call should get
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         """One Transcript per utterance; `words` (per utterance) asks for word timings
-        (Transcript.words). The engines pass it only when some utterance asks."""
+        (Transcript.words). The engines pass it only when some utterance asks. `redecode` (per
+        utterance, None: all) allows a transcript that repeats itself to be decoded again
+        (Transcript.redecoded); the engines pass it only when some utterance is an interim draft,
+        which is not worth a second decode."""
         ...
 
 

@@ -20,13 +20,14 @@ from streamer.config import SAMPLE_RATE, WorkerConfig
 from streamer.infer.engine import SpeechToText, transcribe_and_encode
 from streamer.infer.load import DecoderLoad
 from streamer.infer.remote import (GROUP, JOBS, WORKER_INDEX, WorkerLoad, decode_audio, decode_context, encode_heartbeat,
-                                   error_fields, heartbeat_key, reply_fields, wants_encoding, wants_words)
+                                   error_fields, heartbeat_key, is_interim, reply_fields, wants_encoding,
+                                   wants_words)
 
 log = logging.getLogger("streamer.infer.worker")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
-# (entry id, job id, reply stream, audio, context, word timings wanted, features wanted)
-Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool, bool]
+# (entry id, job id, reply stream, audio, context, word timings wanted, features wanted, interim draft)
+Live = tuple[bytes, bytes, bytes, np.ndarray, list[str], bool, bool, bool]
 
 
 class Worker:
@@ -223,7 +224,7 @@ class Worker:
                     dead.append(eid)
                     continue
                 live.append((eid, job_id, reply_to, decode_audio(f[b"f"], f[b"a"]), decode_context(f), wants_words(f),
-                             wants_encoding(f)))
+                             wants_encoding(f), is_interim(f)))
             except (KeyError, ValueError) as e:
                 errors.append((eid, reply_to, error_fields(job_id, f"malformed job: {type(e).__name__}: {e}", self.name)))
         if dead or errors:
@@ -240,7 +241,7 @@ class Worker:
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
                 self.model, self.asr, [j[3] for j in jobs], [j[4] for j in jobs], words=[j[5] for j in jobs],
-                encode=[j[6] for j in jobs])
+                encode=[j[6] for j in jobs], redecode=[not j[7] for j in jobs])
         except Exception as e:
             if len(jobs) > 1:
                 log.exception("worker %s: batch of %d failed; retrying job by job", self.name, len(jobs))

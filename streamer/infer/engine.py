@@ -74,19 +74,22 @@ def whisper_inputs(model: EmotionModel, asr: SpeechToText,
 
 def transcribe_and_encode(model: EmotionModel, asr: SpeechToText, audios: list[np.ndarray],
                           contexts: Sequence[Sequence[str]], words: Sequence[bool] | None = None,
-                          encode: Sequence[bool] | None = None,
+                          encode: Sequence[bool] | None = None, redecode: Sequence[bool] | None = None,
                           ) -> tuple[list[Transcript], list[EncodedUtterance], float, float]:
     """Whisper, then the model's utterance features from the transcripts, Whisper's pooled states and
     each utterance's context: (transcripts, encoded, ASR seconds, encoding seconds). The inference
     thread and remote workers both call this, so an utterance is encoded the same way in either.
     `words`: per utterance, whether its transcript should carry word timings (Transcript.words).
     `encode`: per utterance, False for transcription only (a side that is never scored,
-    --score-sides): no feature of its voice or words is computed, its EncodedUtterance is empty."""
+    --score-sides): no feature of its voice or words is computed, its EncodedUtterance is empty.
+    `redecode`: per utterance, False for an interim draft (SpeechToText.transcribe)."""
     t0 = time.perf_counter()
+    extra: dict[str, list[bool]] = {}
     if words is not None and any(words):
-        transcripts = asr.transcribe(audios, words=list(words))
-    else:
-        transcripts = asr.transcribe(audios)
+        extra["words"] = list(words)
+    if redecode is not None and not all(redecode):
+        extra["redecode"] = list(redecode)
+    transcripts = asr.transcribe(audios, **extra)
     t1 = time.perf_counter()
     keep = [i for i in range(len(audios)) if encode is None or encode[i]]
     encoded = [EncodedUtterance(None, None) for _ in audios]
@@ -339,7 +342,7 @@ class InferenceEngine:
         try:
             transcripts, encoded, asr_s, enc_s = transcribe_and_encode(
                 self.model, self.asr, [j.audio for j in jobs], [j.context for j in jobs], [j.words for j in jobs],
-                [j.encode for j in jobs])
+                [j.encode for j in jobs], [not j.interim for j in jobs])
         except Exception as e:  # see _predict: only the utterance that fails gets an error
             if len(jobs) == 1:
                 log.exception("analyze failed")

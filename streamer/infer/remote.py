@@ -109,7 +109,8 @@ def _vec(data: bytes, device: torch.device) -> torch.Tensor | None:
 
 
 def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float,
-               context: Sequence[str] | None = None, words: bool = False, encode: bool = True) -> dict[str, Any]:
+               context: Sequence[str] | None = None, words: bool = False, encode: bool = True,
+               interim: bool = False) -> dict[str, Any]:
     fmt, data = encode_audio(audio)
     fields: dict[str, Any] = {"j": job_id, "r": reply_to, "f": fmt, "a": data, "d": repr(deadline),
                               "c": json.dumps(bounded_context(context), ensure_ascii=False)}
@@ -117,12 +118,20 @@ def job_fields(job_id: str, reply_to: str, audio: np.ndarray, deadline: float,
         fields["w"] = b"1"
     if not encode:
         fields["e"] = b"0"
+    if interim:
+        fields["i"] = b"1"
     return fields
 
 
 def wants_words(fields: dict[bytes, bytes]) -> bool:
     """Whether a job asks for word timings (field w; absent from older front-ends)."""
     return fields.get(b"w") == b"1"
+
+
+def is_interim(fields: dict[bytes, bytes]) -> bool:
+    """Whether a job is an interim draft (field i; absent from older front-ends: no), whose
+    repeating transcript is not decoded again."""
+    return fields.get(b"i") == b"1"
 
 
 def wants_encoding(fields: dict[bytes, bytes]) -> bool:
@@ -485,7 +494,7 @@ class RemoteInferenceEngine:
 
     # ---- event-loop side ----
     def analyze(self, audio: np.ndarray, context: Sequence[str] | None = None, *, words: bool = False,
-                max_wait_s: float | None = None, encode: bool = True) -> RemoteJob:
+                max_wait_s: float | None = None, encode: bool = True, interim: bool = False) -> RemoteJob:
         """Queue an utterance for a remote worker; await job.future for an Analysis. `context`: the
         session's earlier transcripts, most recent first (sent with the job); `words`: the
         transcript should carry word timings (Transcript.words). Raises Overloaded when queue_size
@@ -503,7 +512,7 @@ class RemoteInferenceEngine:
         self._n += 1
         job = RemoteJob(self, f"{self.instance}:{self._n}", loop.create_future(), time.perf_counter())
         fields = job_fields(job.job_id, self.reply_key, audio, time.time() + self.config.remote_timeout_s, context,
-                            words=words, encode=encode)
+                            words=words, encode=encode, interim=interim)
         job.timer = loop.call_later(self.config.remote_timeout_s, self._expire, job)
         self._jobs[job.job_id] = job
         self._outbox.put_nowait((job, fields))  # bounded by queue_size through _jobs
@@ -525,7 +534,7 @@ class RemoteInferenceEngine:
         if self._jobs:
             return None
         try:
-            return self.analyze(audio, context, encode=encode)
+            return self.analyze(audio, context, encode=encode, interim=True)
         except Overloaded:
             return None
 

@@ -95,10 +95,13 @@ class Transcriber:
         return whisper_window_frames(n_samples, c.min_window_s, c.window_margin_s, c.window_step_s)
 
 
-    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None) -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], words: Sequence[bool] | None = None,
+                   redecode: Sequence[bool] | None = None) -> list[Transcript]:
         """Decode float32 16 kHz mono utterances (each <= 30 s; longer ones are cut) in one batch.
         `words`: per utterance, whether to time its words (Transcript.words); the alignment is only
-        run for a batch in which some utterance asks, and does not change the text."""
+        run for a batch in which some utterance asks, and does not change the text. `redecode`: per
+        utterance, whether a transcript that repeats itself may be decoded again in the 30 s window
+        (None: every one; the engines say False for interim drafts)."""
         from faster_whisper.audio import pad_or_trim
 
         if not audios:
@@ -106,6 +109,9 @@ class Transcriber:
         if words is not None and len(words) != len(audios):
             raise ValueError(f"{len(words)} word-timing flags for {len(audios)} utterances")
         flags = [False] * len(audios) if words is None else [bool(w) for w in words]
+        if redecode is not None and len(redecode) != len(audios):
+            raise ValueError(f"{len(redecode)} redecode flags for {len(audios)} utterances")
+        again_ok = [True] * len(audios) if redecode is None else [bool(r) for r in redecode]
         out: list[Transcript] = []
         for s in range(0, len(audios), self.config.max_batch):
             chunk = audios[s : s + self.config.max_batch]
@@ -122,7 +128,7 @@ class Transcriber:
             if any(wanted):
                 aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
                 timings = [t if w else None for w, t in zip(wanted, aligned)]
-            again = self._redecode(chunk, decoded, wanted, frames)
+            again = self._redecode(chunk, decoded, wanted, again_ok[s : s + len(chunk)], frames)
             for i, ((text, _, nsp, avg_logprob), a, st) in enumerate(zip(decoded, chunk, states)):
                 text, nsp, avg_logprob, timed_words = again.get(i, (text, nsp, avg_logprob, timings[i]))
                 out.append(Transcript(text=text, no_speech_prob=nsp, avg_logprob=avg_logprob,
@@ -136,7 +142,7 @@ class Transcriber:
                               c.no_speech_threshold, c.logprob_threshold)
 
     def _redecode(self, chunk: list[np.ndarray], decoded: list[tuple[str, list[int], float, float]],
-                  wanted: list[bool], frames: int) -> dict[int, tuple[str, float, float, tuple[Word, ...] | None]]:
+                  wanted: list[bool], allowed: list[bool], frames: int) -> dict[int, tuple[str, float, float, tuple[Word, ...] | None]]:
         """Utterances of a batch whose text repeats itself (gzip compression ratio above the threshold,
         faster-whisper's test) decoded again in Whisper's standard 30 s window, which the shorter
         windows save time against (docs/latency.md, "The encoder window"): index -> (text, no-speech
@@ -147,7 +153,8 @@ class Transcriber:
 
         limit = self.config.compression_ratio_threshold
         full = _MAX_SAMPLES // _HOP
-        redo = [i for i, d in enumerate(decoded) if limit is not None and frames < full and get_compression_ratio(d[0]) > limit]
+        redo = [i for i, d in enumerate(decoded)
+                if allowed[i] and limit is not None and frames < full and get_compression_ratio(d[0]) > limit]
         if not redo:
             return {}
         feats = np.stack([pad_or_trim(self.model.feature_extractor(np.asarray(chunk[i][:_MAX_SAMPLES], dtype=np.float32)), full)
