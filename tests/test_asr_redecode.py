@@ -15,6 +15,7 @@ import torch
 from streamer.config import AsrConfig
 from streamer.infer.transcriber import Transcript
 from tests.stream_util import StubAsr, WAIT_S, check_session_events, emotion_model, load, served, whisper  # noqa: F401
+from tests.test_interim import interim_done
 from tests.test_word_timing import check_words, to_redis
 
 THRESHOLD = AsrConfig().compression_ratio_threshold
@@ -95,9 +96,7 @@ def test_interim_drafts_are_not_decoded_again_on_either_engine(tiny_model) -> No
         engine.start()
         try:
             await asyncio.wait_for(engine.analyze(audio).future, WAIT_S)
-            job = engine.interim(audio)
-            assert job is not None
-            await asyncio.wait_for(job.future, WAIT_S)
+            await interim_done(engine, audio)
         finally:
             await asyncio.to_thread(engine.stop)
 

@@ -41,6 +41,15 @@ class GatedAsr(StubAsr):
         return [Transcript("hello there", 0.0, -0.1) for _ in audios]
 
 
+async def interim_done(engine: InferenceEngine, audio: np.ndarray) -> None:
+    """An interim decode once the engine is idle, awaited."""
+    while not engine.idle():  # the decoders finish their batches
+        await asyncio.sleep(0.01)
+    job = engine.interim(audio)
+    assert job is not None
+    await asyncio.wait_for(job.future, WAIT_S)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interim_runs_only_on_an_idle_decoder_and_finals_are_bounded(tiny_model, workers: int) -> None:
     asr = GatedAsr(workers)
@@ -67,11 +76,7 @@ def test_interim_runs_only_on_an_idle_decoder_and_finals_are_bounded(tiny_model,
             assert queued, "one job may always wait for the decoders"
             done = await asyncio.wait_for(asyncio.gather(first.future, *[j.future for j in queued]), WAIT_S)
             assert all(a.transcript.text == "hello there" for a in done)
-            while not engine.idle():  # the decoders finish their batches
-                await asyncio.sleep(0.01)
-            job = engine.interim(audio)
-            assert job is not None
-            await asyncio.wait_for(job.future, WAIT_S)
+            await interim_done(engine, audio)
         finally:
             await asyncio.to_thread(engine.stop)
 
