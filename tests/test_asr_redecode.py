@@ -25,11 +25,12 @@ def decode_in(whisper, audio: np.ndarray, frames: int) -> tuple[str, np.ndarray]
     """(text, pooled states) of one utterance decoded alone in a window of `frames` mel frames."""
     from faster_whisper.audio import pad_or_trim
 
-    from model.features import pool_whisper_states
+    from model.features import pool_whisper_states, whisper_decode
     from streamer.infer.transcriber import encoder_states
 
     enc = whisper.model.encode(pad_or_trim(whisper.model.feature_extractor(audio), frames)[None])
-    return whisper._decode(enc, 1)[0][0], pool_whisper_states(encoder_states(enc)[0], len(audio))
+    text = whisper_decode(whisper.model, whisper.tokenizer, whisper.prompt, enc, 1)[0][0]  # the service's defaults
+    return text, pool_whisper_states(encoder_states(enc)[0], len(audio))
 
 
 @pytest.mark.slow

@@ -102,8 +102,6 @@ class Transcriber:
         run for a batch in which some utterance asks, and does not change the text. `redecode`: per
         utterance, whether a transcript that repeats itself may be decoded again in the 30 s window
         (None: every one; the engines say False for interim drafts)."""
-        from faster_whisper.audio import pad_or_trim
-
         if not audios:
             return []
         if words is not None and len(words) != len(audios):
@@ -117,17 +115,8 @@ class Transcriber:
             chunk = audios[s : s + self.config.max_batch]
             wanted = flags[s : s + len(chunk)]
             frames = self.window_frames(max(len(a) for a in chunk))
-            feats = np.stack([
-                pad_or_trim(self.model.feature_extractor(np.asarray(a[:_MAX_SAMPLES], dtype=np.float32)), frames)
-                for a in chunk
-            ])  # (B, 80, frames)
-            enc = self.model.encode(feats)
+            enc, decoded, timings = self._pass(chunk, wanted, frames)
             states = encoder_states(enc)  # (B, T, d_model), for the emotion model's speech branch
-            decoded = self._decode(enc, len(chunk))
-            timings: list[tuple[Word, ...] | None] = [None] * len(chunk)
-            if any(wanted):
-                aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
-                timings = [t if w else None for w, t in zip(wanted, aligned)]
             again = self._redecode(chunk, decoded, wanted, again_ok[s : s + len(chunk)], frames)
             for i, ((text, _, nsp, avg_logprob), a, st) in enumerate(zip(decoded, chunk, states)):
                 text, nsp, avg_logprob, timed_words = again.get(i, (text, nsp, avg_logprob, timings[i]))
@@ -136,10 +125,25 @@ class Transcriber:
                                       words=timed_words, redecoded=i in again))
         return out
 
-    def _decode(self, enc, n: int) -> list[tuple[str, list[int], float, float]]:  # type: ignore[no-untyped-def]
+    def _pass(self, chunk: list[np.ndarray], wanted: list[bool], frames: int):  # type: ignore[no-untyped-def]
+        """One encoder + decoder pass of a batch in a window of `frames` mel frames: (encoder output,
+        decoded (text, tokens, no-speech probability, avg log-prob) per utterance, word timings per
+        utterance where `wanted`, else None)."""
+        from faster_whisper.audio import pad_or_trim
+
+        feats = np.stack([
+            pad_or_trim(self.model.feature_extractor(np.asarray(a[:_MAX_SAMPLES], dtype=np.float32)), frames)
+            for a in chunk
+        ])  # (B, 80, frames)
+        enc = self.model.encode(feats)
         c = self.config
-        return whisper_decode(self.model, self.tokenizer, self.prompt, enc, n, c.beam_size, c.max_new_tokens,
-                              c.no_speech_threshold, c.logprob_threshold)
+        decoded = whisper_decode(self.model, self.tokenizer, self.prompt, enc, len(chunk), c.beam_size, c.max_new_tokens,
+                                 c.no_speech_threshold, c.logprob_threshold)
+        timings: list[tuple[Word, ...] | None] = [None] * len(chunk)
+        if any(wanted):
+            aligned = self._word_timings(enc, chunk, [d[1] if w else [] for w, d in zip(wanted, decoded)], frames)
+            timings = [t if w else None for w, t in zip(wanted, aligned)]
+        return enc, decoded, timings
 
     def _redecode(self, chunk: list[np.ndarray], decoded: list[tuple[str, list[int], float, float]],
                   wanted: list[bool], allowed: list[bool], frames: int) -> dict[int, tuple[str, float, float, tuple[Word, ...] | None]]:
@@ -148,26 +152,18 @@ class Transcriber:
         windows save time against (docs/latency.md, "The encoder window"): index -> (text, no-speech
         probability, avg log-prob, word timings), kept where the repeat is gone or smaller. The pooled
         states stay the short window's: the emotion model was trained on those."""
-        from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import get_compression_ratio
 
         limit = self.config.compression_ratio_threshold
         full = _MAX_SAMPLES // _HOP
-        redo = [i for i, d in enumerate(decoded)
-                if allowed[i] and limit is not None and frames < full and get_compression_ratio(d[0]) > limit]
+        if limit is None or frames >= full:
+            return {}
+        ratios = {i: get_compression_ratio(d[0]) for i, d in enumerate(decoded) if allowed[i]}
+        redo = [i for i, r in ratios.items() if r > limit]
         if not redo:
             return {}
-        feats = np.stack([pad_or_trim(self.model.feature_extractor(np.asarray(chunk[i][:_MAX_SAMPLES], dtype=np.float32)), full)
-                          for i in redo])
-        enc = self.model.encode(feats)
-        again = self._decode(enc, len(redo))
-        timings: list[tuple[Word, ...] | None] = [None] * len(redo)
-        if any(wanted[i] for i in redo):
-            aligned = self._word_timings(enc, [chunk[i] for i in redo],
-                                         [d[1] if wanted[i] else [] for i, d in zip(redo, again)], full)
-            timings = [t if wanted[i] else None for i, t in zip(redo, aligned)]
-        return {i: (d[0], d[2], d[3], t) for i, d, t in zip(redo, again, timings)
-                if get_compression_ratio(d[0]) < get_compression_ratio(decoded[i][0])}
+        _, again, timings = self._pass([chunk[i] for i in redo], [wanted[i] for i in redo], full)
+        return {i: (d[0], d[2], d[3], t) for i, d, t in zip(redo, again, timings) if get_compression_ratio(d[0]) < ratios[i]}
 
     def _word_timings(self, enc, chunk: list[np.ndarray], tokens: list[list[int]],  # type: ignore[no-untyped-def]
                       frames: int) -> list[tuple[Word, ...]]:
